@@ -1,0 +1,168 @@
+"""Typed defaults for every stage, in one place.
+
+A run's configuration is these dataclasses, overlaid by an optional YAML file, overlaid by
+``key=value`` command-line overrides (OmegaConf dot-list syntax, e.g. ``model.backbone=comirec_dr
+train.seed=3``). OmegaConf checks types and rejects unknown keys, so a typo fails loudly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+
+#: Root of everything a local run writes (preprocessed data, runs, MLflow store). Override with EIMF_HOME.
+DEFAULT_HOME = ".eimf"
+
+
+def eimf_home() -> str:
+    return os.environ.get("EIMF_HOME", DEFAULT_HOME)
+
+
+@dataclass
+class DataConfig:
+    #: A built-in dataset name (see ``eimf data list``) or ``custom`` for your own files.
+    dataset: str = "ml-1m"
+    #: Folder holding the raw datasets (one sub-folder per dataset). Falls back to $EIMF_DATA_DIR.
+    data_dir: Optional[str] = None
+    #: Built-in datasets with several raw layouts: which one to read (``auto`` picks the first present).
+    source: str = "auto"
+    #: ``custom`` only: interaction log as a file, folder or glob, local or ``s3://``.
+    interactions: Optional[str] = None
+    #: ``custom`` only: item catalogue (item id plus text columns), same formats.
+    items: Optional[str] = None
+    #: csv | tsv | parquet | jsonl | auto (from the file extension).
+    format: str = "auto"
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    #: Column that orders a user's interactions (unix time or any number); None: file order.
+    time_col: Optional[str] = "timestamp"
+    #: Catalogue columns joined into an item's text.
+    text_cols: List[str] = field(default_factory=lambda: ["title"])
+    #: Ids must parse as integers (True) or are free strings such as ASINs (False).
+    numeric_ids: bool = True
+    #: What to do with a malformed row: ``drop`` (counted in the manifest) or ``error`` (fail naming file/row/field).
+    on_bad_rows: str = "drop"
+    #: k-core: users and items with fewer interactions are removed, repeatedly, until stable.
+    min_count: int = 5
+    #: ``user`` (ComiRec: users split 8:1:1, history/truth 80/20) or ``loo`` (leave-one-out).
+    split: str = "user"
+    split_seed: int = 1230
+    split_ratios: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    #: Valid/test users: share of the sequence that is history; the rest is ground truth.
+    history_fraction: float = 0.8
+    #: Where preprocessed datasets are written (local or ``s3://``); None: <EIMF_HOME>/data.
+    output_dir: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    #: comirec_sa | comirec_dr | mind | remi
+    backbone: str = "comirec_sa"
+    dim: int = 64
+    num_interests: int = 4
+    maxlen: int = 50
+    #: Dynamic-routing iterations (ComiRec-DR, MIND).
+    routing_iters: int = 3
+    #: ComiRec-SA attention hidden size as a multiple of ``dim``.
+    hidden_factor: int = 4
+    #: REMI interest-aware hard negatives: temperature-like weight on negative scores (0 = off).
+    beta: float = 0.0
+    #: REMI routing regularisation weight (0 = off).
+    reg_lambda: float = 0.0
+
+
+@dataclass
+class NegativesConfig:
+    #: log_uniform (popularity-shaped over frequency-sorted ids) | uniform
+    sampler: str = "log_uniform"
+    #: Negatives shared by the batch = negatives_per_example * batch_size (ComiRec: 10).
+    negatives_per_example: int = 10
+    #: Fixed number of shared negatives; overrides negatives_per_example when set (REMI: 1280).
+    num_negatives: Optional[int] = None
+    logq_correction: bool = True
+    remove_accidental_hits: bool = True
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    #: None: the backbone's default (1e-3; ComiRec-DR 5e-3).
+    lr: Optional[float] = None
+    weight_decay: float = 0.0
+    max_steps: int = 100_000
+    eval_every: int = 1000
+    #: Evaluations without improvement of ``eval.early_stop_metric`` before stopping.
+    patience: int = 10
+    seed: int = 2026
+    min_cut: int = 4
+    log_every: int = 200
+    num_workers: int = 1
+    use_gpu: bool = False
+    #: Where runs and checkpoints go (local or ``s3://``); None: <EIMF_HOME>/runs.
+    storage_path: Optional[str] = None
+    #: Same name again resumes the run instead of starting over; None: generated.
+    run_name: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    topk: List[int] = field(default_factory=lambda: [20, 50])
+    batch_size: int = 1024
+    early_stop_metric: str = "recall@50"
+    #: Drop the user's history items from the recommendations (ComiRec protocol: no).
+    exclude_history: bool = False
+    #: Evaluate at most this many valid users during training (None: all); test always uses all.
+    max_valid_users: Optional[int] = None
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    #: None: sqlite:///<EIMF_HOME>/mlflow.db, or $MLFLOW_TRACKING_URI when set.
+    tracking_uri: Optional[str] = None
+    #: None: ``eimf-<dataset>``.
+    experiment: Optional[str] = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Defaults < YAML file < ``key=value`` overrides, type-checked by OmegaConf."""
+    merged = OmegaConf.structured(Config)
+    if path:
+        merged = OmegaConf.merge(merged, OmegaConf.load(str(path)))
+    if overrides:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(merged)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the form MLflow params and manifests use."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
