@@ -83,6 +83,9 @@ class NegativesConfig:
     negatives_per_example: int = 10
     #: Fixed number of shared negatives; overrides negatives_per_example when set (REMI: 1280).
     num_negatives: Optional[int] = None
+    #: Distinct negatives (rejection of repeats, expected count 1-(1-p)^tries), as TF's sampled_softmax_loss
+    #: that ComiRec calls; False: independent draws, log-Q = log(num_negatives * p).
+    unique: bool = True
     logq_correction: bool = True
     remove_accidental_hits: bool = True
 

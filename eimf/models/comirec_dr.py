@@ -1,0 +1,29 @@
+"""ComiRec-DR (Cen et al., KDD 2020): dynamic routing with a bilinear map per sequence position."""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from eimf.models.base import MultiInterestModel
+from eimf.modules.capsule import CapsuleRouting
+
+
+class ComiRecDR(MultiInterestModel):
+    # ComiRec trains the routing models with 5e-3 (README / train.py of THUDM/ComiRec).
+    default_lr = 5e-3
+
+    def __init__(self, n_items: int, dim: int = 64, num_interests: int = 4, maxlen: int = 50,
+                 routing_iters: int = 3):
+        super().__init__(n_items, dim, num_interests, maxlen)
+        self.routing = CapsuleRouting(dim, num_interests, maxlen, bilinear="per_position",
+                                      iters=routing_iters, relu_layer=False)
+
+    @classmethod
+    def from_config(cls, cfg, n_items: int) -> "ComiRecDR":
+        return cls(n_items, dim=cfg.dim, num_interests=cfg.num_interests, maxlen=cfg.maxlen,
+                   routing_iters=cfg.routing_iters)
+
+    def encode(self, hist: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        interests, routing = self.routing(self.embed_history(hist, mask), mask)
+        return interests, {"routing": routing}
