@@ -1,0 +1,142 @@
+"""Evaluate a multi-interest model (or the MostPopular baseline) on valid/test users.
+
+``split_df`` has the columns of ``valid.parquet`` / ``test.parquet``: ``user``, ``history`` (chronological
+item ids) and ``truth`` (held-out item ids). Items are ranked over the whole catalogue 1..N (padding row 0
+excluded) and scored with :mod:`eimf.evaluation.metrics` (Recall / NDCG / HitRate at each N in ``topk``).
+
+Users with an empty ``truth`` are skipped (not counted in ``n_users``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from eimf.evaluation.metrics import MetricAccumulator, pad_truth
+from eimf.evaluation.retrieval import ItemIndex, merge_candidates
+
+InterestFn = Callable[[torch.Tensor, torch.Tensor], "np.ndarray | torch.Tensor"]
+
+
+def history_batch(histories: Sequence[Sequence[int]], maxlen: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Last ``maxlen`` items of each history, right-padded with 0 (oldest kept item first).
+
+    Returns ``hist`` int64 ``[B, maxlen]`` and ``mask`` bool ``[B, maxlen]`` (True on real items).
+    """
+    b = len(histories)
+    hist = np.zeros((b, maxlen), dtype=np.int64)
+    for i, h in enumerate(histories):
+        h = np.asarray(h, dtype=np.int64)[-maxlen:] if len(h) else np.zeros(0, dtype=np.int64)
+        hist[i, : len(h)] = h
+    return hist, hist != 0
+
+
+def _iter_batches(split_df: pd.DataFrame, batch_size: int) -> Iterator[pd.DataFrame]:
+    for start in range(0, len(split_df), batch_size):
+        yield split_df.iloc[start : start + batch_size]
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _check_topk(topk) -> Tuple[int, ...]:
+    ks = tuple(sorted({int(n) for n in topk}))
+    if not ks or ks[0] <= 0:
+        raise ValueError(f"topk must hold positive cut-offs, got {topk!r}")
+    return ks
+
+
+def evaluate(
+    interest_fn: InterestFn,
+    item_embeddings,
+    split_df: pd.DataFrame,
+    topk: Sequence[int] = (20, 50),
+    batch_size: int = 1024,
+    maxlen: int = 50,
+    exclude_history: bool = False,
+    index: Optional[ItemIndex] = None,
+) -> Dict[str, float]:
+    """Full-ranking metrics of a multi-interest model on the users of ``split_df``.
+
+    ``interest_fn(hist, mask)`` gets ``hist`` LongTensor ``[B, maxlen]`` (last ``maxlen`` history items,
+    right-padded with 0) and ``mask`` BoolTensor ``[B, maxlen]`` (True = real item) and returns the interests
+    ``[B, K, d]`` (or ``[B, d]``), as a numpy array or a torch tensor. ``item_embeddings`` is the ``[N + 1, d]``
+    item table (row 0 = padding), numpy or torch. Each interest retrieves the top-``max(topk)`` items with
+    faiss; candidates are merged by score (see :mod:`eimf.evaluation.retrieval`).
+
+    ``exclude_history``: drop every item of the user's whole ``history`` column (not only the last
+    ``maxlen``) from the recommendations. The ComiRec protocol keeps them (default False).
+
+    ``index``: a prebuilt :class:`ItemIndex` over the same table (saves rebuilding it for valid + test).
+
+    Returns ``{"recall@20": ..., "ndcg@20": ..., "hitrate@20": ..., "recall@50": ..., ..., "n_users": int}``.
+    """
+    ks = _check_topk(topk)
+    n = ks[-1]
+    if index is None:
+        index = ItemIndex(item_embeddings)
+    acc = MetricAccumulator(ks)
+    for part in _iter_batches(split_df, batch_size):
+        histories = list(part["history"])
+        truth = pad_truth(list(part["truth"]))
+        hist, mask = history_batch(histories, maxlen)
+        with torch.no_grad():
+            interests = _to_numpy(interest_fn(torch.from_numpy(hist), torch.from_numpy(mask)))
+        if interests.shape[0] != len(part):
+            raise ValueError(f"interest_fn returned {interests.shape[0]} rows for {len(part)} users")
+        exclude = histories if exclude_history else None
+        recs, _ = index.search_multi(interests, n, exclude=exclude)
+        acc.add(recs, truth)
+    return acc.result()
+
+
+def item_popularity(train_df: pd.DataFrame, n_items: Optional[int] = None) -> np.ndarray:
+    """``[N + 1]`` occurrence counts of each item id over the train split's ``items`` sequences (0 = padding,
+    always 0)."""
+    seqs = [np.asarray(s, dtype=np.int64) for s in train_df["items"]]
+    flat = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)
+    flat = flat[flat > 0]
+    counts = np.bincount(flat, minlength=(n_items or 0) + 1).astype(np.int64)
+    counts[0] = 0
+    return counts
+
+
+def most_popular(
+    train_df: pd.DataFrame,
+    split_df: pd.DataFrame,
+    topk: Sequence[int] = (20, 50),
+    exclude_history: bool = False,
+    batch_size: int = 1024,
+) -> Dict[str, float]:
+    """MostPopular baseline: every user gets the ``max(topk)`` items most frequent in the **train split**
+    (popularity from the train sequences, not from the global re-indexing, so valid/test truth does not leak
+    in; ties go to the smaller id, i.e. the globally more frequent item). Items never seen in training are
+    never recommended. Same metric keys as :func:`evaluate`.
+    """
+    ks = _check_topk(topk)
+    n = ks[-1]
+    counts = item_popularity(train_df)
+    seen = np.nonzero(counts)[0]
+    order = seen[np.argsort(-counts[seen], kind="stable")]  # seen is ascending: ties keep the smaller id
+    acc = MetricAccumulator(ks)
+    for part in _iter_batches(split_df, batch_size):
+        truth = pad_truth(list(part["truth"]))
+        b = len(part)
+        if exclude_history:
+            histories = list(part["history"])
+            extra = max((len(h) for h in histories), default=0)
+            cand = order[: n + extra]
+            ids = np.broadcast_to(cand, (b, len(cand)))
+            scores = np.broadcast_to(counts[cand].astype(np.float32), (b, len(cand)))
+            recs, _ = merge_candidates(ids, scores, n, exclude=histories)
+        else:
+            top = np.zeros(n, dtype=np.int64)
+            top[: min(n, len(order))] = order[:n]
+            recs = np.broadcast_to(top, (b, n))
+        acc.add(recs, truth)
+    return acc.result()

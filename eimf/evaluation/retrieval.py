@@ -1,0 +1,212 @@
+"""Full ranking with faiss inner product, per interest, merged by score.
+
+The item table is ``[N + 1, d]`` with row 0 the padding item. The index holds rows ``1..N`` only, so padding
+can never be retrieved; faiss positions are mapped back to item ids with ``+ 1``.
+
+A multi-interest user (``K`` interest vectors) is ranked by ``score(i) = max_k <interest_k, item_i>``: each
+interest retrieves its own top-N, the ``K * N`` candidates are merged by score (descending), an item found by
+several interests keeps its best score, and the first N distinct items are kept. This equals the exact top-N
+of ``max_k`` scores over the whole catalogue, because an item in that top-N is necessarily in the top-N of
+the interest that attains its maximum. The top-20 is therefore a prefix of the top-50 (up to exact ties).
+
+Index choice: :class:`ItemIndex` uses ``faiss.IndexFlatIP`` (exact, brute force) by default; that is what
+the metrics protocol asks for and is fast enough for catalogues up to a few hundred thousand items
+(``B * K * N_items * d`` multiply-adds per batch). For much larger catalogues ``index="ivf"`` builds an
+``IndexIVFFlat`` (inner product); it is approximate unless ``nprobe == nlist``, so reported metrics are then
+not exact full-ranking metrics: record ``nlist``/``nprobe`` alongside them.
+
+Threads: faiss uses OpenMP with every core by default. :func:`set_faiss_threads` sets it from the
+``threads`` argument, else ``$EIMF_FAISS_THREADS``, else the CPUs this process may run on. Training loops
+that evaluate inside a Ray worker should pass the worker's CPU share.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+try:  # the faiss-cpu wheels are reported to crash on some Linux boxes when imported before torch
+    import torch  # noqa: F401
+except ImportError:  # pragma: no cover - torch is a hard dependency of the package
+    pass
+import faiss  # noqa: E402
+
+from eimf.evaluation.metrics import row_isin  # noqa: E402
+
+ExcludeLike = Union[np.ndarray, Sequence[Sequence[int]], None]
+
+
+def default_threads() -> int:
+    env = os.environ.get("EIMF_FAISS_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_faiss_threads(threads: Optional[int] = None) -> int:
+    """Set faiss's OpenMP thread count (see module doc); returns the value set."""
+    n = int(threads) if threads else default_threads()
+    faiss.omp_set_num_threads(n)
+    return n
+
+
+def _as_padded(exclude: ExcludeLike, batch: int) -> Optional[np.ndarray]:
+    """Exclusion lists -> ``[B, L]`` int64 right-padded with 0 (0 is never a candidate), or None."""
+    if exclude is None:
+        return None
+    if isinstance(exclude, np.ndarray) and exclude.ndim == 2:
+        out = exclude.astype(np.int64, copy=False)
+    else:
+        rows = [np.asarray(r, dtype=np.int64).ravel() for r in exclude]
+        out = np.zeros((len(rows), max([len(r) for r in rows] + [1])), dtype=np.int64)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+    if out.shape[0] != batch:
+        raise ValueError(f"exclude has {out.shape[0]} rows for {batch} users")
+    return out
+
+
+def merge_candidates(
+    ids: np.ndarray, scores: np.ndarray, n: int, exclude: ExcludeLike = None
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Merge ``[B, M]`` candidates per row: drop ids ``<= 0`` and excluded ids, dedupe keeping the max score,
+    order by score descending, keep the first ``n``.
+
+    Returns ``ids [B, n]`` int64 and ``scores [B, n]`` float32; a row with fewer than ``n`` distinct valid
+    candidates is right-padded with id 0 and score ``-inf``. Fully vectorised (sorts, no loop over rows).
+    Equal scores keep the candidates' column order.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float32)
+    if ids.shape != scores.shape or ids.ndim != 2:
+        raise ValueError(f"ids {ids.shape} and scores {scores.shape} must be the same [B, M] shape")
+    b, m = ids.shape
+    out_ids = np.zeros((b, n), dtype=np.int64)
+    out_scores = np.full((b, n), -np.inf, dtype=np.float32)
+    if b == 0 or m == 0 or n == 0:
+        return out_ids, out_scores
+
+    # 1. by score, descending (stable: ties keep column order)
+    o1 = np.argsort(-scores, axis=1, kind="stable")
+    ids_s = np.take_along_axis(ids, o1, axis=1)
+    sc_s = np.take_along_axis(scores, o1, axis=1)
+    # 2. within equal ids the first one (in score order) has the max score: keep only that one
+    o2 = np.argsort(ids_s, axis=1, kind="stable")
+    ids_2 = np.take_along_axis(ids_s, o2, axis=1)
+    first = np.ones((b, m), dtype=bool)
+    first[:, 1:] = ids_2[:, 1:] != ids_2[:, :-1]
+    keep = np.empty_like(first)
+    np.put_along_axis(keep, o2, first, axis=1)
+    keep &= ids_s > 0
+    keep &= ~np.isnan(sc_s)
+    ex = _as_padded(exclude, b)
+    if ex is not None:
+        keep &= ~row_isin(ids_s, ex)
+    # 3. compact the kept candidates to the left, first n of them
+    rank = np.cumsum(keep, axis=1) - 1
+    sel = keep & (rank < n)
+    rows, cols = np.nonzero(sel)
+    out_ids[rows, rank[rows, cols]] = ids_s[rows, cols]
+    out_scores[rows, rank[rows, cols]] = sc_s[rows, cols]
+    return out_ids, out_scores
+
+
+class ItemIndex:
+    """Inner-product index over item rows ``1..N`` of an ``[N + 1, d]`` table (row 0 = padding).
+
+    ``index="flat"`` (default): exact ``IndexFlatIP``. ``index="ivf"``: ``IndexIVFFlat`` with ``nlist`` cells
+    (default ``4 * sqrt(N)``) probing ``nprobe`` of them; approximate, for very large catalogues only.
+    """
+
+    def __init__(
+        self,
+        item_embeddings: np.ndarray,
+        index: str = "flat",
+        nlist: Optional[int] = None,
+        nprobe: int = 16,
+        threads: Optional[int] = None,
+    ):
+        table = np.asarray(item_embeddings)
+        if hasattr(item_embeddings, "detach"):  # a torch tensor
+            table = item_embeddings.detach().float().cpu().numpy()
+        if table.ndim != 2 or table.shape[0] < 2:
+            raise ValueError(f"item table must be [N + 1, d] with N >= 1, got {table.shape}")
+        self.threads = set_faiss_threads(threads)
+        items = np.ascontiguousarray(table[1:], dtype=np.float32)
+        self.n_items, self.dim = items.shape
+        if index == "flat":
+            self.index = faiss.IndexFlatIP(self.dim)
+        elif index == "ivf":
+            nlist = int(nlist or max(1, min(self.n_items // 39, int(4 * np.sqrt(self.n_items)))))
+            quantizer = faiss.IndexFlatIP(self.dim)
+            self.index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            self.index.train(items)
+            self.index.nprobe = min(nprobe, nlist)
+            self._quantizer = quantizer  # keep it alive as long as the index
+        else:
+            raise ValueError(f"unknown index type {index!r} (flat | ivf)")
+        self.index.add(items)
+
+    def search(self, queries: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Top-``n`` items per query: ``ids [Q, n]`` (item ids 1..N; 0 where fewer were found) and scores."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be [Q, {self.dim}], got {q.shape}")
+        k = max(1, min(int(n), self.n_items))
+        scores, pos = self.index.search(q, k)
+        ids = np.where(pos >= 0, pos + 1, 0).astype(np.int64)
+        scores = np.where(pos >= 0, scores, -np.inf).astype(np.float32)
+        return ids, scores
+
+    def search_multi(
+        self, interests: np.ndarray, n: int, exclude: ExcludeLike = None
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """Top-``n`` distinct items per user from ``[B, K, d]`` interests (``[B, d]`` means K = 1).
+
+        Each interest retrieves its own top list; the ``B x K*n`` candidates are merged by
+        :func:`merge_candidates`. With ``exclude`` (``[B, L]`` 0-padded ids or ragged lists, e.g. the user's
+        history) each interest retrieves ``n + L`` items so that at least ``n`` non-excluded ones remain,
+        and the excluded ones are dropped before the cut.
+        """
+        x = interests.detach().float().cpu().numpy() if hasattr(interests, "detach") else np.asarray(interests)
+        if x.ndim == 2:
+            x = x[:, None, :]
+        if x.ndim != 3:
+            raise ValueError(f"interests must be [B, K, d] or [B, d], got {x.shape}")
+        b, k, _ = x.shape
+        ex = _as_padded(exclude, b)
+        extra = 0 if ex is None else int(nonzero_counts(ex).max(initial=0))
+        ids, scores = self.search(x.reshape(b * k, -1), n + extra)
+        ids = ids.reshape(b, -1)
+        scores = scores.reshape(b, -1)
+        return merge_candidates(ids, scores, n, exclude=ex)
+
+
+def nonzero_counts(a: np.ndarray) -> np.ndarray:
+    """Non-zero entries per row (an upper bound on the distinct excluded items of a row)."""
+    return (np.asarray(a) != 0).sum(axis=1)
+
+
+def brute_force_topn(
+    item_embeddings: np.ndarray, interests: np.ndarray, n: int, exclude: ExcludeLike = None
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Reference ranking in plain numpy (tests, tiny catalogues): top-``n`` of ``max_k`` scores, padding and
+    excluded items removed. Ties are broken by the smaller item id."""
+    table = np.asarray(item_embeddings, dtype=np.float32)
+    x = np.asarray(interests, dtype=np.float32)
+    if x.ndim == 2:
+        x = x[:, None, :]
+    s = np.einsum("bkd,nd->bkn", x, table).max(axis=1)  # [B, N + 1]
+    s[:, 0] = -np.inf
+    ex = _as_padded(exclude, len(x))
+    if ex is not None:
+        rows = np.repeat(np.arange(len(x)), ex.shape[1])
+        s[rows, ex.ravel()] = -np.inf
+        s[:, 0] = -np.inf
+    order = np.argsort(-s, axis=1, kind="stable")[:, :n]
+    top = np.take_along_axis(s, order, axis=1)
+    return np.where(np.isfinite(top), order, 0).astype(np.int64), top

@@ -1,0 +1,164 @@
+"""faiss retrieval, the merge over interests, exclude_history, MostPopular and evaluate() end to end."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from eimf.evaluation import (
+    ItemIndex,
+    brute_force_topn,
+    evaluate,
+    history_batch,
+    merge_candidates,
+    most_popular,
+    user_metrics,
+)
+
+L3 = 1 / math.log2(3)
+
+
+def rand_table(n_items=300, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n_items + 1, d)).astype(np.float32)
+
+
+def test_merge_dedupes_keeps_max_orders_by_score_and_drops_padding():
+    ids = np.array([[5, 2, 0, 5, 9], [4, 4, 4, 1, 3]])
+    scores = np.array([[0.1, 0.5, 2.0, 0.9, 0.7], [0.3, 0.8, 0.2, 0.5, -1.0]], dtype=np.float32)
+    out_ids, out_sc = merge_candidates(ids, scores, 3)
+    # row 0: padding (score 2.0) dropped; 5 appears twice and keeps 0.9
+    assert out_ids[0].tolist() == [5, 9, 2]
+    assert out_sc[0] == pytest.approx([0.9, 0.7, 0.5])
+    # row 1: 4 three times -> once with 0.8
+    assert out_ids[1].tolist() == [4, 1, 3]
+    assert out_sc[1] == pytest.approx([0.8, 0.5, -1.0])
+
+
+def test_merge_pads_when_too_few_candidates_and_excludes():
+    ids = np.array([[3, 3, 0, 1]])
+    sc = np.array([[1.0, 2.0, 5.0, 0.5]], dtype=np.float32)
+    out_ids, out_sc = merge_candidates(ids, sc, 4)
+    assert out_ids.tolist() == [[3, 1, 0, 0]]
+    assert np.isneginf(out_sc[0, 2:]).all()
+    out_ids, _ = merge_candidates(ids, sc, 2, exclude=[[3]])
+    assert out_ids.tolist() == [[1, 0]]
+
+
+def test_faiss_equals_bruteforce_multi_interest():
+    table = rand_table(300, 16)
+    x = np.random.default_rng(1).standard_normal((40, 4, 16)).astype(np.float32)
+    index = ItemIndex(table)
+    ids, sc = index.search_multi(x, 20)
+    ref_ids, ref_sc = brute_force_topn(table, x, 20)
+    assert (ids == ref_ids).all()
+    assert np.allclose(sc, ref_sc, atol=1e-4)
+    assert all(len(set(r)) == 20 for r in ids.tolist())  # distinct
+    assert (np.diff(sc, axis=1) <= 0).all()  # descending
+    # top-20 is a prefix of top-50
+    ids50, _ = index.search_multi(x, 50)
+    assert (ids50[:, :20] == ids).all()
+    # single-interest [B, d] and torch inputs are accepted
+    ids1, _ = ItemIndex(torch.from_numpy(table)).search_multi(torch.from_numpy(x[:, 0]), 10)
+    assert (ids1 == brute_force_topn(table, x[:, 0], 10)[0]).all()
+
+
+def test_padding_row_never_recommended():
+    table = rand_table(50, 8)
+    table[0] = 100.0  # the padding row would win every query
+    x = np.abs(np.random.default_rng(2).standard_normal((10, 3, 8))).astype(np.float32)
+    ids, _ = ItemIndex(table).search_multi(x, 50)  # the whole catalogue
+    assert (ids != 0).all()
+    assert sorted(ids[0].tolist()) == list(range(1, 51))
+    ids, _ = ItemIndex(table).search_multi(x, 60)  # more than N: padded with 0 at the end only
+    assert (ids[:, :50] != 0).all() and (ids[:, 50:] == 0).all()
+
+
+def test_exclude_history():
+    table = rand_table(200, 16, seed=3)
+    x = np.random.default_rng(4).standard_normal((12, 4, 16)).astype(np.float32)
+    index = ItemIndex(table)
+    plain, _ = index.search_multi(x, 20)
+    hist = [plain[i, : 5 + i].tolist() for i in range(12)]  # exclude the user's own top hits
+    ids, _ = index.search_multi(x, 20, exclude=hist)
+    for i in range(12):
+        assert not set(ids[i]) & set(hist[i])
+        assert (ids[i] != 0).all()
+    assert (ids == brute_force_topn(table, x, 20, exclude=hist)[0]).all()
+
+
+def test_ivf_with_full_probe_equals_flat():
+    table = rand_table(400, 8, seed=5)
+    x = np.random.default_rng(6).standard_normal((16, 2, 8)).astype(np.float32)
+    flat, _ = ItemIndex(table).search_multi(x, 20)
+    ivf, _ = ItemIndex(table, index="ivf", nlist=8, nprobe=8).search_multi(x, 20)
+    assert (flat == ivf).all()
+
+
+def test_history_batch_keeps_last_maxlen_right_padded():
+    hist, mask = history_batch([[1, 2, 3, 4, 5], [7], []], maxlen=3)
+    assert hist.tolist() == [[3, 4, 5], [7, 0, 0], [0, 0, 0]]
+    assert mask.tolist() == [[True] * 3, [True, False, False], [False] * 3]
+
+
+def test_most_popular_tiny():
+    # train popularity: 3 x3, 2 x2, 1 x1 -> [3, 2, 1] (ids are global-frequency order; train order differs)
+    train = pd.DataFrame({"user": [0, 1, 2], "items": [[1, 2, 3], [2, 3], [3]]})
+    split = pd.DataFrame({"user": [10, 11], "history": [[2], [3]], "truth": [[3], [1]]})
+    r = most_popular(train, split, topk=(1, 3))
+    assert r["n_users"] == 2
+    assert r["recall@1"] == pytest.approx(0.5)  # user 10 hit at rank 1, user 11 misses
+    assert r["recall@3"] == pytest.approx(1.0)  # user 11's item 1 is at rank 3
+    assert r["ndcg@3"] == pytest.approx((1.0 + 0.5) / 2)  # 1/log2(2) and 1/log2(4)
+    assert r["hitrate@1"] == pytest.approx(0.5)
+    # excluding history: user 10 gets [3, 1], user 11 gets [2, 1] -> item 1 at rank 2
+    r = most_popular(train, split, topk=(1, 3), exclude_history=True)
+    assert r["recall@1"] == pytest.approx(0.5)
+    assert r["ndcg@3"] == pytest.approx((1.0 + L3) / 2)
+
+
+def _split(n_users=23, n_items=120, seed=7):
+    rng = np.random.default_rng(seed)
+    hist = [rng.integers(1, n_items + 1, size=rng.integers(1, 80)).tolist() for _ in range(n_users)]
+    truth = [rng.integers(1, n_items + 1, size=rng.integers(1, 6)).tolist() for _ in range(n_users)]
+    return pd.DataFrame({"user": np.arange(n_users), "history": hist, "truth": truth})
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_evaluate_end_to_end(as_torch, exclude):
+    n_items, d, k, maxlen = 120, 8, 3, 50
+    table = rand_table(n_items, d, seed=8)
+    proj = np.random.default_rng(9).standard_normal((k, d)).astype(np.float32)
+    seen = []
+
+    def interest_fn(hist, mask):
+        seen.append((hist, mask))
+        # interests: mean of the real history embeddings, shifted per interest
+        h = hist.numpy()
+        m = mask.numpy()[..., None]
+        mean = (table[h] * m).sum(1) / np.maximum(m.sum(1), 1)
+        out = mean[:, None, :] + proj[None]
+        return torch.from_numpy(out) if as_torch else out
+
+    split = _split(n_items=n_items)
+    res = evaluate(interest_fn, torch.from_numpy(table) if as_torch else table, split,
+                   topk=(5, 20), batch_size=10, maxlen=maxlen, exclude_history=exclude)
+    assert len(seen) == 3  # 23 users in batches of 10
+    h0, m0 = seen[0]
+    assert h0.dtype == torch.int64 and m0.dtype == torch.bool and h0.shape == (10, maxlen)
+    assert (m0 == (h0 != 0)).all()
+
+    # reference: same interests, brute-force ranking, per-user metrics averaged
+    hist, mask = history_batch(list(split["history"]), maxlen)
+    x = interest_fn(torch.from_numpy(hist), torch.from_numpy(mask))
+    x = x.numpy() if as_torch else x
+    recs, _ = brute_force_topn(table, x, 20, exclude=list(split["history"]) if exclude else None)
+    if exclude:
+        assert not any(set(r) & set(h) for r, h in zip(recs.tolist(), split["history"]))
+    assert res["n_users"] == 23
+    for n in (5, 20):
+        m = user_metrics(recs, list(split["truth"]), n)
+        for name in ("recall", "ndcg", "hitrate"):
+            assert res[f"{name}@{n}"] == pytest.approx(m[name].mean(), abs=1e-9)
