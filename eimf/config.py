@@ -34,8 +34,12 @@ class DataConfig:
     interactions: Optional[str] = None
     #: ``custom`` only: item catalogue (item id plus text columns), same formats.
     items: Optional[str] = None
-    #: csv | tsv | parquet | jsonl | auto (from the file extension).
+    #: csv | tsv | parquet | jsonl | sequences (``user item item ...`` per line) | auto (from the file extension).
     format: str = "auto"
+    #: ``custom`` only: format of ``items`` (csv | tsv | parquet | jsonl | auto).
+    items_format: str = "auto"
+    #: ``custom`` only: item id column of ``items``; None: the same as ``item_col``.
+    items_item_col: Optional[str] = None
     user_col: str = "user_id"
     item_col: str = "item_id"
     #: Column that orders a user's interactions (unix time or any number); None: file order.
@@ -46,6 +50,9 @@ class DataConfig:
     numeric_ids: bool = True
     #: What to do with a malformed row: ``drop`` (counted in the manifest) or ``error`` (fail naming file/row/field).
     on_bad_rows: str = "drop"
+    #: Repeated (user, item) interactions: ``none`` keeps them all (ComiRec, BERT4Rec), ``consecutive`` drops
+    #: an interaction equal to the user's previous one, ``first`` keeps only the first of each pair.
+    dedupe: str = "none"
     #: k-core: users and items with fewer interactions are removed, repeatedly, until stable.
     min_count: int = 5
     #: ``user`` (ComiRec: users split 8:1:1, history/truth 80/20) or ``loo`` (leave-one-out).
