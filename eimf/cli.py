@@ -1,0 +1,163 @@
+"""`eimf` command line. Every command takes ``--config FILE`` and ``key=value`` overrides of eimf.config.
+
+    eimf train model.backbone=comirec_dr data.dataset=amazon-beauty train.seed=2
+    eimf data prepare data.dataset=ml-1m
+    eimf data download ml-1m --data-dir ~/datasets
+    eimf data list
+    eimf evaluate .eimf/runs/<run>/export
+    eimf ui
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from typing import List, Optional
+
+from eimf.config import load_config
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _print_metrics(metrics: dict) -> None:
+    keys = sorted(k for k in metrics if k.startswith(("valid/", "best_valid/", "test/")))
+    width = max((len(k) for k in keys), default=10)
+    for k in keys:
+        print(f"  {k:<{width}}  {metrics[k]:.4f}")
+
+
+def cmd_train(args) -> int:
+    from eimf.training.runner import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    print(f"run {result.run_name}: best model exported to {result.export_dir}")
+    _print_metrics(result.metrics)
+    for k in ("train_seconds", "examples_per_s", "input_share", "peak_rss_mb", "best_step"):
+        if k in result.metrics:
+            print(f"  {k:<20}  {result.metrics[k]:.4g}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from eimf.export import evaluate_exported
+
+    metrics = evaluate_exported(args.model_dir, split=args.split, with_baseline=True)
+    _print_metrics(metrics)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(metrics, f, indent=2)
+    return 0
+
+
+def cmd_data(args) -> int:
+    if args.data_cmd == "list":
+        from eimf.data.datasets import DATASETS
+
+        for name, spec in DATASETS.items():
+            print(f"{name:<16} {getattr(spec, 'description', '')}")
+        return 0
+    if args.data_cmd == "download":
+        from eimf.data.download import download
+
+        data_dir = args.data_dir or os.environ.get("EIMF_DATA_DIR") or os.path.join(
+            os.path.expanduser("~"), ".cache", "eimf", "datasets"
+        )
+        path = download(args.name, data_dir, force=args.force)
+        print(f"{args.name} is in {path}; use data.data_dir={data_dir} or EIMF_DATA_DIR={data_dir}")
+        return 0
+    if args.data_cmd == "prepare":
+        from eimf.data.preprocess import prepare
+
+        cfg = load_config(args.config, args.overrides)
+        prepared = prepare(cfg.data)
+        print(f"prepared {cfg.data.dataset} in {prepared.path}")
+        print(json.dumps(prepared.manifest.get("counts", prepared.manifest), indent=2, default=str))
+        return 0
+    raise SystemExit(f"unknown data command {args.data_cmd}")
+
+
+def cmd_ui(args) -> int:
+    from eimf.tracking import default_tracking_uri
+
+    uri = args.backend_store_uri or default_tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(args.port),
+           "--backend-store-uri", uri]
+    print("starting:", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eimf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", help="YAML file overlaid on the defaults")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.backbone=comirec_dr")
+
+    t = sub.add_parser("train", help="prepare data, train a backbone with Ray Train, evaluate, export")
+    with_config(t)
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate an exported model (no Ray, no LLM)")
+    e.add_argument("model_dir")
+    e.add_argument("--split", default="test", choices=["valid", "test"])
+    e.add_argument("--output", help="write the metrics as JSON here")
+    e.set_defaults(fn=cmd_evaluate)
+
+    d = sub.add_parser("data", help="datasets: list, download, prepare")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dsub.add_parser("list", help="built-in datasets")
+    dl = dsub.add_parser("download", help="download a public dataset from its publisher (checksummed)")
+    dl.add_argument("name")
+    dl.add_argument("--data-dir", help="destination folder (default: $EIMF_DATA_DIR or ~/.cache/eimf/datasets)")
+    dl.add_argument("--force", action="store_true")
+    pr = dsub.add_parser("prepare", help="ingest, validate, k-core, split; writes Parquet and a manifest")
+    with_config(pr)
+    d.set_defaults(fn=cmd_data)
+
+    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the project's store")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--backend-store-uri")
+    u.set_defaults(fn=cmd_ui)
+    return p
+
+
+class UserError(Exception):
+    """Errors whose message tells the user what to do; printed without a traceback."""
+
+
+def _user_errors() -> tuple:
+    from eimf.data.download import DownloadError
+
+    errors = [UserError, DownloadError, FileNotFoundError]
+    try:
+        from eimf.data.formats import DataError
+
+        errors.append(DataError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(f"eimf: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

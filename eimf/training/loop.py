@@ -1,0 +1,248 @@
+"""Single-process training: the step, the evaluation schedule, early stopping and the best model.
+
+Nothing here knows about Ray: the distributed runner (``runner.py``) hands in a ``report`` callback
+(metrics plus an optional checkpoint folder) and a state to resume from. The same loop therefore runs
+in a unit test, in one Ray Train worker, or in N DeepSpeed ranks.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Optional
+
+import numpy as np
+import torch
+
+from eimf.config import Config
+from eimf.evaluation import evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """Everything besides weights needed to resume exactly where training stopped."""
+
+    step: int = 0
+    examples: int = 0
+    best_metric: float = -math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+    train_seconds: float = 0.0
+    data_seconds: float = 0.0
+    history: list = field(default_factory=list)
+    stopped_early: bool = False
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoopState":
+        return cls(**json.loads(text))
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class StepRunner:
+    """forward/backward/optimizer step; the DeepSpeed engine replaces this in the distributed runner."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+    def forward(self, *args):
+        # Through forward(), so DDP/DeepSpeed wrappers see the computation.
+        return self.model(*args)
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def to_tensors(batch, device) -> tuple:
+    hist, mask, target = batch
+    return (
+        torch.as_tensor(hist, device=device),
+        torch.as_tensor(mask, device=device),
+        torch.as_tensor(target, device=device),
+    )
+
+
+class Trainer:
+    """Trains one backbone; evaluates on valid users every ``eval_every`` steps; keeps the best weights."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: torch.nn.Module,
+        loss_fn: torch.nn.Module,
+        step_runner: StepRunner,
+        batches: Iterator,
+        valid_df,
+        test_df,
+        device: str | torch.device = "cpu",
+        is_chief: bool = True,
+    ):
+        self.cfg = cfg
+        self.model = model
+        self.loss_fn = loss_fn
+        self.runner = step_runner
+        self.batches = batches
+        self.valid_df = valid_df
+        self.test_df = test_df
+        self.device = torch.device(device)
+        self.is_chief = is_chief
+        self.best_state: Optional[dict] = None
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _interest_fn(self, hist, mask):
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.interests(
+            torch.as_tensor(hist, device=self.device), torch.as_tensor(mask, device=self.device)
+        )
+        self.model.train(was_training)
+        return out.float().cpu().numpy()
+
+    def evaluate(self, split_df, max_users: Optional[int] = None) -> Dict[str, float]:
+        if max_users is not None and len(split_df) > max_users:
+            split_df = split_df.iloc[:max_users]
+        item_table = self.model.item_embeddings().detach().float().cpu().numpy()
+        e = self.cfg.eval
+        return evaluate(
+            self._interest_fn,
+            item_table,
+            split_df,
+            topk=tuple(e.topk),
+            batch_size=e.batch_size,
+            maxlen=self.cfg.model.maxlen,
+            exclude_history=e.exclude_history,
+        )
+
+    # -- training -----------------------------------------------------------------------------
+    def train_step(self, batch) -> Dict[str, float]:
+        hist, mask, target = to_tensors(batch, self.device)
+        out = self.runner.forward(hist, mask, target, self.loss_fn)
+        self.runner.backward_and_step(out["loss"])
+        return {k: float(v.detach()) for k, v in out.items()}
+
+    def fit(
+        self,
+        state: Optional[LoopState] = None,
+        report: Optional[Callable[[Dict[str, float], LoopState, bool], None]] = None,
+    ) -> LoopState:
+        """Run until ``max_steps`` or early stopping. ``report(metrics, state, is_eval)`` is called at
+        every log line and every evaluation (where the runner checkpoints)."""
+        cfg = self.cfg
+        state = state or LoopState()
+        metric_name = cfg.eval.early_stop_metric
+        self.model.train()
+        window = {"loss": 0.0, "n": 0, "examples": 0, "t0": time.perf_counter(), "data": 0.0}
+        while state.step < cfg.train.max_steps:
+            t_data = time.perf_counter()
+            batch = next(self.batches)
+            t_model = time.perf_counter()
+            losses = self.train_step(batch)
+            t_end = time.perf_counter()
+            n = len(batch[2])
+            state.step += 1
+            state.examples += n
+            state.data_seconds += t_model - t_data
+            state.train_seconds += t_end - t_data
+            window["loss"] += losses["loss"]
+            window["n"] += 1
+            window["examples"] += n
+            window["data"] += t_model - t_data
+            if not math.isfinite(losses["loss"]):
+                raise FloatingPointError(f"loss is {losses['loss']} at step {state.step}")
+
+            if state.step % cfg.train.log_every == 0 and window["n"]:
+                elapsed = time.perf_counter() - window["t0"]
+                metrics = {
+                    "train/loss": window["loss"] / window["n"],
+                    "train/examples_per_s": window["examples"] / max(elapsed, 1e-9),
+                    "train/input_share": window["data"] / max(elapsed, 1e-9),
+                }
+                if self.is_chief:
+                    log.info(
+                        "step %d  loss %.4f  %.0f ex/s  input %.1f%% of step time",
+                        state.step, metrics["train/loss"], metrics["train/examples_per_s"],
+                        100 * metrics["train/input_share"],
+                    )
+                if report:
+                    report(metrics, state, False)
+                window = {"loss": 0.0, "n": 0, "examples": 0, "t0": time.perf_counter(), "data": 0.0}
+
+            if state.step % cfg.train.eval_every == 0:
+                if self._evaluate_and_maybe_stop(state, metric_name, report):
+                    state.stopped_early = True
+                    break
+        return state
+
+    def _evaluate_and_maybe_stop(self, state: LoopState, metric_name: str, report) -> bool:
+        valid = self.evaluate(self.valid_df, self.cfg.eval.max_valid_users)
+        value = valid[metric_name]
+        improved = value > state.best_metric
+        if improved:
+            state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        else:
+            state.bad_evals += 1
+        entry = {"step": state.step, **{f"valid/{k}": v for k, v in valid.items()}}
+        state.history.append(entry)
+        if self.is_chief:
+            log.info(
+                "eval step %d  %s %.4f  (best %.4f at step %d)%s",
+                state.step, metric_name, value, state.best_metric, state.best_step,
+                "" if improved else f"  no gain x{state.bad_evals}",
+            )
+        if report:
+            report({k: v for k, v in entry.items() if k != "step"}, state, True)
+        return state.bad_evals >= self.cfg.train.patience
+
+    def restore_best(self) -> None:
+        """Put back the weights of the best evaluation (early stopping's model)."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def final_metrics(self) -> Dict[str, float]:
+        """Valid and test metrics of the best weights, on all users. Named ``best_valid/*`` so they do not
+        mix with the ``valid/*`` curve logged during training."""
+        self.restore_best()
+        out = {f"best_valid/{k}": v for k, v in self.evaluate(self.valid_df).items()}
+        out.update({f"test/{k}": v for k, v in self.evaluate(self.test_df).items()})
+        return out
+
+
+def save_training_state(folder: Path, model, runner: StepRunner, state: LoopState, best_state) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / "model.pt")
+    torch.save(runner.state_dict(), folder / "optimizer.pt")
+    if best_state is not None:
+        torch.save(best_state, folder / "best_model.pt")
+    (folder / "state.json").write_text(json.dumps(asdict(state)))
+
+
+def load_training_state(folder: Path, model, runner: StepRunner):
+    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
+    runner.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu"))
+    best = folder / "best_model.pt"
+    best_state = torch.load(best, map_location="cpu") if best.exists() else None
+    state = LoopState.from_json((folder / "state.json").read_text())
+    return state, best_state

@@ -1,0 +1,241 @@
+"""The distributed layer: Ray Train's ``TorchTrainer`` around the single-process loop.
+
+The driver prepares the dataset (Ray Data ingest + preprocessing, cached by fingerprint), then starts
+``num_workers`` training workers. Each worker builds the model, resumes from Ray Train's latest
+checkpoint when there is one, runs ``Trainer.fit`` and reports a checkpoint at every evaluation. The
+last report carries the best model and its valid/test metrics; the driver exports it to a plain folder
+that ``eimf evaluate`` loads without Ray.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from eimf import tracking
+from eimf.config import Config, eimf_home, to_dict, to_yaml
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    metrics: Dict[str, float]
+    export_dir: str
+    storage_path: str
+
+
+def config_from_dict(d: dict) -> Config:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def build_components(cfg: Config, n_items: int):
+    """Model, loss and plain-torch step runner: the single-device pieces every runner shares."""
+    from eimf.models import build_model
+    from eimf.models.negatives import build_loss
+    from eimf.training.loop import StepRunner
+
+    model = build_model(cfg.model, n_items)
+    loss_fn = build_loss(cfg.negatives, n_items, cfg.train.batch_size, cfg.model)
+    lr = cfg.train.lr if cfg.train.lr is not None else model.default_lr
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
+    return model, loss_fn, StepRunner(model, optimizer), lr
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Runs inside each Ray Train worker."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from eimf import tracking
+    from eimf.data.preprocess import load_prepared
+    from eimf.data.sampling import TrainSampler
+    from eimf.training.loop import (
+        Trainer, load_training_state, save_training_state, seed_everything,
+    )
+
+    # Our step/eval lines at INFO; Ray's own per-report INFO lines would drown them.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", force=True)
+    logging.getLogger("eimf").setLevel(logging.INFO)
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(loop_config["threads_per_worker"])
+    from eimf.evaluation import set_faiss_threads
+
+    set_faiss_threads(loop_config["threads_per_worker"])
+    is_chief = rank == 0
+
+    data = load_prepared(loop_config["data_path"])
+    seed_everything(cfg.train.seed)  # same initial weights on every rank
+    model, loss_fn, step_runner, lr = build_components(cfg, data.n_items)
+
+    state, best_state = None, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state, best_state = load_training_state(Path(folder), model, step_runner)
+        log.info("rank %d resumed from checkpoint at step %d", rank, state.step)
+
+    start_step = state.step if state else 0
+    # Negatives differ per rank (and per resume) while initial weights are identical everywhere.
+    loss_fn.generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + rank * 7919 + start_step + 1)
+    sequences = list(data.train["items"])
+    # Each rank (and each resume) draws its own stream of training instances.
+    sampler = TrainSampler(
+        sequences, maxlen=cfg.model.maxlen, batch_size=cfg.train.batch_size,
+        min_cut=cfg.train.min_cut, seed=cfg.train.seed * 1_000_003 + rank * 7919 + start_step,
+    )
+    trainer = Trainer(
+        cfg, model, loss_fn, step_runner, iter(sampler), data.valid, data.test, is_chief=is_chief,
+    )
+    trainer.best_state = best_state
+
+    run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("mlflow_uri")
+
+    def report(metrics, loop_state, is_eval):
+        if is_chief:
+            tracking.log_metrics(uri, run_id, metrics, step=loop_state.step)
+        if not is_eval:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_training_state(Path(tmp), model, step_runner, loop_state, trainer.best_state)
+            ray.train.report(
+                {**metrics, "step": loop_state.step, "best_metric": loop_state.best_metric},
+                checkpoint=Checkpoint.from_directory(tmp),
+            )
+
+    t0 = time.perf_counter()
+    state = trainer.fit(state, report)
+    final = trainer.final_metrics()
+    final.update(
+        {
+            "step": state.step,
+            "best_step": state.best_step,
+            "train_seconds": state.train_seconds,
+            "examples_per_s": state.examples / max(state.train_seconds, 1e-9),
+            "input_share": state.data_seconds / max(state.train_seconds, 1e-9),
+            "peak_rss_mb": peak_rss_mb(),
+            "worker_wall_seconds": time.perf_counter() - t0,
+            "lr": lr,
+            "done": 1,
+        }
+    )
+    if is_chief:
+        tracking.log_metrics(uri, run_id, final, step=state.step)
+        log.info("final: %s", json.dumps({k: round(v, 4) for k, v in final.items()}))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_training_state(Path(tmp), model, step_runner, state, trainer.best_state)
+        torch.save(model.state_dict(), Path(tmp) / "best_model.pt")  # model holds the best weights now
+        (Path(tmp) / "metrics.json").write_text(json.dumps(final, indent=2))
+        ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (set by `ray job submit`) joins the cluster; otherwise Ray starts locally.
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def export_model(checkpoint_dir: Path, export_dir: Path, cfg: Config, data_path: str) -> None:
+    """A folder that serves without Ray or an LLM: weights, config, and where the item table came from."""
+    export_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(checkpoint_dir / "best_model.pt", export_dir / "model.pt")
+    shutil.copy(checkpoint_dir / "metrics.json", export_dir / "metrics.json")
+    (export_dir / "config.yaml").write_text(to_yaml(cfg))
+    (export_dir / "dataset.json").write_text(json.dumps({"data_path": data_path}))
+
+
+def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: Path, data_path: str, result) -> None:
+    """Config, dataset manifest, best model, item embeddings and the learning curve, to MLflow."""
+    if not run_id:
+        return
+    from eimf.export import load_model
+    from eimf.plots import learning_curve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model, _ = load_model(export_dir)
+        import numpy as np
+
+        np.save(tmp / "item_embeddings.npy", model.item_embeddings().detach().numpy())
+        manifest = Path(data_path) / "manifest.json"
+        if manifest.exists():
+            shutil.copy(manifest, tmp / "dataset_manifest.json")
+        history = tracking.client(uri).get_metric_history(run_id, tracking.metric_key("valid/recall@50"))
+        if history:
+            learning_curve(
+                [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)],
+                tmp / "learning_curve.png", ylabel="valid Recall@50",
+            )
+        tracking.log_artifacts(uri, run_id, str(tmp))
+        tracking.log_artifacts(uri, run_id, str(export_dir), "model")
+
+
+def train(cfg: Config, data_path: Optional[str] = None) -> TrainResult:
+    """Prepare the data (unless given), train with Ray Train, export the best model."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from eimf.data.preprocess import prepare
+
+    _init_ray()
+    if data_path is None:
+        data_path = str(prepare(cfg.data).path)
+    storage = cfg.train.storage_path or os.path.abspath(os.path.join(eimf_home(), "runs"))
+    run_name = cfg.train.run_name or (
+        f"{cfg.data.dataset}-{cfg.model.backbone}-s{cfg.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    run_id = tracking.start_run(cfg, run_name, tags={"eimf": "off"})
+    uri = tracking.tracking_uri(cfg)
+    n_workers = cfg.train.num_workers
+    cpus = int(ray.available_resources().get("CPU", 1))
+    cpus_per_worker = max(1, cpus // n_workers)
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "config": to_dict(cfg), "data_path": data_path, "threads_per_worker": cpus_per_worker,
+            "mlflow_run_id": run_id, "mlflow_uri": uri,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=n_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise
+    export_dir = Path(storage) / run_name / "export"
+    with result.checkpoint.as_directory() as folder:
+        export_model(Path(folder), export_dir, cfg, data_path)
+    metrics = json.loads((export_dir / "metrics.json").read_text())
+    log_run_artifacts(uri, run_id, export_dir, data_path, result)
+    tracking.end_run(uri, run_id)
+    return TrainResult(run_name=run_name, metrics=metrics, export_dir=str(export_dir), storage_path=storage)
