@@ -112,6 +112,20 @@ class TrainConfig:
     log_every: int = 200
     num_workers: int = 1
     use_gpu: bool = False
+    #: CPUs each worker reserves (and torch threads it uses); None: the node's CPUs / num_workers.
+    cpus_per_worker: Optional[int] = None
+    #: ``auto`` (DeepSpeed when num_workers > 1 or zero_stage > 0, else plain torch) | torch | deepspeed
+    strategy: str = "auto"
+    #: DeepSpeed ZeRO stage 0-3 (3 partitions the item table across workers).
+    zero_stage: int = 0
+    #: fp32 | bf16 (DeepSpeed only; no fp16 on CPU).
+    precision: str = "fp32"
+    #: ``ray_data``: each worker streams its shard of training users from the Parquet through Ray Data and
+    #: the random cut happens in that pipeline; ``memory``: each worker samples from its shard in memory
+    #: (users drawn with replacement, as ComiRec does).
+    input: str = "memory"
+    #: Fault tolerance: how many times Ray Train replaces failed workers and resumes from the checkpoint.
+    max_failures: int = 2
     #: Where runs and checkpoints go (local or ``s3://``); None: <EIMF_HOME>/runs.
     storage_path: Optional[str] = None
     #: Same name again resumes the run instead of starting over; None: generated.
@@ -139,6 +153,67 @@ class TrackingConfig:
 
 
 @dataclass
+class SemanticConfig:
+    """ESIM (design.md section 4): typical users, prompts, annotators, cache, text encoder."""
+
+    # -- typical-sample selection --------------------------------------------------------------
+    #: ``typical`` (k-means over warm-up interests, nearest to centroid, long histories) | ``random`` (ablation).
+    selection: str = "typical"
+    #: Annotation budget: a fraction of the training users (< 1) or a count (>= 1).
+    budget: float = 0.1
+    #: k-means clusters over user representations (clamped to the number of users).
+    n_clusters: int = 20
+    #: User representation: ``mean`` of the L2-normalised interests, or their ``concat``.
+    user_repr: str = "mean"
+    #: Spherical k-means (centroids L2-normalised; the representations are normalised too).
+    spherical: bool = True
+    kmeans_iters: int = 25
+    #: Per cluster with quota q: the ceil(pool_factor * q) users nearest the centroid form the pool,
+    #: the q longest histories of the pool are taken (1 = nearest only, ignore length).
+    pool_factor: float = 3.0
+    #: Users with shorter training sequences are never selected.
+    min_history_len: int = 1
+    seed: int = 2026
+    # -- prompts -------------------------------------------------------------------------------
+    #: At most this many interests per user; None: ``model.num_interests``.
+    max_interests: Optional[int] = None
+    #: Prompt size limit (tokens, all messages); the oldest items are dropped to fit.
+    token_budget: int = 1024
+    #: Each item's text is cut to this many characters.
+    max_item_chars: int = 160
+    # -- annotators ----------------------------------------------------------------------------
+    #: ``metadata`` (no LLM) | ``openai`` (any OpenAI-compatible endpoint) | ``vllm`` (Ray Data + vLLM).
+    annotator: str = "metadata"
+    #: Tries per prompt when the answer does not validate; then it is recorded as failed.
+    max_attempts: int = 3
+    #: Prompts per cache part file (a killed run keeps every finished chunk).
+    chunk_size: int = 64
+    #: Annotation cache folder (local or ``s3://``); None: <EIMF_HOME>/annotation_cache.
+    cache_dir: Optional[str] = None
+    #: Send prompts again whose cached result is ``failed`` (default: a cached failure is final).
+    retry_failed: bool = False
+    # -- openai backend ------------------------------------------------------------------------
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_model: str = "SmolLM2-135M-Instruct"
+    #: Name of the environment variable holding the API key (a local ``vllm serve`` needs none).
+    openai_api_key_env: str = "OPENAI_API_KEY"
+    #: ``json_schema`` (response_format) | ``vllm`` (extra_body structured_outputs) | ``json_object`` | ``none``.
+    structured_output: str = "json_schema"
+    request_timeout_s: float = 120.0
+    max_concurrency: int = 4
+    #: Retries of a request after a transport error (timeout, connection, 429, 5xx), exponential backoff.
+    request_retries: int = 3
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    temperature: float = 0.0
+    max_tokens: int = 512
+    # -- text encoder --------------------------------------------------------------------------
+    #: ``all-MiniLM-L6-v2`` (packaged, offline) or a local sentence-transformers folder.
+    encoder: str = "all-MiniLM-L6-v2"
+    encoder_batch_size: int = 64
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -146,6 +221,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:

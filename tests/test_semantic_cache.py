@@ -1,0 +1,244 @@
+"""Annotation cache and the annotate_users orchestration: reruns hit the cache, a killed run resumes without
+sending any prompt twice, failures are kept, outputs are written (local and s3://)."""
+import hashlib
+import json
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from eimf import fs
+from eimf.semantic.annotate import (ANNOTATIONS_FILE, STATS_FILE, annotate_users, build_requests,
+                                    read_annotations, semantic_vectors)
+from eimf.semantic.annotators import Annotator, Generation
+from eimf.semantic.cache import AnnotationCache, cache_key
+from eimf.semantic.prompts import PROMPT_VERSION
+
+
+class Killed(Exception):
+    pass
+
+
+class Counting(Annotator):
+    """Counts every prompt it is sent (by history hash); can die after ``die_after`` batches; users listed in
+    ``bad`` always get an invalid answer."""
+    kind = "counting"
+
+    def __init__(self, model="fake-1", die_after=None, bad=(), max_attempts=2):
+        super().__init__(max_attempts)
+        self.model, self.die_after, self.bad = model, die_after, set(bad)
+        self.sent, self.batches = [], 0
+
+    @property
+    def model_id(self):
+        return self.model
+
+    def annotate(self, requests):
+        if self.die_after is not None and self.batches >= self.die_after:
+            raise Killed("killed")
+        self.batches += 1
+        return super().annotate(requests)
+
+    def generate(self, requests, attempt):
+        out = []
+        for r in requests:
+            self.sent.append(r.history_hash)
+            if r.user in self.bad:
+                out.append(Generation(text="no json here", tokens_in=50, tokens_out=3))
+                continue
+            ans = {"interests": [{"name": f"interest {j} of {r.n_items}", "description": r.item_texts[j - 1][:50],
+                                  "evidence": [j]} for j in range(1, min(r.max_interests, r.n_items) + 1)]}
+            out.append(Generation(text=json.dumps(ans), tokens_in=50, tokens_out=10))
+        return out
+
+
+class HashEncoder:
+    name = "hash-encoder"
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, texts):
+        self.calls += 1
+        out = np.zeros((len(texts), 16), dtype=np.float32)
+        for i, t in enumerate(texts):
+            h = hashlib.sha256(t.encode()).digest()
+            out[i] = np.frombuffer(h[:16], dtype=np.uint8).astype(np.float32) + 1
+        return out
+
+
+def prepared(n_users=23, n_items=40, seed=0):
+    rng = np.random.default_rng(seed)
+    train = pd.DataFrame({"user": np.arange(1, n_users + 1),
+                          "items": [rng.integers(1, n_items + 1, size=int(rng.integers(5, 30))).tolist()
+                                    for _ in range(n_users)]})
+    train.at[1, "items"] = list(train.at[0, "items"])  # users 1 and 2 share a history: one prompt
+    items = pd.DataFrame({"item": np.arange(1, n_items + 1), "raw_id": [str(i) for i in range(1, n_items + 1)],
+                          "count": np.ones(n_items, dtype=np.int64),
+                          "text": [f"Item {i} (19{50 + i}) | Genre{i % 4}" for i in range(1, n_items + 1)]})
+    return SimpleNamespace(train=train, items=items, n_items=n_items)
+
+
+def run(prep, users, ann, cache_dir, out_dir=None, **kw):
+    cache = AnnotationCache(str(cache_dir), ann.model_id)  # a fresh object: state comes from the store
+    return annotate_users(prep, users, ann, cache, HashEncoder(), K=3, token_budget=2048, out_dir=out_dir,
+                          chunk_size=kw.pop("chunk_size", 5), **kw)
+
+
+def test_key_and_requests_use_only_training_part():
+    prep = prepared()
+    reqs, prompts = build_requests(prep, [3, 4], 3, 2048, cut=lambda s: len(s) - 2)
+    seq = prep.train.set_index("user").at[3, "items"]
+    assert reqs[0].item_ids == seq[:-2] and reqs[0].n_items == len(seq) - 2
+    assert cache_key("h", PROMPT_VERSION, "m") != cache_key("h", PROMPT_VERSION, "m2")
+    with pytest.raises(KeyError):
+        build_requests(prep, [999], 3, 2048)
+
+
+def test_second_run_hits_cache_for_every_user(tmp_path):
+    prep = prepared()
+    users = list(range(1, 24))
+    ann = Counting()
+    df1, s1 = run(prep, users, ann, tmp_path / "cache", out_dir=str(tmp_path / "out1"))
+    assert s1["users"] == 23 and s1["prompts"] == 22 and s1["shared_prompts"] == 1 and s1["cache_hits"] == 0
+    assert len(ann.sent) == 22 and len(set(ann.sent)) == 22
+    assert s1["tokens_in"] == 22 * 50 and s1["failures"] == 0 and s1["valid_share"] == 1.0
+    assert len(list((tmp_path / "cache").glob("part-*.parquet"))) == 5  # ceil(22 / 5) crash-safe parts
+
+    ann2 = Counting()
+    df2, s2 = run(prep, users, ann2, tmp_path / "cache", out_dir=str(tmp_path / "out2"))
+    assert ann2.sent == [] and s2["prompts"] == 0 and s2["cache_hits"] == 23 and s2["tokens_out"] == 0
+    cols = ["user", "interest_idx", "name", "description", "status"]
+    pd.testing.assert_frame_equal(df1[cols], df2[cols])
+    assert df2["cached"].all() and not df1["cached"].any()
+    assert all(np.allclose(a, b) for a, b in zip(df1["vector"], df2["vector"]))
+
+    # a different model misses everything
+    ann3 = Counting(model="fake-2")
+    _, s3 = run(prep, users[:4], ann3, tmp_path / "cache")
+    assert s3["cache_hits"] == 0 and len(ann3.sent) == 3  # users 1 and 2 share one prompt
+
+
+def test_killed_run_then_restart_sends_no_prompt_twice(tmp_path):
+    prep = prepared()
+    users = list(range(1, 24))
+    dying = Counting(die_after=2)
+    with pytest.raises(Killed):
+        run(prep, users, dying, tmp_path / "cache")
+    assert len(dying.sent) == 10  # two chunks of 5 finished and were stored
+    (tmp_path / "cache" / "_tmp-part-half-written.parquet").write_bytes(b"PAR1 garbage")  # a torn write
+    (tmp_path / "cache" / "part-0-corrupt.parquet").write_bytes(b"not parquet")  # and a damaged part
+
+    restart = Counting()
+    df, stats = run(prep, users, restart, tmp_path / "cache", out_dir=str(tmp_path / "out"))
+    assert stats["cache_hits"] == 11 and stats["prompts"] == 12  # user 2 shares user 1's cached prompt
+    sent = dying.sent + restart.sent
+    assert len(sent) == len(set(sent)) == 22  # every distinct prompt exactly once over both runs
+    assert set(df["user"]) == set(users) and (df["status"] == "ok").all()
+
+    third = Counting()
+    run(prep, users, third, tmp_path / "cache")
+    assert third.sent == []
+
+
+def test_failures_are_recorded_cached_and_optionally_retried(tmp_path):
+    prep = prepared()
+    users = [3, 4, 5, 6]
+    ann = Counting(bad={4})
+    out = tmp_path / "out"
+    df, stats = run(prep, users, ann, tmp_path / "cache", out_dir=str(out))
+    assert stats["failures"] == 1 and stats["failures_new"] == 1 and stats["attempts"] == 5
+    bad = df[df["user"] == 4]
+    assert len(bad) == 1 and bad["status"].iloc[0] == "failed" and bad["interest_idx"].iloc[0] == -1
+    assert bad["raw_text"].iloc[0] == "no json here" and "not JSON" in bad["error"].iloc[0]
+    assert bad["vector"].iloc[0] is None
+
+    # on disk: the failure is there too, with the raw text; vectors are list<float32>
+    table = pq.read_table(out / ANNOTATIONS_FILE)
+    assert str(table.schema.field("vector").type) == "list<element: float>"
+    assert str(table.schema.field("evidence").type) == "list<element: int64>"
+    back = read_annotations(str(out))
+    assert len(back) == len(df) and (back["status"] == "failed").sum() == 1
+    st = json.loads((out / STATS_FILE).read_text())
+    for k in ("prompts", "cache_hits", "failures", "tokens_in", "tokens_out", "wall_s", "tokens_per_s"):
+        assert k in st
+    vecs = semantic_vectors(back)
+    assert set(vecs) == {3, 5, 6} and vecs[3].shape[1] == 16
+    assert np.allclose(np.linalg.norm(vecs[3], axis=1), 1, atol=1e-5)
+    ok = back[back["status"] == "ok"]
+    seqs = prep.train.set_index("user")["items"]
+    for _, r in ok.iterrows():  # evidence numbers map back to the user's items
+        assert list(r["evidence_items"]) == [seqs[r["user"]][n - 1] for n in r["evidence"]]
+
+    again = Counting(bad={4})
+    _, s2 = run(prep, users, again, tmp_path / "cache")
+    assert again.sent == [] and s2["failures"] == 1  # a cached failure is final by default
+    fixed = Counting()
+    _, s3 = run(prep, users, fixed, tmp_path / "cache", retry_failed=True)
+    assert len(fixed.sent) == 1 and s3["failures"] == 0 and s3["cache_hits"] == 3
+    # the ok record now wins over the failed one
+    _, s4 = run(prep, users, Counting(), tmp_path / "cache")
+    assert s4["failures"] == 0 and s4["prompts"] == 0
+
+
+def test_cache_rejects_other_models(tmp_path):
+    cache = AnnotationCache(str(tmp_path), "m1")
+    with pytest.raises(ValueError):
+        annotate_users(prepared(), [1], Counting(model="m2"), cache, HashEncoder(), 3, 2048)
+    assert cache.put([]) is None and len(cache) == 0
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    pytest.importorskip("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_cache_and_outputs_on_s3(moto_endpoint, monkeypatch):
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_endpoint}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    s3 = fs.s3fs_filesystem()
+    if not s3.exists("eimf-ann"):
+        s3.mkdir("eimf-ann")
+    prep = prepared()
+    ann = Counting()
+    _, s1 = run(prep, [3, 4, 5], ann, "s3://eimf-ann/cache", out_dir="s3://eimf-ann/run1")
+    assert s1["prompts"] == 3 and fs.exists("s3://eimf-ann/run1/annotations.parquet")
+    again = Counting()
+    _, s2 = run(prep, [3, 4, 5, 6], again, "s3://eimf-ann/cache")
+    assert s2["cache_hits"] == 3 and len(again.sent) == 1
+    assert len(read_annotations("s3://eimf-ann/run1")) == 9
+
+
+def test_annotate_from_config_selects_and_annotates(tmp_path):
+    import torch
+
+    from eimf.config import load_config
+    from eimf.models import build_model
+    from eimf.semantic.annotate import SELECTION_FILE, annotate_from_config
+
+    prep = prepared()
+    cfg = load_config(None, ["model.dim=8", "model.num_interests=3", "model.maxlen=10", "semantic.budget=6",
+                             "semantic.n_clusters=3", f"semantic.cache_dir={tmp_path / 'cache'}",
+                             "semantic.chunk_size=4"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, prep.n_items)
+    ann = Counting()
+    df, stats = annotate_from_config(cfg, prep, model, str(tmp_path / "run"), annotator=ann, encoder=HashEncoder())
+    sel = pd.read_parquet(tmp_path / "run" / SELECTION_FILE)
+    assert len(sel) == 6 and set(df["user"]) == set(sel["user"]) and stats["selected"] == 6
+    assert stats["selection"] == "typical" and stats["max_interests"] == 3
+    assert json.loads((tmp_path / "run" / STATS_FILE).read_text())["selected"] == 6
