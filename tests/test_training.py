@@ -61,9 +61,9 @@ def test_checkpoint_round_trip(ml100k, tmp_path):
     cfg, data = ml100k
     trainer = _trainer(cfg, data, steps=20)
     state = trainer.fit()
-    save_training_state(tmp_path, trainer.model, trainer.runner, state, trainer.best_state)
+    save_training_state(tmp_path, trainer.runner, state, trainer.best_state)
     other = _trainer(cfg, data, steps=20)
-    restored, best = load_training_state(tmp_path, other.model, other.runner)
+    restored, best = load_training_state(tmp_path, other.runner)
     assert restored.step == state.step and restored.history == state.history
     for (k, a), b in zip(trainer.model.state_dict().items(), other.model.state_dict().values()):
         assert torch.equal(a, b), k

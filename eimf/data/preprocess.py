@@ -449,3 +449,12 @@ def load_prepared(path) -> PreparedDataset:
     return PreparedDataset(path=path, n_items=int(manifest["n_items"]), train=frames["train"],
                            valid=frames["valid"], test=frames["test"], items=frames["items"],
                            manifest=manifest, users=users)
+
+
+def read_split(path, name: str) -> pd.DataFrame:
+    """One table of a prepared folder (``train``, ``valid``, ``test``, ``items``, ``users``)."""
+    return _read_parquet(fs.join(str(path), f"{name}.parquet"))
+
+
+def read_manifest(path) -> dict:
+    return fs.read_json(fs.join(str(path), MANIFEST))

@@ -116,3 +116,17 @@ def eval_batches(split_df, maxlen: int, batch_size: int):
         n = np.minimum(lens, maxlen)
         hist, mask = _windows(flat, offsets[1:], n, maxlen)
         yield users[s:s + batch_size], hist, mask, truths[s:s + batch_size], hs
+
+
+def cut_examples(sequences: Sequence, maxlen: int, min_cut: int, rng: np.random.Generator) -> dict:
+    """One training instance per sequence (ComiRec random cut), as column arrays for a Ray Data batch.
+
+    Sequences too short for a cut (``len <= min_cut``) give no row; the caller counts them.
+    """
+    flat, offsets, lens = _flatten(sequences)
+    ok = lens > min_cut
+    starts, lens = offsets[:-1][ok], lens[ok]
+    k = rng.integers(min_cut, lens) if len(lens) else np.zeros(0, dtype=np.int64)  # cut in [min_cut, len)
+    target = flat[starts + k] if len(lens) else np.zeros(0, dtype=np.int64)
+    hist, mask = _windows(flat, starts + k, np.minimum(k, maxlen), maxlen)
+    return {"hist": hist, "mask": mask, "target": target.astype(np.int64)}

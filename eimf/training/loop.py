@@ -6,7 +6,7 @@ in a unit test, in one Ray Train worker, or in N DeepSpeed ranks.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import logging
 import math
@@ -52,7 +52,8 @@ def seed_everything(seed: int) -> None:
 
 
 class StepRunner:
-    """forward/backward/optimizer step; the DeepSpeed engine replaces this in the distributed runner."""
+    """forward/backward/optimizer step on one process. ``DeepSpeedStepRunner`` overrides these for N ranks;
+    ``full_params`` and ``broadcast`` are the collectives that evaluation needs (no-ops here)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.model = model
@@ -67,11 +68,19 @@ class StepRunner:
         loss.backward()
         self.optimizer.step()
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+    def full_params(self):
+        return contextlib.nullcontext()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def broadcast(self, obj):
+        return obj
+
+    def save(self, folder: Path) -> None:
+        torch.save(self.model.state_dict(), folder / "model.pt")
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load(self, folder: Path) -> None:
+        self.model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu"))
 
 
 def to_tensors(batch, device) -> tuple:
@@ -154,7 +163,8 @@ class Trainer:
         metric_name = cfg.eval.early_stop_metric
         self.model.train()
         window = {"loss": 0.0, "n": 0, "examples": 0, "t0": time.perf_counter(), "data": 0.0}
-        while state.step < cfg.train.max_steps:
+        # A resumed run that had already stopped early (or finished) does no more steps.
+        while state.step < cfg.train.max_steps and not state.stopped_early:
             t_data = time.perf_counter()
             batch = next(self.batches)
             t_model = time.perf_counter()
@@ -196,12 +206,16 @@ class Trainer:
         return state
 
     def _evaluate_and_maybe_stop(self, state: LoopState, metric_name: str, report) -> bool:
-        valid = self.evaluate(self.valid_df, self.cfg.eval.max_valid_users)
-        value = valid[metric_name]
-        improved = value > state.best_metric
+        # Every rank enters (ZeRO-3 gathers parameters collectively); the chief evaluates and decides.
+        with self.runner.full_params():
+            valid = self.evaluate(self.valid_df, self.cfg.eval.max_valid_users) if self.is_chief else None
+            valid = self.runner.broadcast(valid)
+            value = valid[metric_name]
+            improved = value > state.best_metric
+            if improved and self.is_chief:
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if improved:
             state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
-            self.best_state = copy.deepcopy(self.model.state_dict())
         else:
             state.bad_evals += 1
         entry = {"step": state.step, **{f"valid/{k}": v for k, v in valid.items()}}
@@ -216,32 +230,46 @@ class Trainer:
             report({k: v for k, v in entry.items() if k != "step"}, state, True)
         return state.bad_evals >= self.cfg.train.patience
 
-    def restore_best(self) -> None:
-        """Put back the weights of the best evaluation (early stopping's model)."""
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
+    def best_model(self) -> torch.nn.Module:
+        """A plain single-process copy of the model with the best evaluation's weights."""
+        from eimf.models import build_model
+
+        model = build_model(self.cfg.model, self.model.n_items)
+        if self.best_state is None:  # no evaluation ran: the current weights
+            with self.runner.full_params():
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        model.load_state_dict(self.best_state)
+        return model.eval()
 
     def final_metrics(self) -> Dict[str, float]:
-        """Valid and test metrics of the best weights, on all users. Named ``best_valid/*`` so they do not
-        mix with the ``valid/*`` curve logged during training."""
-        self.restore_best()
-        out = {f"best_valid/{k}": v for k, v in self.evaluate(self.valid_df).items()}
-        out.update({f"test/{k}": v for k, v in self.evaluate(self.test_df).items()})
+        """Valid and test metrics of the best weights, on all users (chief only; others get {}). Named
+        ``best_valid/*`` so they do not mix with the ``valid/*`` curve logged during training."""
+        if self.best_state is None:
+            self.best_model()  # collective under ZeRO-3: every rank gathers
+        if not self.is_chief:
+            return {}
+        model, current = self.best_model(), self.model
+        self.model = model
+        try:
+            out = {f"best_valid/{k}": v for k, v in self.evaluate(self.valid_df).items()}
+            out.update({f"test/{k}": v for k, v in self.evaluate(self.test_df).items()})
+        finally:
+            self.model = current
         return out
 
 
-def save_training_state(folder: Path, model, runner: StepRunner, state: LoopState, best_state) -> None:
+def save_training_state(folder: Path, runner: StepRunner, state: LoopState, best_state, is_chief=True) -> None:
+    """Weights and optimizer (per rank under DeepSpeed), plus, from the chief, loop state and best weights."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), folder / "model.pt")
-    torch.save(runner.state_dict(), folder / "optimizer.pt")
-    if best_state is not None:
-        torch.save(best_state, folder / "best_model.pt")
-    (folder / "state.json").write_text(json.dumps(asdict(state)))
+    runner.save(folder)
+    if is_chief:
+        if best_state is not None:
+            torch.save(best_state, folder / "best_model.pt")
+        (folder / "state.json").write_text(json.dumps(asdict(state)))
 
 
-def load_training_state(folder: Path, model, runner: StepRunner):
-    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
-    runner.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu"))
+def load_training_state(folder: Path, runner: StepRunner):
+    runner.load(folder)
     best = folder / "best_model.pt"
     best_state = torch.load(best, map_location="cpu") if best.exists() else None
     state = LoopState.from_json((folder / "state.json").read_text())

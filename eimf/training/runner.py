@@ -44,17 +44,81 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def build_components(cfg: Config, n_items: int):
+def build_components(cfg: Config, n_items: int, micro_batch: Optional[int] = None):
     """Model, loss and plain-torch step runner: the single-device pieces every runner shares."""
     from eimf.models import build_model
     from eimf.models.negatives import build_loss
     from eimf.training.loop import StepRunner
 
     model = build_model(cfg.model, n_items)
-    loss_fn = build_loss(cfg.negatives, n_items, cfg.train.batch_size, cfg.model)
+    loss_fn = build_loss(cfg.negatives, n_items, micro_batch or cfg.train.batch_size, cfg.model)
     lr = cfg.train.lr if cfg.train.lr is not None else model.default_lr
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
     return model, loss_fn, StepRunner(model, optimizer), lr
+
+
+def use_deepspeed(cfg: Config) -> bool:
+    if cfg.train.strategy not in ("auto", "torch", "deepspeed"):
+        raise ValueError(f"train.strategy must be auto, torch or deepspeed, got {cfg.train.strategy!r}")
+    if cfg.train.strategy == "auto":
+        return cfg.train.num_workers > 1 or cfg.train.zero_stage > 0
+    return cfg.train.strategy == "deepspeed"
+
+
+def per_worker_batch(cfg: Config) -> int:
+    """``train.batch_size`` is the global batch: N workers each take an equal share."""
+    n = cfg.train.num_workers
+    if cfg.train.batch_size % n:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide by train.num_workers={n}")
+    return cfg.train.batch_size // n
+
+
+def _shard_batches(cfg: Config, micro_batch: int, seed: int):
+    """This worker's training batches, from its Ray Data shard of the training users."""
+    import numpy as np
+    import ray.train
+
+    from eimf.data.sampling import TrainSampler
+
+    shard = ray.train.get_dataset_shard("train")
+    if cfg.train.input == "memory":
+        # Hold only this shard's users; draw users with replacement as ComiRec does.
+        sequences = [np.asarray(s) for b in shard.iter_batches(batch_format="pandas") for s in b["items"]]
+        log.info("worker shard: %d training users", len(sequences))
+        return iter(TrainSampler(sequences, maxlen=cfg.model.maxlen, batch_size=micro_batch,
+                                 min_cut=cfg.train.min_cut, seed=seed))
+    if cfg.train.input != "ray_data":
+        raise ValueError(f"train.input must be memory or ray_data, got {cfg.train.input!r}")
+
+    def epochs():
+        # The random cut ran inside the Ray Data pipeline (see _cut_dataset); here we only batch.
+        while True:
+            for b in shard.iter_batches(batch_size=micro_batch, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=4 * micro_batch, local_shuffle_seed=None):
+                yield b["hist"], b["mask"], b["target"]
+
+    return epochs()
+
+
+def _cut_dataset(data_path: str, cfg: Config):
+    """Ray Dataset of training users with one random cut per user per epoch (design.md section 3)."""
+    import ray
+    import numpy as np
+
+    from eimf import fs
+    from eimf.data.sampling import cut_examples
+
+    maxlen, min_cut = cfg.model.maxlen, cfg.train.min_cut
+    filesystem, path = fs.resolve(fs.join(data_path, "train.parquet"))
+    users = ray.data.read_parquet(path, filesystem=filesystem)
+    if cfg.train.input == "memory":
+        return users
+
+    def cut(batch):
+        # A fresh generator per call: every epoch re-cuts every user differently.
+        return cut_examples(batch["items"], maxlen, min_cut, np.random.default_rng())
+
+    return users.map_batches(cut, batch_format="numpy")
 
 
 def _train_worker(loop_config: dict) -> None:
@@ -62,50 +126,51 @@ def _train_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from eimf import tracking
-    from eimf.data.preprocess import load_prepared
-    from eimf.data.sampling import TrainSampler
-    from eimf.training.loop import (
-        Trainer, load_training_state, save_training_state, seed_everything,
-    )
+    from eimf.data.preprocess import read_manifest, read_split
+    from eimf.evaluation import set_faiss_threads
+    from eimf.training.loop import Trainer, load_training_state, save_training_state, seed_everything
 
     # Our step/eval lines at INFO; Ray's own per-report INFO lines would drown them.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("eimf").setLevel(logging.INFO)
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(loop_config["threads_per_worker"])
-    from eimf.evaluation import set_faiss_threads
-
-    set_faiss_threads(loop_config["threads_per_worker"])
+    rank = ctx.get_world_rank()
     is_chief = rank == 0
+    # Torch threads: the configured CPUs, else this node's cores shared by the workers on it.
+    threads = cfg.train.cpus_per_worker or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
+    torch.set_num_threads(threads)
+    set_faiss_threads(threads)
 
-    data = load_prepared(loop_config["data_path"])
-    seed_everything(cfg.train.seed)  # same initial weights on every rank
-    model, loss_fn, step_runner, lr = build_components(cfg, data.n_items)
+    data_path = loop_config["data_path"]
+    n_items = int(read_manifest(data_path)["n_items"])
+    # Only the chief evaluates; valid/test users are a small share of the log.
+    valid, test = (read_split(data_path, "valid"), read_split(data_path, "test")) if is_chief else (None, None)
+    micro_batch = per_worker_batch(cfg)
+
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    model, loss_fn, step_runner, lr = build_components(cfg, n_items, micro_batch)
+    if use_deepspeed(cfg):
+        from eimf.training.deepspeed_step import DeepSpeedStepRunner, deepspeed_config
+
+        step_runner = DeepSpeedStepRunner(
+            model, step_runner.optimizer, deepspeed_config(micro_batch, cfg.train.zero_stage, cfg.train.precision)
+        )
 
     state, best_state = None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state, best_state = load_training_state(Path(folder), model, step_runner)
+            state, best_state = load_training_state(Path(folder), step_runner)
         log.info("rank %d resumed from checkpoint at step %d", rank, state.step)
-
     start_step = state.step if state else 0
-    # Negatives differ per rank (and per resume) while initial weights are identical everywhere.
-    loss_fn.generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + rank * 7919 + start_step + 1)
-    sequences = list(data.train["items"])
-    # Each rank (and each resume) draws its own stream of training instances.
-    sampler = TrainSampler(
-        sequences, maxlen=cfg.model.maxlen, batch_size=cfg.train.batch_size,
-        min_cut=cfg.train.min_cut, seed=cfg.train.seed * 1_000_003 + rank * 7919 + start_step,
-    )
-    trainer = Trainer(
-        cfg, model, loss_fn, step_runner, iter(sampler), data.valid, data.test, is_chief=is_chief,
-    )
-    trainer.best_state = best_state
+    # Each rank (and each resume) draws its own instances and negatives; weights start identical.
+    stream_seed = cfg.train.seed * 1_000_003 + rank * 7919 + start_step
+    loss_fn.generator = torch.Generator().manual_seed(stream_seed + 1)
+    batches = _shard_batches(cfg, micro_batch, stream_seed)
 
+    trainer = Trainer(cfg, step_runner.model, loss_fn, step_runner, batches, valid, test, is_chief=is_chief)
+    trainer.best_state = best_state
     run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("mlflow_uri")
 
     def report(metrics, loop_state, is_eval):
@@ -114,7 +179,7 @@ def _train_worker(loop_config: dict) -> None:
         if not is_eval:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            save_training_state(Path(tmp), model, step_runner, loop_state, trainer.best_state)
+            save_training_state(Path(tmp), step_runner, loop_state, trainer.best_state, is_chief)
             ray.train.report(
                 {**metrics, "step": loop_state.step, "best_metric": loop_state.best_metric},
                 checkpoint=Checkpoint.from_directory(tmp),
@@ -140,9 +205,9 @@ def _train_worker(loop_config: dict) -> None:
         tracking.log_metrics(uri, run_id, final, step=state.step)
         log.info("final: %s", json.dumps({k: round(v, 4) for k, v in final.items()}))
     with tempfile.TemporaryDirectory() as tmp:
-        save_training_state(Path(tmp), model, step_runner, state, trainer.best_state)
-        torch.save(model.state_dict(), Path(tmp) / "best_model.pt")  # model holds the best weights now
-        (Path(tmp) / "metrics.json").write_text(json.dumps(final, indent=2))
+        save_training_state(Path(tmp), step_runner, state, trainer.best_state, is_chief)
+        if is_chief:
+            (Path(tmp) / "metrics.json").write_text(json.dumps(final, indent=2))
         ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp))
 
 
@@ -207,15 +272,16 @@ def train(cfg: Config, data_path: Optional[str] = None) -> TrainResult:
     run_id = tracking.start_run(cfg, run_name, tags={"eimf": "off"})
     uri = tracking.tracking_uri(cfg)
     n_workers = cfg.train.num_workers
-    cpus = int(ray.available_resources().get("CPU", 1))
-    cpus_per_worker = max(1, cpus // n_workers)
+    # Reserve one logical CPU per worker by default, so Ray Data's read/cut tasks still find a slot.
+    cpus_per_worker = cfg.train.cpus_per_worker or 1
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
-            "config": to_dict(cfg), "data_path": data_path, "threads_per_worker": cpus_per_worker,
+            "config": to_dict(cfg), "data_path": data_path,
             "mlflow_run_id": run_id, "mlflow_uri": uri,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        datasets={"train": _cut_dataset(data_path, cfg)},
         scaling_config=ScalingConfig(
             num_workers=n_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker},
@@ -224,7 +290,7 @@ def train(cfg: Config, data_path: Optional[str] = None) -> TrainResult:
             name=run_name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=2),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
     try:

@@ -1,0 +1,71 @@
+"""DeepSpeed as a step runner: ZeRO stage 0-3, fp32 or bf16, with a torch optimizer handed in.
+
+The engine replaces forward/backward/step; ZeRO shards optimizer state (1), gradients (2) and the
+parameters themselves (3) across the ranks, so under stage 3 the item table (the bulk of the model) is
+partitioned. Collective operations (gathering ZeRO-3 parameters for evaluation, broadcasting the early-
+stopping decision) go through ``full_params`` and ``broadcast``, which every rank must call.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from eimf.training.loop import StepRunner
+
+CHECKPOINT_TAG = "deepspeed"
+
+
+def deepspeed_config(micro_batch: int, zero_stage: int, precision: str) -> dict:
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"train.zero_stage must be 0-3, got {zero_stage}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"train.precision must be fp32 or bf16 (no fp16 on CPU), got {precision!r}")
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+class DeepSpeedStepRunner(StepRunner):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+        import deepspeed
+
+        self.zero_stage = config["zero_optimization"]["stage"]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, dist_init_required=False,
+        )
+        self.model = self.engine.module
+
+    def forward(self, *args):
+        return self.engine(*args)
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def full_params(self):
+        if self.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+
+    def broadcast(self, obj):
+        objs = [obj]
+        torch.distributed.broadcast_object_list(objs, src=0)
+        return objs[0]
+
+    def save(self, folder: Path) -> None:
+        # Every rank writes its own shard files (distinct names), so Ray merges them into one checkpoint.
+        self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}")
