@@ -65,7 +65,14 @@ def start_run(cfg: Config, run_name: str, tags: Optional[Dict[str, str]] = None)
     c = client(uri)
     exp_name = cfg.tracking.experiment or f"eimf-{cfg.data.dataset}"
     exp = c.get_experiment_by_name(exp_name)
-    exp_id = exp.experiment_id if exp else c.create_experiment(exp_name, artifact_location=default_artifact_root())
+    if exp:
+        exp_id = exp.experiment_id
+    else:
+        # A tracking server decides where artifacts go (its --artifacts-destination, proxied); a local
+        # store gets an explicit root so artifacts never land in a Ray worker's working directory.
+        served = uri.startswith(("http://", "https://", "databricks"))
+        location = os.environ.get("EIMF_ARTIFACT_ROOT") if served else default_artifact_root()
+        exp_id = c.create_experiment(exp_name, artifact_location=location)
     found = c.search_runs([exp_id], filter_string=f"tags.`eimf.run_name` = '{run_name}'", max_results=1)
     if found:
         run_id = found[0].info.run_id

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from eimf.config import Config
+from eimf.data.sampling import SemanticBatch
 from eimf.evaluation import evaluate
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,16 @@ class LoopState:
     data_seconds: float = 0.0
     history: list = field(default_factory=list)
     stopped_early: bool = False
+    #: The step of every resume from a checkpoint (a replaced worker, or the same run name run again).
+    resumes: list = field(default_factory=list)
 
     @classmethod
     def from_json(cls, text: str) -> "LoopState":
         return cls(**json.loads(text))
+
+
+#: Checkpoint file of the EIMF head (P, g); ``best_model.pt`` and exports never hold it.
+HEAD_FILE = "eimf_head.pt"
 
 
 def seed_everything(seed: int) -> None:
@@ -55,6 +62,10 @@ class StepRunner:
     """forward/backward/optimizer step on one process. ``DeepSpeedStepRunner`` overrides these for N ranks;
     ``full_params`` and ``broadcast`` are the collectives that evaluation needs (no-ops here)."""
 
+    #: EIMF's P and g (:class:`eimf.modules.alignment.EIMFHead`) once attached: trained by this optimizer and
+    #: checkpointed beside the model, but not part of it, so never exported.
+    head: Optional[torch.nn.Module] = None
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.model = model
         self.optimizer = optimizer
@@ -68,6 +79,13 @@ class StepRunner:
         loss.backward()
         self.optimizer.step()
 
+    def attach_head(self, head: torch.nn.Module) -> None:
+        """Train ``head`` with the model (same optimizer and settings); call before loading a checkpoint."""
+        if self.head is not None:
+            raise RuntimeError("a head is already attached")
+        self.head = head
+        self.optimizer.add_param_group({"params": list(head.parameters())})
+
     def full_params(self):
         return contextlib.nullcontext()
 
@@ -77,9 +95,13 @@ class StepRunner:
     def save(self, folder: Path) -> None:
         torch.save(self.model.state_dict(), folder / "model.pt")
         torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        if self.head is not None:
+            torch.save(self.head.state_dict(), folder / HEAD_FILE)
 
     def load(self, folder: Path) -> None:
         self.model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
+        if self.head is not None:
+            self.head.load_state_dict(torch.load(folder / HEAD_FILE, map_location="cpu"))
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu"))
 
 
@@ -117,6 +139,9 @@ class Trainer:
         self.device = torch.device(device)
         self.is_chief = is_chief
         self.best_state: Optional[dict] = None
+        #: The EIMF head's weights at the best evaluation (they label that model's interests).
+        self.best_head_state: Optional[dict] = None
+        self._warned_no_semantics = False
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -146,10 +171,36 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, batch) -> Dict[str, float]:
-        hist, mask, target = to_tensors(batch, self.device)
+        hist, mask, target = to_tensors(batch[:3], self.device)
+        head = self.runner.head
+        if head is not None and isinstance(batch, SemanticBatch):
+            return self._eimf_step(hist, mask, target, batch, head)
+        if head is not None and not self._warned_no_semantics:
+            log.warning("an EIMF head is attached but the batches carry no semantic interests: no auxiliary loss")
+            self._warned_no_semantics = True
         out = self.runner.forward(hist, mask, target, self.loss_fn)
         self.runner.backward_and_step(out["loss"])
         return {k: float(v.detach()) for k, v in out.items()}
+
+    def _eimf_step(self, hist, mask, target, batch: SemanticBatch, head) -> Dict[str, float]:
+        """L = L_main + lambda_sp * L_sp + lambda_ma * L_ma, the auxiliary terms on the typical rows only."""
+        out = self.runner.forward(hist, mask, target, self.loss_fn, True)
+        interests = out.pop("interests")
+        if len(batch.sem_rows):
+            rows = torch.as_tensor(batch.sem_rows, device=self.device)
+            aux = head(interests[rows], torch.as_tensor(batch.sem, device=self.device),
+                       torch.as_tensor(batch.sem_mask, device=self.device))
+        else:
+            zero = out["loss"].new_zeros(())
+            aux = {"semantic_prediction": zero, "alignment": zero, "loss": zero}
+        loss = out["loss"] + aux["loss"]
+        self.runner.backward_and_step(loss)
+        metrics = {k: float(v.detach()) for k, v in out.items()}
+        metrics["loss/main"] = metrics["loss"]
+        metrics["loss"] = float(loss.detach())
+        metrics["loss/semantic_prediction"] = float(aux["semantic_prediction"].detach())
+        metrics["loss/alignment"] = float(aux["alignment"].detach())
+        return metrics
 
     def fit(
         self,
@@ -176,6 +227,9 @@ class Trainer:
             state.data_seconds += t_model - t_data
             state.train_seconds += t_end - t_data
             window["loss"] += losses["loss"]
+            for k in losses:
+                if k.startswith("loss/"):  # EIMF's parts of the loss
+                    window[k] = window.get(k, 0.0) + losses[k]
             window["n"] += 1
             window["examples"] += n
             window["data"] += t_model - t_data
@@ -189,6 +243,7 @@ class Trainer:
                     "train/examples_per_s": window["examples"] / max(elapsed, 1e-9),
                     "train/input_share": window["data"] / max(elapsed, 1e-9),
                 }
+                metrics.update({f"train/{k}": v / window["n"] for k, v in window.items() if k.startswith("loss/")})
                 if self.is_chief:
                     log.info(
                         "step %d  loss %.4f  %.0f ex/s  input %.1f%% of step time",
@@ -214,6 +269,8 @@ class Trainer:
             improved = value > state.best_metric
             if improved and self.is_chief:
                 self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                if self.runner.head is not None:
+                    self.best_head_state = {k: v.detach().clone() for k, v in self.runner.head.state_dict().items()}
         if improved:
             state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
         else:

@@ -162,7 +162,9 @@ def _train_worker(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state, best_state = load_training_state(Path(folder), step_runner)
-        log.info("rank %d resumed from checkpoint at step %d", rank, state.step)
+        state.resumes.append(state.step)
+        if is_chief:
+            log.info("resumed from the checkpoint at step %d (resume #%d)", state.step, len(state.resumes))
     start_step = state.step if state else 0
     # Each rank (and each resume) draws its own instances and negatives; weights start identical.
     stream_seed = cfg.train.seed * 1_000_003 + rank * 7919 + start_step
@@ -198,6 +200,9 @@ def _train_worker(loop_config: dict) -> None:
             "peak_rss_mb": peak_rss_mb(),
             "worker_wall_seconds": time.perf_counter() - t0,
             "lr": lr,
+            "resumes": len(state.resumes),
+            "first_resume_step": state.resumes[0] if state.resumes else -1,
+            "world_size": ctx.get_world_size(),
             "done": 1,
         }
     )
@@ -209,6 +214,18 @@ def _train_worker(loop_config: dict) -> None:
         if is_chief:
             (Path(tmp) / "metrics.json").write_text(json.dumps(final, indent=2))
         ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def default_cpus_per_worker(n_workers: int) -> float:
+    """One logical CPU per worker, but always leave one free: Ray Data's read and cut tasks run beside the
+    workers, and on a 2-core laptop 2 workers holding both CPUs would starve them (the run would hang)."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    if total >= n_workers + 1:
+        return 1.0
+    # Logical CPUs only (torch threads are set separately): a fraction keeps one whole CPU for Ray Data.
+    return max(0.01, int(100 * (total - 1) / n_workers) / 100)
 
 
 def _init_ray() -> None:
@@ -269,11 +286,13 @@ def train(cfg: Config, data_path: Optional[str] = None) -> TrainResult:
     run_name = cfg.train.run_name or (
         f"{cfg.data.dataset}-{cfg.model.backbone}-s{cfg.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    run_id = tracking.start_run(cfg, run_name, tags={"eimf": "off"})
+    from eimf.data.preprocess import read_manifest
+
+    fingerprint = str(read_manifest(data_path).get("fingerprint", "unknown"))
+    run_id = tracking.start_run(cfg, run_name, tags={"eimf": "off", "dataset_fingerprint": fingerprint})
     uri = tracking.tracking_uri(cfg)
     n_workers = cfg.train.num_workers
-    # Reserve one logical CPU per worker by default, so Ray Data's read/cut tasks still find a slot.
-    cpus_per_worker = cfg.train.cpus_per_worker or 1
+    cpus_per_worker = cfg.train.cpus_per_worker or default_cpus_per_worker(n_workers)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
