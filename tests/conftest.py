@@ -17,3 +17,36 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def moto_s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (a free port), for the whole session: ``http://127.0.0.1:PORT``."""
+    pytest.importorskip("moto.server")
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def moto_s3(moto_s3_endpoint, monkeypatch):
+    """Points the AWS environment (dummy keys, AWS_ENDPOINT_URL) at the moto server and creates the
+    bucket ``eimf-test``; returns the s3fs file system that :mod:`eimf.fs` uses."""
+    from eimf import fs
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_s3_endpoint}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    s3 = fs.s3fs_filesystem()
+    if not s3.exists("eimf-test"):
+        s3.mkdir("eimf-test")
+    return s3
