@@ -49,6 +49,11 @@ class DeepSpeedStepRunner(StepRunner):
         self.engine.backward(loss)
         self.engine.step()
 
+    def attach_head(self, head: torch.nn.Module) -> None:
+        # The engine's (ZeRO-partitioned) optimizer and gradient all-reduce cover only the engine's module.
+        raise NotImplementedError("EIMF's auxiliary head is single-process for now: use train.strategy=torch "
+                                  "with train.num_workers=1")
+
     def full_params(self):
         if self.zero_stage < 3:
             return contextlib.nullcontext()
@@ -66,6 +71,8 @@ class DeepSpeedStepRunner(StepRunner):
         self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG)
 
     def load(self, folder: Path) -> None:
+        if not (Path(folder) / CHECKPOINT_TAG).is_dir():  # DeepSpeed itself fails with a bare assert
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder} (expected {CHECKPOINT_TAG}/)")
         path, _ = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}")

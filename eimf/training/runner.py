@@ -124,6 +124,7 @@ def _cut_dataset(data_path: str, cfg: Config):
 def _train_worker(loop_config: dict) -> None:
     """Runs inside each Ray Train worker."""
     import ray.train
+    import ray.train.torch
     from ray.train import Checkpoint
 
     from eimf.data.preprocess import read_manifest, read_split
@@ -150,6 +151,10 @@ def _train_worker(loop_config: dict) -> None:
 
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model, loss_fn, step_runner, lr = build_components(cfg, n_items, micro_batch)
+    # This worker's GPU under use_gpu (NCCL), else the CPU; batches and negatives follow the model.
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    model.to(device)
+    loss_fn.to(device)
     if use_deepspeed(cfg):
         from eimf.training.deepspeed_step import DeepSpeedStepRunner, deepspeed_config
 
@@ -171,7 +176,8 @@ def _train_worker(loop_config: dict) -> None:
     loss_fn.generator = torch.Generator().manual_seed(stream_seed + 1)
     batches = _shard_batches(cfg, micro_batch, stream_seed)
 
-    trainer = Trainer(cfg, step_runner.model, loss_fn, step_runner, batches, valid, test, is_chief=is_chief)
+    trainer = Trainer(cfg, step_runner.model, loss_fn, step_runner, batches, valid, test, device=device,
+                      is_chief=is_chief)
     trainer.best_state = best_state
     run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("mlflow_uri")
 
