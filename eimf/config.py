@@ -214,6 +214,28 @@ class SemanticConfig:
 
 
 @dataclass
+class EIMFConfig:
+    """EIMF multi-task training (design.md section 5): L = L_rec + lambda_sp * L_sp + lambda_ma * L_ma,
+    auxiliary terms on the typical users of a batch only. Ablations: ``lambda_sp=0`` (no SP), ``lambda_ma=0``
+    (no MA); random samples, budget and annotator are ``semantic.*`` switches of the annotation step."""
+
+    enabled: bool = False
+    #: ``annotations.parquet`` from the annotation step (the file or its folder, local or ``s3://``).
+    annotations: Optional[str] = None
+    #: Semantic prediction weight: 1 - cos(g(v_k), s_pi(k)). Project default, not tuned by the paper.
+    lambda_sp: float = 0.1
+    #: Modality alignment weight: symmetric InfoNCE between v_k and P(s_pi(k)), in-batch negatives.
+    lambda_ma: float = 0.1
+    temperature: float = 0.1
+    #: ``hungarian`` (optimal one-to-one) | ``greedy`` (best remaining pair first, one-to-one).
+    matching: str = "hungarian"
+    #: Share of every batch drawn from typical (annotated) users; the rest from the other training users.
+    typical_share: float = 0.25
+    #: Hidden width of the predictor g (d -> hidden -> semantic dim, GELU); 0: a linear map.
+    predictor_hidden: int = 256
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -222,6 +244,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    eimf: EIMFConfig = field(default_factory=EIMFConfig)
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:
