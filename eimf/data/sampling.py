@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,7 +42,38 @@ def _windows(flat: np.ndarray, ends: np.ndarray, n: np.ndarray, maxlen: int) -> 
     return hist.astype(np.int64, copy=False), mask
 
 
-class TrainSampler:
+class _Stream:
+    """``iter()`` over ``sample(rng=...)``: endless or ``num_batches`` long, one RNG stream per DataLoader worker."""
+
+    seed: int
+    rng: np.random.Generator
+    num_batches: Optional[int]
+
+    def sample(self, batch_size=None, rng=None):
+        raise NotImplementedError
+
+    def _stream_rng(self) -> np.random.Generator:
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            info = torch.utils.data.get_worker_info()
+            if info is not None and info.num_workers > 1:
+                return np.random.default_rng([int(self.seed), int(info.id)])
+        return self.rng
+
+    def __iter__(self):
+        rng = self._stream_rng()
+        n = 0
+        while self.num_batches is None or n < self.num_batches:
+            yield self.sample(rng=rng)
+            n += 1
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError(f"an endless {type(self).__name__} has no length (pass num_batches=)")
+        return self.num_batches
+
+
+class TrainSampler(_Stream):
     """Endless (or ``num_batches``-long) stream of ``(hist [B, L] int64, mask [B, L] bool, target [B] int64)``.
 
     ``iter(sampler)`` continues the same random stream each time it is called. In a torch ``DataLoader``
@@ -71,34 +102,100 @@ class TrainSampler:
         self.rng = np.random.default_rng(seed)
 
     def sample(self, batch_size: Optional[int] = None, rng: Optional[np.random.Generator] = None) -> Batch:
-        b = batch_size or self.batch_size
+        return self.sample_users(batch_size or self.batch_size, rng)[1:]
+
+    def sample_users(self, batch_size: Optional[int] = None, rng: Optional[np.random.Generator] = None):
+        """Like :meth:`sample`, plus the drawn rows' indices among the eligible users (first element)."""
+        b = self.batch_size if batch_size is None else batch_size
         rng = rng or self.rng
         u = rng.integers(0, self.n_users, size=b)
         k = rng.integers(self.min_cut, self.lengths[u])  # uniform in [min_cut, len)
         ends = self.offsets[u] + k
         target = self.flat[ends]
         hist, mask = _windows(self.flat, ends, np.minimum(k, self.maxlen), self.maxlen)
-        return hist, mask, target
+        return u, hist, mask, target
 
-    def _stream_rng(self) -> np.random.Generator:
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            info = torch.utils.data.get_worker_info()
-            if info is not None and info.num_workers > 1:
-                return np.random.default_rng([int(self.seed), int(info.id)])
-        return self.rng
 
-    def __iter__(self) -> Iterator[Batch]:
-        rng = self._stream_rng()
-        n = 0
-        while self.num_batches is None or n < self.num_batches:
-            yield self.sample(rng=rng)
-            n += 1
+class SemanticBatch(NamedTuple):
+    """A training batch whose ``sem_rows`` are typical users, with their semantic interests (EIMF)."""
 
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("an endless TrainSampler has no length (pass num_batches=)")
-        return self.num_batches
+    hist: np.ndarray  # [B, L] int64
+    mask: np.ndarray  # [B, L] bool
+    target: np.ndarray  # [B] int64
+    sem_rows: np.ndarray  # [b] int64: rows of the batch that are typical users
+    sem: np.ndarray  # [b, M, D] float32 unit vectors (zeros where sem_mask is False)
+    sem_mask: np.ndarray  # [b, M] bool
+
+
+def pad_semantics(vectors: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-user ``[M_u, D]`` arrays -> ``(sem [n, max M_u, D] float32, mask [n, max M_u] bool)``."""
+    if not vectors:
+        return np.zeros((0, 0, 0), dtype=np.float32), np.zeros((0, 0), dtype=bool)
+    m = max(len(v) for v in vectors)
+    d = int(np.asarray(vectors[0]).shape[1])
+    sem = np.zeros((len(vectors), m, d), dtype=np.float32)
+    mask = np.zeros((len(vectors), m), dtype=bool)
+    for i, v in enumerate(vectors):
+        sem[i, :len(v)] = v
+        mask[i, :len(v)] = True
+    return sem, mask
+
+
+class SemanticTrainSampler(_Stream):
+    """EIMF batches (design.md section 5): ``round(typical_share * batch_size)`` rows drawn from the typical users
+    (those with semantic interests), the rest from the other training users, each part as :class:`TrainSampler`
+    draws it (uniform user, random cut). Typical rows come first; ``sem_rows`` names them.
+
+    ``semantics``: ``{user id: [M_u, D]}`` as :func:`eimf.semantic.annotate.semantic_vectors` returns. The prompts
+    saw only training sequences, and here every instance is cut from a training sequence, so the semantic
+    interests reveal nothing outside the training data.
+    """
+
+    def __init__(self, sequences: Sequence, users: Sequence[int], semantics: Mapping[int, np.ndarray], maxlen: int,
+                 batch_size: int, typical_share: float, min_cut: int = 4, seed: int = 0,
+                 num_batches: Optional[int] = None):
+        if not 0.0 <= typical_share <= 1.0:
+            raise ValueError(f"typical_share must be in [0, 1], got {typical_share}")
+        if len(users) != len(sequences):
+            raise ValueError(f"{len(users)} users for {len(sequences)} sequences")
+        self.batch_size, self.seed, self.num_batches = int(batch_size), seed, num_batches
+        self.n_typical_rows = int(round(typical_share * self.batch_size))
+        users = np.asarray(users, dtype=np.int64)
+        lens = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+        annotated = np.array([len(semantics.get(int(u), ())) > 0 for u in users], dtype=bool)
+        typical, others = annotated & (lens > min_cut), ~annotated & (lens > min_cut)
+        n_unknown = len(set(int(u) for u in semantics) - set(users.tolist()))
+        if n_unknown or (annotated & ~typical).any():
+            log.info("SemanticTrainSampler: %d annotated users are not training users here, %d are too short",
+                     n_unknown, int((annotated & ~typical).sum()))
+        if self.n_typical_rows and not typical.any():
+            raise ValueError("no annotated user has a training sequence longer than min_cut")
+        if self.n_typical_rows < self.batch_size and not others.any():
+            raise ValueError("no non-annotated training user to fill the rest of the batch")
+        # Pre-filtered, so each sub-sampler's user index i is our i-th typical (other) user.
+        sub = dict(maxlen=maxlen, batch_size=self.batch_size, min_cut=min_cut, seed=seed)
+        idx_t, idx_o = np.flatnonzero(typical), np.flatnonzero(others)
+        self.typical = TrainSampler([sequences[i] for i in idx_t], **sub) if len(idx_t) else None
+        self.others = TrainSampler([sequences[i] for i in idx_o], **sub) if len(idx_o) else None
+        self.typical_users = users[idx_t]
+        self.sem, self.sem_mask = pad_semantics([np.asarray(semantics[int(u)], np.float32) for u in self.typical_users])
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, batch_size=None, rng: Optional[np.random.Generator] = None) -> SemanticBatch:
+        if batch_size is not None and batch_size != self.batch_size:
+            raise ValueError("SemanticTrainSampler draws batches of its own batch_size")
+        rng = rng or self.rng
+        n_t = self.n_typical_rows
+        parts = []
+        if n_t:
+            u, *batch_t = self.typical.sample_users(n_t, rng)
+            parts.append(batch_t)
+        if n_t < self.batch_size:
+            parts.append(self.others.sample_users(self.batch_size - n_t, rng)[1:])
+        hist, mask, target = (np.concatenate(x) for x in zip(*parts))
+        if not n_t:
+            return SemanticBatch(hist, mask, target, np.zeros(0, np.int64), self.sem[:0], self.sem_mask[:0])
+        return SemanticBatch(hist, mask, target, np.arange(n_t, dtype=np.int64), self.sem[u], self.sem_mask[u])
 
 
 def eval_batches(split_df, maxlen: int, batch_size: int):
