@@ -55,19 +55,22 @@ class MultiInterestModel(nn.Module):
         return interests[torch.arange(interests.shape[0], device=interests.device), idx]
 
     def loss(self, hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
-             loss_fn: Callable[..., torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """{"loss": rec + extra terms, "rec": sampled softmax, ...extra terms}."""
+             loss_fn: Callable[..., torch.Tensor], return_interests: bool = False) -> Dict[str, torch.Tensor]:
+        """{"loss": rec + extra terms, "rec": sampled softmax, ...extra terms}; with ``return_interests`` also
+        "interests" [B, K, d] (EIMF's auxiliary losses reuse them instead of running the extractor again)."""
         interests, aux = self.encode(hist, mask.bool())
         rec = loss_fn(self.readout(interests, target), target, self.item_emb.weight)
         out = {"rec": rec, **self.extra_losses(aux)}
         out["loss"] = sum(out.values())
+        if return_interests:
+            out["interests"] = interests
         return out
 
-    def forward(self, hist: torch.Tensor, mask: torch.Tensor, target=None, loss_fn=None):
+    def forward(self, hist: torch.Tensor, mask: torch.Tensor, target=None, loss_fn=None, return_interests=False):
         # DDP/DeepSpeed wrappers only sync gradients for work done through forward().
         if target is None:
             return self.interests(hist, mask)
-        return self.loss(hist, mask, target, loss_fn)
+        return self.loss(hist, mask, target, loss_fn, return_interests)
 
     def item_embeddings(self) -> torch.Tensor:
         """The item table [n_items + 1, d] (row 0 = padding) used for retrieval."""
