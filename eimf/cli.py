@@ -5,6 +5,7 @@
     eimf data download ml-1m --data-dir ~/datasets
     eimf data list
     eimf evaluate .eimf/runs/<run>/export
+    eimf annotate --model-dir .eimf/runs/<run>/export semantic.annotator=vllm semantic.budget=64
     eimf ui
 """
 from __future__ import annotations
@@ -55,6 +56,20 @@ def cmd_evaluate(args) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(metrics, f, indent=2)
+    return 0
+
+
+def cmd_annotate(args) -> int:
+    from eimf.semantic.run import run_annotation
+
+    cfg = load_config(args.config, args.overrides)
+    res = run_annotation(cfg, model_dir=args.model_dir, out_dir=args.out, run_name=args.run_name)
+    st = res.stats
+    print(f"run {res.run_name}: annotations in {res.out_dir}")
+    for k in ("users", "prompts", "cache_hits", "failures", "valid_share", "tokens_in", "tokens_out", "wall_s",
+              "tokens_per_s", "prompts_per_s"):
+        v = st.get(k)
+        print(f"  {k:<14} {v:.4g}" if isinstance(v, float) else f"  {k:<14} {v}")
     return 0
 
 
@@ -114,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="write the metrics as JSON here")
     e.set_defaults(fn=cmd_evaluate)
 
+    a = sub.add_parser("annotate", help="ESIM: pick typical users, annotate their interests (semantic.annotator: "
+                       "metadata | openai | vllm), encode, write Parquet, log to MLflow")
+    with_config(a)
+    a.add_argument("--model-dir", help="exported warm-up model (eimf train's <run>/export) for typical-user "
+                   "selection; without it the budget is drawn at random")
+    a.add_argument("--out", help="output folder, local or s3:// (default: <EIMF_HOME>/annotations/<run name>)")
+    a.add_argument("--run-name", help="MLflow run name (default: annotate-<dataset>-<annotator>-<time>)")
+    a.set_defaults(fn=cmd_annotate)
+
     d = sub.add_parser("data", help="datasets: list, download, prepare")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dsub.add_parser("list", help="built-in datasets")
@@ -139,7 +163,7 @@ class UserError(Exception):
 def _user_errors() -> tuple:
     from eimf.data.download import DownloadError
 
-    errors = [UserError, DownloadError, FileNotFoundError]
+    errors = [UserError, DownloadError, FileNotFoundError]  # ModelNotFoundError is a FileNotFoundError
     try:
         from eimf.data.formats import DataError
 

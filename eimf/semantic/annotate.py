@@ -11,6 +11,8 @@ No engine specifics here: any :class:`~eimf.semantic.annotators.base.Annotator` 
   ``status = failed``, null name/description/vector, and ``error`` / ``raw_text`` set: failures are recorded,
   never dropped. Also ``cached`` (bool), ``history_hash``, ``model``, ``prompt_version``.
   Training reads the ``status == "ok"`` rows.
+* ``prompts.jsonl``: what each user's prompt was (user, history_hash, prompt_version, item_ids, messages),
+  one JSON object per line, whether it was sent or answered from the cache.
 * ``stats.json``: users, prompts sent, cache hits, failures, attempts, tokens in/out, wall time,
   tokens/s, prompts/s, share of valid answers, and what produced them (model, prompt version, encoder, K).
 
@@ -21,6 +23,7 @@ Users whose listed items are identical share one prompt.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 ANNOTATIONS_FILE = "annotations.parquet"
 STATS_FILE = "stats.json"
 SELECTION_FILE = "selection.parquet"
+PROMPTS_FILE = "prompts.jsonl"
 
 
 def item_text_table(items: pd.DataFrame) -> np.ndarray:
@@ -259,6 +263,10 @@ def annotate_users(prepared, selected_users: Union[pd.DataFrame, Sequence[int]],
     if out_dir is not None:
         efs.makedirs(out_dir)
         write_parquet(annotations_table(df), efs.join(out_dir, ANNOTATIONS_FILE))
+        efs.write_text(efs.join(out_dir, PROMPTS_FILE), "".join(
+            json.dumps({"user": int(r.user), "history_hash": r.history_hash, "prompt_version": r.prompt_version,
+                        "item_ids": [int(i) for i in (r.item_ids or [])], "messages": r.messages},
+                       ensure_ascii=False) + "\n" for r in requests))
         efs.write_json(efs.join(out_dir, STATS_FILE), stats)
     return df, stats
 
@@ -269,16 +277,27 @@ def annotate_from_config(cfg, prepared, model, out_dir: str, annotator: Optional
 
     Writes ``selection.parquet`` (user, cluster, distance, history_len, rank_in_cluster) beside the
     annotations. ``annotator``/``encoder``/``cache`` default to the ones ``cfg.semantic`` names.
+    ``model=None`` (no warm-up model): the budget is drawn at random (``semantic.selection=random``), logged.
     """
+    import dataclasses
+
     from eimf.config import eimf_home
     from eimf.semantic.annotators import build_annotator
     from eimf.semantic.encoder import SemanticEncoder
-    from eimf.semantic.typical import select_users, user_representations
+    from eimf.semantic.typical import select_random_users, select_users, user_representations
 
     sem = cfg.semantic
     k = sem.max_interests or cfg.model.num_interests
-    users, reprs, lens = user_representations(model, prepared.train, cfg.model.maxlen)
-    selection = select_users(sem, reprs, users, lens)
+    if model is None:
+        users = np.asarray(prepared.train["user"], dtype=np.int64)
+        lens = np.asarray([len(s) for s in prepared.train["items"]], dtype=np.int64)
+        selection = select_random_users(users, lens, sem.budget, sem.seed, sem.min_history_len)
+        log.warning("no warm-up model: %d of %d training users drawn at random (semantic.selection=random); "
+                    "give an exported model (--model-dir) for typical-user selection", len(selection), len(users))
+        sem = dataclasses.replace(sem, selection="random")
+    else:
+        users, reprs, lens = user_representations(model, prepared.train, cfg.model.maxlen)
+        selection = select_users(sem, reprs, users, lens)
     efs.makedirs(out_dir)
     write_parquet(selection, efs.join(out_dir, SELECTION_FILE))
     encoder = encoder or SemanticEncoder(sem.encoder, batch_size=sem.encoder_batch_size)
