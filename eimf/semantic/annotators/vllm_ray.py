@@ -61,13 +61,17 @@ def decoding_schema(req: AnnotationRequest) -> dict:
 # Module-level (picklable) row functions for the Ray Data processor.
 def _preprocess(row: Dict[str, Any], sampling: Dict[str, Any]) -> Dict[str, Any]:
     return dict(idx=int(row["idx"]), messages=json.loads(row["messages"]),
-                sampling_params=dict(sampling, structured_outputs=dict(json=row["schema"])))
+                sampling_params=dict(sampling, temperature=float(row["temperature"]), seed=int(row["seed"]),
+                                     structured_outputs=dict(json=row["schema"])))
 
 
 def _postprocess(row: Dict[str, Any]) -> Dict[str, Any]:
+    m = row.get("metrics") or {}
+    # engine-core monotonic timestamps: when the request was queued and when its last token came (0: unknown)
     return dict(idx=int(row["idx"]), text=row.get("generated_text"),
                 tokens_in=int(row.get("num_input_tokens") or 0),
-                tokens_out=int(row.get("num_generated_tokens") or 0))
+                tokens_out=int(row.get("num_generated_tokens") or 0),
+                queued_ts=float(m.get("queued_ts") or 0.0), last_token_ts=float(m.get("last_token_ts") or 0.0))
 
 
 class VLLMRayAnnotator(Annotator):
@@ -78,7 +82,8 @@ class VLLMRayAnnotator(Annotator):
                  max_num_seqs: int = 16, device: str = "auto", cpus_per_engine: float = 1.0,
                  cpu_kvcache_gib: int = 1, dtype: str = "bfloat16", enforce_eager: Optional[bool] = None,
                  temperature: float = 0.0,
-                 max_tokens: int = 512, repetition_penalty: float = 1.1, max_attempts: int = 3,
+                 max_tokens: int = 512, repetition_penalty: float = 1.1, retry_temperature: float = 0.7,
+                 max_attempts: int = 3,
                  timeout_s: Optional[float] = 3600.0, engine_kwargs: Optional[dict] = None,
                  ray_init_kwargs: Optional[dict] = None):
         super().__init__(max_attempts=max_attempts)
@@ -103,6 +108,9 @@ class VLLMRayAnnotator(Annotator):
         self.dtype, self.enforce_eager = dtype, enforce_eager
         self.temperature, self.max_tokens = float(temperature), int(max_tokens)
         self.repetition_penalty = float(repetition_penalty)
+        #: Retries (attempt > 1) sample at this temperature (seeded by the attempt): a greedy retry of the same
+        #: prompt mostly repeats the same invalid answer.
+        self.retry_temperature = float(retry_temperature)
         self.timeout_s = float(timeout_s) if timeout_s else None
         self.engine_kwargs = dict(engine_kwargs or {})
         self.ray_init_kwargs = dict(ray_init_kwargs or {})
@@ -110,6 +118,9 @@ class VLLMRayAnnotator(Annotator):
         self._resolved_device: Optional[str] = None
         #: Rows sent to the engines, per pass: ``[(attempt, [user, ...]), ...]`` (what a resumed run must not repeat).
         self.passes: List[tuple] = []
+        #: Per pass: prompts, tokens, wall time (engine start included) and the engines' generation span
+        #: (first request queued -> last token, from vLLM's request stats; None when not reported).
+        self.pass_stats: List[dict] = []
 
     @classmethod
     def from_config(cls, cfg, **kwargs) -> "VLLMRayAnnotator":
@@ -121,6 +132,7 @@ class VLLMRayAnnotator(Annotator):
                     cpu_kvcache_gib=cfg.vllm_cpu_kvcache_gib, dtype=cfg.vllm_dtype,
                     enforce_eager=cfg.vllm_enforce_eager, temperature=cfg.temperature,
                     max_tokens=cfg.max_tokens, repetition_penalty=cfg.repetition_penalty,
+                    retry_temperature=cfg.retry_temperature,
                     max_attempts=cfg.max_attempts, timeout_s=cfg.vllm_timeout_s)
         args.update(kwargs)
         return cls(**args)
@@ -130,7 +142,8 @@ class VLLMRayAnnotator(Annotator):
         p = Path(self.model_name)
         name = p.name if (os.sep in self.model_name and p.is_dir()) else self.model_name
         # ev-n: evidence numbers bounded by the listed items in the decoding grammar
-        return f"vllm:{name}:t{self.temperature:g}:rp{self.repetition_penalty:g}:mt{self.max_tokens}:ev-n"
+        return (f"vllm:{name}:t{self.temperature:g}:rt{self.retry_temperature:g}:rp{self.repetition_penalty:g}"
+                f":mt{self.max_tokens}:ev-n")
 
     # ---------------------------------------------------------------------------------------- engine
     def _device(self) -> str:
@@ -180,8 +193,7 @@ class VLLMRayAnnotator(Annotator):
             should_continue_on_error=True, chat_template_stage=light,
             # the engine tokenizes the templated prompt and returns the text: two actors fewer
             tokenize_stage=False, detokenize_stage=False, **extra)
-        sampling = dict(temperature=self.temperature, max_tokens=self.max_tokens,
-                        repetition_penalty=self.repetition_penalty)
+        sampling = dict(max_tokens=self.max_tokens, repetition_penalty=self.repetition_penalty)
         log.info("vllm annotator: %s (%s) on %s, %d engine(s) x tp %d, batch %d", self.model_name, self.model_path,
                  device, self.concurrency, self.tensor_parallel_size, self.batch_size)
         return build_processor(config, preprocess=partial(_preprocess, sampling=sampling), postprocess=_postprocess,
@@ -213,8 +225,10 @@ class VLLMRayAnnotator(Annotator):
         requests = list(requests)
         if not requests:
             return []
+        temperature = self.temperature if attempt <= 1 else max(self.temperature, self.retry_temperature)
         rows = [{"idx": i, "messages": json.dumps(r.messages, ensure_ascii=False),
-                 "schema": json.dumps(decoding_schema(r))} for i, r in enumerate(requests)]
+                 "schema": json.dumps(decoding_schema(r)), "temperature": temperature, "seed": int(attempt)}
+                for i, r in enumerate(requests)]
         self.passes.append((attempt, [int(r.user) for r in requests]))
         t0 = time.perf_counter()
         out = self._run(rows)
@@ -237,8 +251,13 @@ class VLLMRayAnnotator(Annotator):
             gens.append(Generation(text=row.get("text"), tokens_in=int(row.get("tokens_in") or 0),
                                    tokens_out=int(row.get("tokens_out") or 0), latency_s=per))
         tok = sum(g.tokens_out for g in gens)
-        log.info("vllm pass (attempt %d): %d prompts in %.1fs, %d tokens out (%.1f tokens/s incl. engine start)",
-                 attempt, len(requests), wall, tok, tok / wall if wall > 0 else 0.0)
+        q = [r["queued_ts"] for r in out if r.get("queued_ts")]
+        e = [r["last_token_ts"] for r in out if r.get("last_token_ts")]
+        span = (max(e) - min(q)) if q and e and max(e) > min(q) else None
+        self.pass_stats.append(dict(attempt=attempt, prompts=len(requests), wall_s=wall, generation_s=span,
+                                    tokens_in=sum(g.tokens_in for g in gens), tokens_out=tok))
+        log.info("vllm pass (attempt %d): %d prompts in %.1fs (generation %s), %d tokens out", attempt,
+                 len(requests), wall, f"{span:.1f}s" if span else "n/a", tok)
         return gens
 
     def close(self) -> None:
