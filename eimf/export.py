@@ -16,11 +16,13 @@ from eimf.config import Config, load_config
 
 
 def load_model(model_dir: str | Path) -> Tuple[torch.nn.Module, Config]:
+    """The backbone from an export folder (local or ``s3://``), on the CPU, in eval mode."""
+    from eimf import fs
     from eimf.models import build_model
 
-    model_dir = Path(model_dir)
-    cfg = load_config(model_dir / "config.yaml")
-    state = torch.load(model_dir / "model.pt", map_location="cpu")
+    with fs.local_dir(str(model_dir)) as local:
+        cfg = load_config(Path(local) / "config.yaml")
+        state = torch.load(Path(local) / "model.pt", map_location="cpu")
     n_items = state["item_emb.weight"].shape[0] - 1
     model = build_model(cfg.model, n_items)
     model.load_state_dict(state)
@@ -42,8 +44,10 @@ def evaluate_exported(model_dir: str | Path, split: str = "test", with_baseline:
     from eimf.data.preprocess import load_prepared
     from eimf.evaluation import evaluate, most_popular
 
+    from eimf import fs
+
     model, cfg = load_model(model_dir)
-    data = load_prepared(json.loads((Path(model_dir) / "dataset.json").read_text())["data_path"])
+    data = load_prepared(json.loads(fs.read_text(fs.join(str(model_dir), "dataset.json")))["data_path"])
     split_df = getattr(data, split)
     item_table = model.item_embeddings().detach().numpy()
 

@@ -135,7 +135,8 @@ def test_same_run_name_resumes_instead_of_starting_over(prepared, tmp_path, ray_
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    base = ["train.run_name=again", f"tracking.tracking_uri={uri}"]
+    # Also the streaming input: each epoch's random cut per user runs inside the Ray Data pipeline.
+    base = ["train.run_name=again", f"tracking.tracking_uri={uri}", "train.input=ray_data"]
     first = train(_cfg(prepared, tmp_path, *base, "train.max_steps=200"), data_path=str(prepared.path)).metrics
     assert first["step"] == 200 and first["resumes"] == 0
     # Asked for more steps under the same name: continues from step 200, not from 0.
@@ -149,21 +150,28 @@ def test_same_run_name_resumes_instead_of_starting_over(prepared, tmp_path, ray_
 
 
 def _train_worker_pids():
+    """Ray Train workers of this test session's Ray only (its raylet is our child), never another job's."""
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in p.cmdline()):
+                found.append(p.pid)
+        except psutil.Error:
+            pass
+    return found
 
 
 def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(prepared, tmp_path, ray_session,
                                                                           monkeypatch):
-    """SIGKILL one of two DeepSpeed workers after the first checkpoint; Ray Train replaces the worker group,
-    every rank reloads its ZeRO shard, and the step counter continues from the checkpoint."""
+    """SIGKILL one of two DeepSpeed ZeRO-3 workers after the first checkpoint; Ray Train replaces the worker
+    group, every rank reloads its parameter shard, and the step counter continues from the checkpoint."""
     from eimf.training.runner import train
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     cfg = _cfg(prepared, tmp_path, "train.run_name=killed", "train.max_steps=400", "train.num_workers=2",
-               "train.zero_stage=2", "train.max_failures=2", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db")
+               "train.zero_stage=3", "train.max_failures=2", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db")
     run_dir = tmp_path / "runs" / "killed"
     killed = []
 

@@ -37,6 +37,7 @@ class DeepSpeedStepRunner(StepRunner):
         import deepspeed
 
         self.zero_stage = config["zero_optimization"]["stage"]
+        self.partitioned = self.zero_stage == 3
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False,
         )

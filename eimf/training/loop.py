@@ -86,6 +86,9 @@ class StepRunner:
         self.head = head
         self.optimizer.add_param_group({"params": list(head.parameters())})
 
+    #: True when the parameters are partitioned across ranks (ZeRO-3): evaluation then uses a plain copy.
+    partitioned = False
+
     def full_params(self):
         return contextlib.nullcontext()
 
@@ -144,23 +147,25 @@ class Trainer:
         self._warned_no_semantics = False
 
     # -- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def _interest_fn(self, hist, mask):
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model.interests(
-            torch.as_tensor(hist, device=self.device), torch.as_tensor(mask, device=self.device)
-        )
-        self.model.train(was_training)
-        return out.float().cpu().numpy()
-
-    def evaluate(self, split_df, max_users: Optional[int] = None) -> Dict[str, float]:
+    def evaluate(self, split_df, max_users: Optional[int] = None, model=None) -> Dict[str, float]:
+        """Metrics of ``model`` (default: the model being trained) on a split, by faiss full ranking."""
+        model = self.model if model is None else model
+        device = next(model.parameters()).device
         if max_users is not None and len(split_df) > max_users:
             split_df = split_df.iloc[:max_users]
-        item_table = self.model.item_embeddings().detach().float().cpu().numpy()
+
+        @torch.no_grad()
+        def interest_fn(hist, mask):
+            was_training = model.training
+            model.eval()
+            out = model.interests(torch.as_tensor(hist, device=device), torch.as_tensor(mask, device=device))
+            model.train(was_training)
+            return out.float().cpu().numpy()
+
+        item_table = model.item_embeddings().detach().float().cpu().numpy()
         e = self.cfg.eval
         return evaluate(
-            self._interest_fn,
+            interest_fn,
             item_table,
             split_df,
             topk=tuple(e.topk),
@@ -261,16 +266,23 @@ class Trainer:
         return state
 
     def _evaluate_and_maybe_stop(self, state: LoopState, metric_name: str, report) -> bool:
-        # Every rank enters (ZeRO-3 gathers parameters collectively); the chief evaluates and decides.
-        with self.runner.full_params():
-            valid = self.evaluate(self.valid_df, self.cfg.eval.max_valid_users) if self.is_chief else None
-            valid = self.runner.broadcast(valid)
-            value = valid[metric_name]
-            improved = value > state.best_metric
-            if improved and self.is_chief:
-                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                if self.runner.head is not None:
-                    self.best_head_state = {k: v.detach().clone() for k, v in self.runner.head.state_dict().items()}
+        # Every rank enters full_params (ZeRO-3 gathers parameters collectively); the chief evaluates and
+        # every rank gets its verdict.
+        snapshot, eval_model = None, self.model
+        if self.runner.partitioned:
+            # ZeRO-3's module hooks run collectives that every rank must issue in step: a forward on the chief
+            # alone desynchronises them (training hangs a few steps later). Evaluate a plain copy instead.
+            with self.runner.full_params():
+                snapshot = _copy_state(self.model) if self.is_chief else None
+            eval_model = self._plain_model(snapshot) if self.is_chief else None
+        valid = self.evaluate(self.valid_df, self.cfg.eval.max_valid_users, eval_model) if self.is_chief else None
+        valid = self.runner.broadcast(valid)
+        value = valid[metric_name]
+        improved = value > state.best_metric
+        if improved and self.is_chief:
+            self.best_state = snapshot if snapshot is not None else _copy_state(self.model)
+            if self.runner.head is not None:
+                self.best_head_state = _copy_state(self.runner.head)
         if improved:
             state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
         else:
@@ -287,32 +299,35 @@ class Trainer:
             report({k: v for k, v in entry.items() if k != "step"}, state, True)
         return state.bad_evals >= self.cfg.train.patience
 
-    def best_model(self) -> torch.nn.Module:
-        """A plain single-process copy of the model with the best evaluation's weights."""
+    def _plain_model(self, state: dict) -> torch.nn.Module:
         from eimf.models import build_model
 
         model = build_model(self.cfg.model, self.model.n_items)
-        if self.best_state is None:  # no evaluation ran: the current weights
-            with self.runner.full_params():
-                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        model.load_state_dict(self.best_state)
+        model.load_state_dict(state)
         return model.eval()
+
+    def best_model(self) -> torch.nn.Module:
+        """A plain single-process copy of the model with the best evaluation's weights."""
+        if self.best_state is None:  # no evaluation ran: the current weights (a collective under ZeRO-3)
+            with self.runner.full_params():
+                self.best_state = _copy_state(self.model)
+        return self._plain_model(self.best_state)
 
     def final_metrics(self) -> Dict[str, float]:
         """Valid and test metrics of the best weights, on all users (chief only; others get {}). Named
         ``best_valid/*`` so they do not mix with the ``valid/*`` curve logged during training."""
         if self.best_state is None:
-            self.best_model()  # collective under ZeRO-3: every rank gathers
+            self.best_model()  # every rank gathers
         if not self.is_chief:
             return {}
-        model, current = self.best_model(), self.model
-        self.model = model
-        try:
-            out = {f"best_valid/{k}": v for k, v in self.evaluate(self.valid_df).items()}
-            out.update({f"test/{k}": v for k, v in self.evaluate(self.test_df).items()})
-        finally:
-            self.model = current
+        model = self.best_model()
+        out = {f"best_valid/{k}": v for k, v in self.evaluate(self.valid_df, model=model).items()}
+        out.update({f"test/{k}": v for k, v in self.evaluate(self.test_df, model=model).items()})
         return out
+
+
+def _copy_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def save_training_state(folder: Path, runner: StepRunner, state: LoopState, best_state, is_chief=True) -> None:

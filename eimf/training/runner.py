@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 from omegaconf import OmegaConf
 
-from eimf import tracking
+from eimf import fs, tracking
 from eimf.config import Config, eimf_home, to_dict, to_yaml
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,9 @@ def per_worker_batch(cfg: Config) -> int:
     return cfg.train.batch_size // n
 
 
-def _shard_batches(cfg: Config, micro_batch: int, seed: int):
-    """This worker's training batches, from its Ray Data shard of the training users."""
+def _shard_batches(cfg: Config, micro_batch: int, seed: int, semantics=None):
+    """This worker's training batches, from its Ray Data shard of the training users (EIMF batches, with
+    their typical users' semantic vectors, when ``semantics`` is given)."""
     import numpy as np
     import ray.train
 
@@ -83,12 +84,20 @@ def _shard_batches(cfg: Config, micro_batch: int, seed: int):
     shard = ray.train.get_dataset_shard("train")
     if cfg.train.input == "memory":
         # Hold only this shard's users; draw users with replacement as ComiRec does.
-        sequences = [np.asarray(s) for b in shard.iter_batches(batch_format="pandas") for s in b["items"]]
+        frames = list(shard.iter_batches(batch_format="pandas"))
+        sequences = [np.asarray(s) for b in frames for s in b["items"]]
         log.info("worker shard: %d training users", len(sequences))
+        if semantics is not None:
+            from eimf.training.multitask import eimf_batches
+
+            users = [int(u) for b in frames for u in b["user"]]
+            return iter(eimf_batches(cfg, users, sequences, semantics, micro_batch, seed))
         return iter(TrainSampler(sequences, maxlen=cfg.model.maxlen, batch_size=micro_batch,
                                  min_cut=cfg.train.min_cut, seed=seed))
     if cfg.train.input != "ray_data":
         raise ValueError(f"train.input must be memory or ray_data, got {cfg.train.input!r}")
+    if semantics is not None:
+        raise ValueError("eimf.enabled needs train.input=memory (the Ray Data cut carries no semantic interests)")
 
     def epochs():
         # The random cut ran inside the Ray Data pipeline (see _cut_dataset); here we only batch.
@@ -162,6 +171,13 @@ def _train_worker(loop_config: dict) -> None:
             model, step_runner.optimizer, deepspeed_config(micro_batch, cfg.train.zero_stage, cfg.train.precision)
         )
 
+    semantics = None
+    if cfg.eimf.enabled:
+        from eimf.training.multitask import build_eimf
+
+        # Before the checkpoint load: the head's parameters are in the optimizer state restored there.
+        semantics = build_eimf(cfg, step_runner)
+
     state, best_state = None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -174,7 +190,7 @@ def _train_worker(loop_config: dict) -> None:
     # Each rank (and each resume) draws its own instances and negatives; weights start identical.
     stream_seed = cfg.train.seed * 1_000_003 + rank * 7919 + start_step
     loss_fn.generator = torch.Generator().manual_seed(stream_seed + 1)
-    batches = _shard_batches(cfg, micro_batch, stream_seed)
+    batches = _shard_batches(cfg, micro_batch, stream_seed, semantics)
 
     trainer = Trainer(cfg, step_runner.model, loss_fn, step_runner, batches, valid, test, device=device,
                       is_chief=is_chief)
@@ -219,6 +235,8 @@ def _train_worker(loop_config: dict) -> None:
         save_training_state(Path(tmp), step_runner, state, trainer.best_state, is_chief)
         if is_chief:
             (Path(tmp) / "metrics.json").write_text(json.dumps(final, indent=2))
+            if trainer.best_head_state is not None:  # g of the best model: labels its interests (eimf.explain)
+                torch.save(trainer.best_head_state, Path(tmp) / "best_eimf_head.pt")
         ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp))
 
 
@@ -242,31 +260,37 @@ def _init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
-def export_model(checkpoint_dir: Path, export_dir: Path, cfg: Config, data_path: str) -> None:
-    """A folder that serves without Ray or an LLM: weights, config, and where the item table came from."""
-    export_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(checkpoint_dir / "best_model.pt", export_dir / "model.pt")
-    shutil.copy(checkpoint_dir / "metrics.json", export_dir / "metrics.json")
-    (export_dir / "config.yaml").write_text(to_yaml(cfg))
-    (export_dir / "dataset.json").write_text(json.dumps({"data_path": data_path}))
+def export_model(checkpoint_dir: Path, export_dir: str, cfg: Config, data_path: str) -> None:
+    """A folder that serves without Ray or an LLM: weights, config, and where the item table came from.
+    ``export_dir`` is a local path or ``s3://``: the folder is built locally, then copied there."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        shutil.copy(checkpoint_dir / "best_model.pt", out / "model.pt")
+        shutil.copy(checkpoint_dir / "metrics.json", out / "metrics.json")
+        if (checkpoint_dir / "best_eimf_head.pt").exists():  # beside the model, never inside it
+            shutil.copy(checkpoint_dir / "best_eimf_head.pt", out / "eimf_head.pt")
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        (out / "dataset.json").write_text(json.dumps({"data_path": data_path}))
+        fs.upload_dir(out, str(export_dir))
 
 
-def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: Path, data_path: str, result) -> None:
-    """Config, dataset manifest, best model, item embeddings and the learning curve, to MLflow."""
+def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: str, data_path: str, result) -> None:
+    """Config, dataset manifest, best model, item embeddings and the learning curve, to MLflow.
+    ``export_dir`` and ``data_path`` may be local or ``s3://``."""
     if not run_id:
         return
     from eimf.export import load_model
     from eimf.plots import learning_curve
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, fs.local_dir(str(export_dir)) as local_export:
         tmp = Path(tmp)
-        model, _ = load_model(export_dir)
+        model, _ = load_model(local_export)
         import numpy as np
 
         np.save(tmp / "item_embeddings.npy", model.item_embeddings().detach().numpy())
-        manifest = Path(data_path) / "manifest.json"
-        if manifest.exists():
-            shutil.copy(manifest, tmp / "dataset_manifest.json")
+        manifest = fs.join(str(data_path), "manifest.json")
+        if fs.exists(manifest):
+            (tmp / "dataset_manifest.json").write_bytes(fs.read_bytes(manifest))
         history = tracking.client(uri).get_metric_history(run_id, tracking.metric_key("valid/recall@50"))
         if history:
             learning_curve(
@@ -274,7 +298,7 @@ def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: Path, data_pa
                 tmp / "learning_curve.png", ylabel="valid Recall@50",
             )
         tracking.log_artifacts(uri, run_id, str(tmp))
-        tracking.log_artifacts(uri, run_id, str(export_dir), "model")
+        tracking.log_artifacts(uri, run_id, local_export, "model")
 
 
 def train(cfg: Config, data_path: Optional[str] = None) -> TrainResult:
@@ -289,13 +313,16 @@ def train(cfg: Config, data_path: Optional[str] = None) -> TrainResult:
     if data_path is None:
         data_path = str(prepare(cfg.data).path)
     storage = cfg.train.storage_path or os.path.abspath(os.path.join(eimf_home(), "runs"))
+    # s3:// works on AWS as is; with AWS_ENDPOINT_URL(_S3) (MinIO, moto) Ray needs the file system.
+    storage_path, storage_filesystem = fs.ray_storage(storage)
     run_name = cfg.train.run_name or (
         f"{cfg.data.dataset}-{cfg.model.backbone}-s{cfg.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     from eimf.data.preprocess import read_manifest
 
     fingerprint = str(read_manifest(data_path).get("fingerprint", "unknown"))
-    run_id = tracking.start_run(cfg, run_name, tags={"eimf": "off", "dataset_fingerprint": fingerprint})
+    tags = {"eimf": "on" if cfg.eimf.enabled else "off", "dataset_fingerprint": fingerprint}
+    run_id = tracking.start_run(cfg, run_name, tags=tags)
     uri = tracking.tracking_uri(cfg)
     n_workers = cfg.train.num_workers
     cpus_per_worker = cfg.train.cpus_per_worker or default_cpus_per_worker(n_workers)
@@ -313,7 +340,8 @@ def train(cfg: Config, data_path: Optional[str] = None) -> TrainResult:
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
@@ -323,10 +351,10 @@ def train(cfg: Config, data_path: Optional[str] = None) -> TrainResult:
     except Exception:
         tracking.end_run(uri, run_id, status="FAILED")
         raise
-    export_dir = Path(storage) / run_name / "export"
+    export_dir = fs.join(storage, run_name, "export")
     with result.checkpoint.as_directory() as folder:
         export_model(Path(folder), export_dir, cfg, data_path)
-    metrics = json.loads((export_dir / "metrics.json").read_text())
+        metrics = json.loads((Path(folder) / "metrics.json").read_text())
     log_run_artifacts(uri, run_id, export_dir, data_path, result)
     tracking.end_run(uri, run_id)
-    return TrainResult(run_name=run_name, metrics=metrics, export_dir=str(export_dir), storage_path=storage)
+    return TrainResult(run_name=run_name, metrics=metrics, export_dir=export_dir, storage_path=storage)
