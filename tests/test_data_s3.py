@@ -1,8 +1,6 @@
 """s3:// round trip against moto's S3 server on 127.0.0.1: raw files on S3 -> Ray Data -> Parquet on S3."""
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 
@@ -12,30 +10,12 @@ from eimf.config import DataConfig
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    pytest.importorskip("moto.server")
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def s3_env(moto_endpoint, monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_endpoint}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    s3 = fs.s3fs_filesystem()
-    if not s3.exists("eimf-data"):
-        s3.mkdir("eimf-data")
-    return s3
+def s3_env(moto_s3):
+    """The session's moto server (tests/conftest.py) with this module's bucket."""
+    if not moto_s3.exists("eimf-data"):
+        moto_s3.mkdir("eimf-data")
+    return moto_s3
 
 
 def _raw(n_users=30, n_items=9):

@@ -2,7 +2,6 @@
 sending any prompt twice, failures are kept, outputs are written (local and s3://)."""
 import hashlib
 import json
-import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -191,26 +190,9 @@ def test_cache_rejects_other_models(tmp_path):
     assert cache.put([]) is None and len(cache) == 0
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    pytest.importorskip("moto.server")
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.mark.timeout(120)
-def test_cache_and_outputs_on_s3(moto_endpoint, monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_endpoint}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    s3 = fs.s3fs_filesystem()
+def test_cache_and_outputs_on_s3(moto_s3):
+    s3 = moto_s3
     if not s3.exists("eimf-ann"):
         s3.mkdir("eimf-ann")
     prep = prepared()
