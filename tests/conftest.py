@@ -20,6 +20,19 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def free_port():
+    """A function that returns a TCP port on 127.0.0.1 nobody listens on (for servers a test starts)."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick
+
+
+@pytest.fixture(scope="session")
 def moto_s3_endpoint():
     """moto's S3 server on 127.0.0.1 (a free port), for the whole session: ``http://127.0.0.1:PORT``."""
     pytest.importorskip("moto.server")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import time
 import zipfile
@@ -186,21 +185,15 @@ def test_profiles_reject_unknown_keys(path, tmp_path, monkeypatch):
 # --- MLflow server with S3 artifacts (cluster/mlflow_server.sh) ---------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_mlflow_server_stores_artifacts_on_s3(moto_s3, moto_s3_endpoint, monkeypatch, tmp_path):
+def test_mlflow_server_stores_artifacts_on_s3(moto_s3, moto_s3_endpoint, monkeypatch, tmp_path, free_port):
     """cluster/mlflow_server.sh with --artifacts-destination s3://... on moto: eimf.tracking logs a run over
     HTTP, the artifact lands in the bucket, and reads back through the server."""
     from eimf import tracking
     from eimf.config import Config
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, EIMF_MLFLOW_DIR=str(tmp_path / "mlflow"), EIMF_MLFLOW_HOST="127.0.0.1",
                EIMF_MLFLOW_PORT=str(port), EIMF_MLFLOW_ARTIFACTS="s3://eimf-test/mlflow-artifacts",
                MLFLOW_S3_ENDPOINT_URL=moto_s3_endpoint)

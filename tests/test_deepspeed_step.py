@@ -1,7 +1,5 @@
 """The DeepSpeed step runner on one process (gloo group of 1): every ZeRO stage and precision trains, ZeRO-3
 gathers the full item table for evaluation, and a checkpoint restores the exact weights."""
-import socket
-
 import pytest
 import torch
 
@@ -9,7 +7,7 @@ from eimf.config import load_config
 
 
 @pytest.fixture(scope="module")
-def gloo_group():
+def gloo_group(free_port):
     import os
 
     import torch.distributed as dist
@@ -18,10 +16,7 @@ def gloo_group():
     for k, v in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
         os.environ.setdefault(k, v)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 

@@ -2,7 +2,6 @@
 metrics read back from a real MLflow server over REST, a worker killed mid-run, and a rerun by run name."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,17 +20,11 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(tmp_path_factory, free_port):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifact store), stopped at the end."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",

