@@ -58,14 +58,12 @@ def throughput(args) -> list:
 
 def _probe(loop_config: dict) -> None:
     """One Ray Train worker: build the model for ``n_items``, take a few steps, record peak memory growth."""
-    import resource
-
     import numpy as np
     import psutil
     import ray.train
     import torch
 
-    from eimf.training.runner import build_components, config_from_dict, per_worker_batch
+    from eimf.training.runner import build_components, config_from_dict, peak_rss_mb, per_worker_batch
 
     torch.set_num_threads(1)
     cfg = config_from_dict(loop_config["config"])
@@ -88,7 +86,7 @@ def _probe(loop_config: dict) -> None:
     # Resident after the steps (what stays: weights, optimizer state, kept gradients) and the peak during
     # them (transient full gradients and ZeRO-3's gathered parameters also have to fit).
     resident = proc.memory_info().rss - rss0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    peak = peak_rss_mb() * 2**20 - rss0
     Path(loop_config["out"], f"rank{rank}.json").write_text(
         json.dumps({"rank": rank, "resident_bytes": resident, "peak_bytes": peak}))
     ray.train.report({"peak_bytes": peak})
