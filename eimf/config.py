@@ -265,6 +265,23 @@ class EIMFConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """``jobs/pipeline.py`` (eimf/pipeline.py): prepare -> IBIM warm-up -> typical users + annotation -> EIMF
+    training -> evaluation -> export, each stage in ``<storage_path>/<run_name>/<stage>/`` with a manifest."""
+
+    #: Same name again skips the stages whose fingerprint is unchanged and whose outputs are present, and resumes
+    #: an interrupted one; None: ``pipeline-<dataset>-<backbone>-<time>`` (printed at the start).
+    run_name: Optional[str] = None
+    #: Root of the pipeline runs (local or ``s3://``); None: ``train.storage_path`` when set, else
+    #: <EIMF_HOME>/pipelines.
+    storage_path: Optional[str] = None
+    #: Training steps of the IBIM warm-up (backbone only, eimf off); the EIMF stage uses ``train.max_steps``.
+    warmup_steps: int = 5000
+    #: Splits the evaluate stage scores the final model on (valid | test), with MostPopular beside it.
+    eval_splits: List[str] = field(default_factory=lambda: ["valid", "test"])
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -274,6 +291,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     eimf: EIMFConfig = field(default_factory=EIMFConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:

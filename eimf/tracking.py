@@ -58,7 +58,10 @@ def client(uri: str):
 
 
 def start_run(cfg: Config, run_name: str, tags: Optional[Dict[str, str]] = None) -> Optional[str]:
-    """Create (or, for a resumed run name, find) the MLflow run; returns its id. Driver only."""
+    """Create (or, for a resumed run name, find) the MLflow run; returns its id. Driver only.
+
+    ``tags`` are set on the run, a found one included; ``{"mlflow.parentRunId": id}`` nests it under a parent
+    run in the UI (a pipeline stage under its pipeline run)."""
     if not cfg.tracking.enabled:
         return None
     uri = tracking_uri(cfg)
@@ -77,6 +80,8 @@ def start_run(cfg: Config, run_name: str, tags: Optional[Dict[str, str]] = None)
     if found:
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
+        for k, v in (tags or {}).items():  # e.g. the parent run of a pipeline stage that is resumed
+            c.set_tag(run_id, k, v)
         log.info("MLflow: resuming run %s (%s) in %s", run_name, run_id, uri)
         return run_id
     all_tags = {"eimf.run_name": run_name, "mlflow.runName": run_name,

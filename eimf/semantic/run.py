@@ -20,7 +20,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from eimf import fs as efs
@@ -47,20 +46,22 @@ def load_warmup(model_dir: str):
     from eimf.data.preprocess import load_prepared
     from eimf.export import load_model
 
-    d = Path(model_dir)
-    if not (d / "model.pt").is_file() or not (d / "config.yaml").is_file():
+    d = str(model_dir)  # a local folder or s3://
+    if not efs.exists(efs.join(d, "model.pt")) or not efs.exists(efs.join(d, "config.yaml")):
         raise FileNotFoundError(f"--model-dir {model_dir}: not an exported model (needs model.pt and config.yaml, "
                                 "as written by `eimf train` under <run>/export)")
     model, mcfg = load_model(d)
-    ds_file = d / "dataset.json"
-    if not ds_file.is_file():
+    ds_file = efs.join(d, "dataset.json")
+    if not efs.exists(ds_file):
         raise FileNotFoundError(f"--model-dir {model_dir}: no dataset.json (where the model's prepared data lives)")
-    prepared = load_prepared(json.loads(ds_file.read_text())["data_path"])
+    prepared = load_prepared(json.loads(efs.read_text(ds_file))["data_path"])
     return model, mcfg, prepared
 
 
 def run_annotation(cfg, model_dir: Optional[str] = None, out_dir: Optional[str] = None,
-                   run_name: Optional[str] = None, annotator: Any = None, encoder: Any = None) -> AnnotationRun:
+                   run_name: Optional[str] = None, annotator: Any = None, encoder: Any = None,
+                   tags: Optional[dict] = None) -> AnnotationRun:
+    """See the module doc. ``tags``: extra MLflow run tags (a pipeline passes ``mlflow.parentRunId``)."""
     from eimf import tracking
     from eimf.config import eimf_home
     from eimf.semantic.annotate import annotate_from_config
@@ -80,7 +81,7 @@ def run_annotation(cfg, model_dir: Optional[str] = None, out_dir: Optional[str] 
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_run(cfg, run_name, tags={"stage": "annotate", "annotator": sem.annotator,
                                                      "selection": sem.selection if model is not None else "random",
-                                                     "warmup_model": str(model_dir or "")})
+                                                     "warmup_model": str(model_dir or ""), **(tags or {})})
     status = "FAILED"
     try:
         _, stats = annotate_from_config(cfg, prepared, model, out_dir, annotator=annotator, encoder=encoder)

@@ -34,6 +34,8 @@ class TrainResult:
     metrics: Dict[str, float]
     export_dir: str
     storage_path: str
+    #: The MLflow run (None with tracking off).
+    mlflow_run_id: Optional[str] = None
 
 
 def config_from_dict(d: dict) -> Config:
@@ -301,8 +303,9 @@ def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: str, data_pat
         tracking.log_artifacts(uri, run_id, local_export, "model")
 
 
-def train(cfg: Config, data_path: Optional[str] = None) -> TrainResult:
-    """Prepare the data (unless given), train with Ray Train, export the best model."""
+def train(cfg: Config, data_path: Optional[str] = None, tags: Optional[Dict[str, str]] = None) -> TrainResult:
+    """Prepare the data (unless given), train with Ray Train, export the best model. ``tags``: extra MLflow
+    run tags (a pipeline passes its parent run as ``mlflow.parentRunId``)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -321,8 +324,8 @@ def train(cfg: Config, data_path: Optional[str] = None) -> TrainResult:
     from eimf.data.preprocess import read_manifest
 
     fingerprint = str(read_manifest(data_path).get("fingerprint", "unknown"))
-    tags = {"eimf": "on" if cfg.eimf.enabled else "off", "dataset_fingerprint": fingerprint}
-    run_id = tracking.start_run(cfg, run_name, tags=tags)
+    run_tags = {"eimf": "on" if cfg.eimf.enabled else "off", "dataset_fingerprint": fingerprint, **(tags or {})}
+    run_id = tracking.start_run(cfg, run_name, tags=run_tags)
     uri = tracking.tracking_uri(cfg)
     n_workers = cfg.train.num_workers
     cpus_per_worker = cfg.train.cpus_per_worker or default_cpus_per_worker(n_workers)
@@ -357,4 +360,5 @@ def train(cfg: Config, data_path: Optional[str] = None) -> TrainResult:
         metrics = json.loads((Path(folder) / "metrics.json").read_text())
     log_run_artifacts(uri, run_id, export_dir, data_path, result)
     tracking.end_run(uri, run_id)
-    return TrainResult(run_name=run_name, metrics=metrics, export_dir=export_dir, storage_path=storage)
+    return TrainResult(run_name=run_name, metrics=metrics, export_dir=export_dir, storage_path=storage,
+                       mlflow_run_id=run_id)
