@@ -78,3 +78,40 @@ def smollm2_dir():
     path = smollm2_folder(root)
     assert path.name == SMOLLM2
     return path
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, free_port):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifact store): its URL; stopped at the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not become healthy in 120 s")
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
