@@ -4,7 +4,8 @@
     warmup    IBIM warm-up: the backbone alone (``eimf.enabled=false``, ``pipeline.warmup_steps`` steps)
     annotate  typical users of the warm-up model (k-means) + the annotator ``semantic.annotator`` + encoder
               (:func:`eimf.semantic.run.run_annotation`)
-    train     EIMF training with the annotations (``eimf.enabled=true``)
+    train     EIMF training with the annotations (``eimf.enabled=true``; one plain-torch worker, memory input:
+              see :func:`eimf_train_config`)
     evaluate  the exported model on ``pipeline.eval_splits``, MostPopular beside it (no Ray, no LLM)
     export    the final model folder ``<root>/export/model`` (weights, config, EIMF head, evaluation, lineage)
 
@@ -103,6 +104,25 @@ def data_fingerprint(data_cfg) -> str:
     return prepared_fingerprint(data_cfg, inputs, _input_infos(inputs))
 
 
+def eimf_train_config(train_cfg):
+    """``(train config of the EIMF stage, note or None)``. EIMF training reads ``train.input=memory`` (the Ray
+    Data cut carries no semantic vectors) and runs on one plain-torch worker: the auxiliary head is
+    single-process for now (``DeepSpeedStepRunner.attach_head`` refuses it), so a DeepSpeed / multi-worker
+    ``train`` section (e.g. cluster/gpu.yaml) applies to the warm-up and the EIMF stage scales down, said in the
+    log and in its manifest."""
+    t = train_cfg
+    changes, notes = {}, []
+    if t.input != "memory":
+        changes["input"] = "memory"
+        notes.append(f"train.input {t.input} -> memory (the Ray Data cut carries no semantic vectors)")
+    if t.num_workers > 1 or t.zero_stage > 0 or t.strategy == "deepspeed":
+        changes.update(num_workers=1, zero_stage=0)
+        notes.append(f"train.strategy {t.strategy} x {t.num_workers} worker(s), ZeRO {t.zero_stage} -> torch x 1 "
+                     "worker (the EIMF head is single-process for now)")
+    changes["strategy"] = "torch"  # what "auto" is on one worker without ZeRO
+    return dataclasses.replace(t, **changes), ("; ".join(notes) or None)
+
+
 def _without(d: dict, keys) -> dict:
     return {k: v for k, v in d.items() if k not in keys}
 
@@ -121,8 +141,9 @@ def stage_config(cfg: Config, stage: str) -> Tuple[dict, dict]:
 
         return {"semantic": _without(d["semantic"], SEMANTIC_OPERATIONAL)}, {"prompt": PROMPT_VERSION}
     if stage == "train":
+        effective = _without(dataclasses.asdict(eimf_train_config(cfg.train)[0]), TRAIN_OPERATIONAL)
         return {"model": d["model"], "negatives": d["negatives"], "eval": d["eval"],
-                "train": {**train, "input": "memory"}, "eimf": _without(d["eimf"], ("enabled", "annotations"))}, {}
+                "train": effective, "eimf": _without(d["eimf"], ("enabled", "annotations"))}, {}
     if stage == "evaluate":
         return {"splits": list(cfg.pipeline.eval_splits)}, {}
     if stage == "export":
@@ -167,6 +188,20 @@ def _train_metrics(metrics: dict) -> Dict[str, float]:
     keep = {k: metrics[k] for k in TRAIN_KEYS if k in metrics}
     keep.update({k: v for k, v in metrics.items() if k.startswith(("best_valid/", "test/"))})
     return _numbers(keep)
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _fmt(v: Any) -> str:
@@ -310,8 +345,13 @@ class Pipeline:
         cache_dir = sem.cache_dir or fs.join(sp.dir, "cache")
         cfg = dataclasses.replace(self.cfg, semantic=dataclasses.replace(sem, cache_dir=cache_dir))
         out_dir = fs.join(sp.dir, "annotations")
-        res = run_annotation(cfg, model_dir=out["warmup"]["model_dir"], out_dir=out_dir,
-                             run_name=self.stage_run_name(sp.name, sp.fingerprint), tags=self.child_tags(sp))
+        # ray.data.llm calls ray.init(runtime_env=<the engines' env>) even with Ray running; inside a Ray job whose
+        # runtime env sets one of the same variables (HF_HUB_OFFLINE, VLLM_CPU_OMP_THREADS_BIND, ...) Ray refuses
+        # that call as a conflict unless told to combine them. The engines' env is read from this process's
+        # environment, i.e. the job's values, so combining changes nothing else.
+        with _environ(RAY_OVERRIDE_JOB_RUNTIME_ENV="1"):
+            res = run_annotation(cfg, model_dir=out["warmup"]["model_dir"], out_dir=out_dir,
+                                 run_name=self.stage_run_name(sp.name, sp.fingerprint), tags=self.child_tags(sp))
         outputs = {"annotations": fs.join(out_dir, ANNOTATIONS_FILE), "selection": fs.join(out_dir, SELECTION_FILE),
                    "stats": fs.join(out_dir, STATS_FILE)}
         metrics = _numbers({k: res.stats.get(k) for k in ANNOTATE_KEYS if res.stats.get(k) is not None})
@@ -320,14 +360,17 @@ class Pipeline:
 
     def _run_train(self, sp: StagePlan, out: Dict[str, dict]):
         c = self.cfg
-        if c.train.input != "memory":
-            log.info("pipeline: EIMF training reads train.input=memory (the Ray Data cut carries no semantic "
-                     "vectors); train.input=%s applies to the warm-up", c.train.input)
+        train_cfg, note = eimf_train_config(c.train)
+        if note:
+            log.warning("pipeline: EIMF training stage: %s; the warm-up used the train section as given", note)
         cfg = dataclasses.replace(
-            c, train=dataclasses.replace(c.train, input="memory", storage_path=sp.dir,
+            c, train=dataclasses.replace(train_cfg, storage_path=sp.dir,
                                          run_name=self.stage_run_name(sp.name, sp.fingerprint)),
             eimf=dataclasses.replace(c.eimf, enabled=True, annotations=out["annotate"]["annotations"]))
-        return self._train_stage(sp, cfg, out["prepare"]["data_path"])
+        outputs, metrics, run_id, info = self._train_stage(sp, cfg, out["prepare"]["data_path"])
+        if note:
+            info["train_config_changed"] = note
+        return outputs, metrics, run_id, info
 
     def _run_evaluate(self, sp: StagePlan, out: Dict[str, dict]):
         from eimf.export import evaluate_exported

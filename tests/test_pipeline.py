@@ -9,6 +9,7 @@ EIMF training after a checkpoint, then run again: it resumes that checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -117,6 +118,30 @@ def test_stage_names_and_layout(tmp_path):
     assert generated.startswith("pipeline-ml-100k-comirec_sa-")
 
 
+def test_eimf_stage_runs_single_process_while_the_head_is_refused_by_deepspeed(tmp_path):
+    """cluster/gpu.yaml trains with DeepSpeed on 4 GPU workers and the Ray Data cut: the warm-up keeps that, the
+    EIMF stage runs on one plain-torch worker with memory input, because the DeepSpeed runner refuses the EIMF
+    head. When it stops refusing, this test fails: then drop the scale-down in eimf_train_config."""
+    from eimf.pipeline import eimf_train_config, stage_config
+    from eimf.training.deepspeed_step import DeepSpeedStepRunner
+
+    with pytest.raises(NotImplementedError, match="single-process"):
+        DeepSpeedStepRunner.attach_head(None, None)
+    gpu = load_config(None, ["train.num_workers=4", "train.strategy=deepspeed", "train.zero_stage=2",
+                             "train.input=ray_data", "train.use_gpu=true", "train.batch_size=512"])
+    t, note = eimf_train_config(gpu.train)
+    assert (t.num_workers, t.strategy, t.zero_stage, t.input) == (1, "torch", 0, "memory")
+    assert t.use_gpu and t.batch_size == 512 and "single-process" in note and "ray_data -> memory" in note
+    plain, note = eimf_train_config(load_config(None, []).train)
+    assert note is None and plain == dataclasses.replace(load_config(None, []).train, strategy="torch")
+    # the fingerprint hashes what the stage runs: asking for DeepSpeed changes the warm-up, not the EIMF stage
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("eimf.pipeline.data_fingerprint", lambda data_cfg: "fixed")
+        ds = load_config(None, ["train.strategy=deepspeed", "train.zero_stage=2"])
+        assert stage_config(ds, "train") == stage_config(load_config(None, []), "train")
+        assert stage_config(ds, "warmup") != stage_config(load_config(None, []), "warmup")
+
+
 def test_bad_settings_fail_naming_the_field(tmp_path):
     with pytest.raises(PipelineError, match="pipeline.warmup_steps"):
         Pipeline(load_config(None, ["pipeline.warmup_steps=0"]))
@@ -209,7 +234,9 @@ def ray_head(free_port):
 
 
 def _job_env(**extra) -> dict:
-    env = {"EIMF_DATA_DIR": DATA_DIR, "RAY_USAGE_STATS_ENABLED": "0", "VLLM_CPU_OMP_THREADS_BIND": "0",
+    # vLLM on CPU: one OpenMP thread on core 0 unless told otherwise (on a shared 2-core box more threads spin).
+    env = {"EIMF_DATA_DIR": DATA_DIR, "RAY_USAGE_STATS_ENABLED": "0",
+           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))}
     env.update(extra)
