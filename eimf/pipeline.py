@@ -230,6 +230,11 @@ class Pipeline:
         self.root = fs.join(self.storage, self.run_name)
         self.uri = tracking.tracking_uri(cfg)
         self.parent_run_id: Optional[str] = None
+        for what, where in (("pipeline outputs", self.storage), ("MLflow store", self.uri)):
+            if "working_dir_files" in where:  # a relative EIMF_HOME inside `ray job submit --working-dir`
+                log.warning("%s in %s: that is the Ray job's temporary copy of the working dir; set EIMF_HOME (e.g. "
+                            "--runtime-env-json '{\"env_vars\": {\"EIMF_HOME\": \"/abs/path\"}}') or "
+                            "pipeline.storage_path / tracking.tracking_uri", what, where)
 
     # ------------------------------------------------------------------------------------------ layout
     def stage_dir(self, stage: str) -> str:

@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,6 +232,7 @@ def ray_head(free_port):
         except ProcessLookupError:
             pass
         _kill_processes_mentioning(temp)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _job_env(**extra) -> dict:
@@ -526,3 +528,4 @@ def test_laptop_run_killed_during_training_resumes_from_its_checkpoint(tmp_path)
         assert steps == {100, 200, 300}
     finally:
         _kill_processes_mentioning(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
