@@ -463,3 +463,52 @@ def test_eimf_trains_on_ml100k_and_aux_losses_decrease(ml100k_annotated):
     labels = label_interests(runner.head, v[0], table, topk=3)
     assert len(labels) == cfg.model.num_interests
     assert all(len(lab) == 3 and lab[0][0] in table.names and lab[0][1] >= lab[1][1] for lab in labels)
+
+
+@pytest.mark.timeout(600)
+@needs_ml100k
+def test_exported_eimf_model_serves_the_same_without_the_annotation_files(ml100k_annotated, tmp_path):
+    """Inference is IBIM alone: deleting every annotation file (and the head) changes no recommendation."""
+    import json
+    import shutil
+
+    from eimf.data.sampling import eval_batches
+    from eimf.export import load_model, recommend
+    from eimf.training.loop import LoopState, Trainer, save_training_state, seed_everything
+    from eimf.training.multitask import build_eimf, eimf_batches
+    from eimf.training.runner import build_components, export_model
+
+    base, data, shared_ann, _ = ml100k_annotated
+    ann_dir = tmp_path / "ann"
+    shutil.copytree(shared_ann, ann_dir)  # our own copy: this test deletes it
+    cfg = load_config(None, ["eimf.enabled=true", f"eimf.annotations={ann_dir}", "train.batch_size=64",
+                             "train.max_steps=40", "train.eval_every=20", "train.log_every=20"])
+    seed_everything(cfg.train.seed)
+    model, loss_fn, runner, _ = build_components(cfg, data.n_items)
+    semantics = build_eimf(cfg, runner)
+    batches = eimf_batches(cfg, data.train["user"], list(data.train["items"]), semantics, 64, seed=0)
+    trainer = Trainer(cfg, model, loss_fn, runner, iter(batches), data.valid.iloc[:50], data.test)
+    state = trainer.fit()
+    ckpt = tmp_path / "ckpt"
+    save_training_state(ckpt, runner, state, trainer.best_state)
+    torch.save(trainer.best_head_state, ckpt / "best_eimf_head.pt")
+    (ckpt / "metrics.json").write_text(json.dumps({"step": state.step}))
+    export = tmp_path / "export"
+    export_model(ckpt, str(export), cfg, str(data.path))
+    assert "eimf_head.pt" in os.listdir(export)  # g for explanations sits beside the model, never inside
+
+    _, hist, mask, _, _ = next(eval_batches(data.test, cfg.model.maxlen, 64))
+
+    def recs():
+        served, _ = load_model(export)
+        assert not any(k.startswith(("projection", "predictor")) for k in served.state_dict())
+        return recommend(served, hist, mask, n=50)
+
+    ids_before, scores_before = recs()
+    shutil.rmtree(ann_dir)
+    (export / "eimf_head.pt").unlink()
+    shutil.rmtree(ckpt)
+    ids_after, scores_after = recs()
+    assert ids_before.shape == (len(hist), 50)
+    np.testing.assert_array_equal(ids_before, ids_after)
+    np.testing.assert_array_equal(scores_before, scores_after)
