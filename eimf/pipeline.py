@@ -4,8 +4,8 @@
     warmup    IBIM warm-up: the backbone alone (``eimf.enabled=false``, ``pipeline.warmup_steps`` steps)
     annotate  typical users of the warm-up model (k-means) + the annotator ``semantic.annotator`` + encoder
               (:func:`eimf.semantic.run.run_annotation`)
-    train     EIMF training with the annotations (``eimf.enabled=true``; one plain-torch worker, memory input:
-              see :func:`eimf_train_config`)
+    train     EIMF training with the annotations (``eimf.enabled=true``; memory input: see
+              :func:`eimf_train_config`)
     evaluate  the exported model on ``pipeline.eval_splits``, MostPopular beside it (no Ray, no LLM)
     export    the final model folder ``<root>/export/model`` (weights, config, EIMF head, evaluation, lineage)
 
@@ -106,21 +106,13 @@ def data_fingerprint(data_cfg) -> str:
 
 def eimf_train_config(train_cfg):
     """``(train config of the EIMF stage, note or None)``. EIMF training reads ``train.input=memory`` (the Ray
-    Data cut carries no semantic vectors) and runs on one plain-torch worker: the auxiliary head is
-    single-process for now (``DeepSpeedStepRunner.attach_head`` refuses it), so a DeepSpeed / multi-worker
-    ``train`` section (e.g. cluster/gpu.yaml) applies to the warm-up and the EIMF stage scales down, said in the
-    log and in its manifest."""
+    Data cut carries no semantic vectors); workers, strategy and ZeRO stage stay as given (the DeepSpeed runner
+    trains the EIMF head replicated beside the engine). A changed input is said in the log and the manifest."""
     t = train_cfg
-    changes, notes = {}, []
-    if t.input != "memory":
-        changes["input"] = "memory"
-        notes.append(f"train.input {t.input} -> memory (the Ray Data cut carries no semantic vectors)")
-    if t.num_workers > 1 or t.zero_stage > 0 or t.strategy == "deepspeed":
-        changes.update(num_workers=1, zero_stage=0)
-        notes.append(f"train.strategy {t.strategy} x {t.num_workers} worker(s), ZeRO {t.zero_stage} -> torch x 1 "
-                     "worker (the EIMF head is single-process for now)")
-    changes["strategy"] = "torch"  # what "auto" is on one worker without ZeRO
-    return dataclasses.replace(t, **changes), ("; ".join(notes) or None)
+    if t.input == "memory":
+        return t, None
+    return (dataclasses.replace(t, input="memory"),
+            f"train.input {t.input} -> memory (the Ray Data cut carries no semantic vectors)")
 
 
 def _without(d: dict, keys) -> dict:

@@ -119,28 +119,26 @@ def test_stage_names_and_layout(tmp_path):
     assert generated.startswith("pipeline-ml-100k-comirec_sa-")
 
 
-def test_eimf_stage_runs_single_process_while_the_head_is_refused_by_deepspeed(tmp_path):
-    """cluster/gpu.yaml trains with DeepSpeed on 4 GPU workers and the Ray Data cut: the warm-up keeps that, the
-    EIMF stage runs on one plain-torch worker with memory input, because the DeepSpeed runner refuses the EIMF
-    head. When it stops refusing, this test fails: then drop the scale-down in eimf_train_config."""
+def test_eimf_stage_keeps_the_distributed_setup_and_reads_memory_input(tmp_path):
+    """cluster/gpu.yaml trains with DeepSpeed on 4 GPU workers and the Ray Data cut: the EIMF stage keeps the
+    workers, strategy and ZeRO stage (the DeepSpeed runner trains the head) and only switches to memory input,
+    which carries the typical users' semantic vectors."""
     from eimf.pipeline import eimf_train_config, stage_config
-    from eimf.training.deepspeed_step import DeepSpeedStepRunner
 
-    with pytest.raises(NotImplementedError, match="single-process"):
-        DeepSpeedStepRunner.attach_head(None, None)
     gpu = load_config(None, ["train.num_workers=4", "train.strategy=deepspeed", "train.zero_stage=2",
                              "train.input=ray_data", "train.use_gpu=true", "train.batch_size=512"])
     t, note = eimf_train_config(gpu.train)
-    assert (t.num_workers, t.strategy, t.zero_stage, t.input) == (1, "torch", 0, "memory")
-    assert t.use_gpu and t.batch_size == 512 and "single-process" in note and "ray_data -> memory" in note
+    assert (t.num_workers, t.strategy, t.zero_stage, t.input) == (4, "deepspeed", 2, "memory")
+    assert t.use_gpu and t.batch_size == 512 and "ray_data -> memory" in note
     plain, note = eimf_train_config(load_config(None, []).train)
-    assert note is None and plain == dataclasses.replace(load_config(None, []).train, strategy="torch")
-    # the fingerprint hashes what the stage runs: asking for DeepSpeed changes the warm-up, not the EIMF stage
+    assert note is None and plain == load_config(None, []).train
+    # the fingerprint hashes what the stage runs: the input mode is not part of the EIMF stage's, ZeRO is
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("eimf.pipeline.data_fingerprint", lambda data_cfg: "fixed")
+        cut = load_config(None, ["train.input=ray_data"])
+        assert stage_config(cut, "train") == stage_config(load_config(None, []), "train")
         ds = load_config(None, ["train.strategy=deepspeed", "train.zero_stage=2"])
-        assert stage_config(ds, "train") == stage_config(load_config(None, []), "train")
-        assert stage_config(ds, "warmup") != stage_config(load_config(None, []), "warmup")
+        assert stage_config(ds, "train") != stage_config(load_config(None, []), "train")
 
 
 def test_bad_settings_fail_naming_the_field(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from eimf.training.loop import StepRunner
+from eimf.training.loop import HEAD_FILE, StepRunner
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -38,6 +38,9 @@ class DeepSpeedStepRunner(StepRunner):
 
         self.zero_stage = config["zero_optimization"]["stage"]
         self.partitioned = self.zero_stage == 3
+        # How to build the EIMF head's own optimizer later: the same kind and settings as the model's.
+        self._optimizer_factory = (type(optimizer), dict(optimizer.defaults))
+        self.head_optimizer = None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False,
         )
@@ -47,13 +50,39 @@ class DeepSpeedStepRunner(StepRunner):
         return self.engine(*args)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self.engine.backward(loss)  # autograd also fills the head's gradients (it sits outside the engine)
+        if self.head is not None:
+            self._head_step()
         self.engine.step()
 
     def attach_head(self, head: torch.nn.Module) -> None:
-        # The engine's (ZeRO-partitioned) optimizer and gradient all-reduce cover only the engine's module.
-        raise NotImplementedError("EIMF's auxiliary head is single-process for now: use train.strategy=torch "
-                                  "with train.num_workers=1")
+        """EIMF's P and g, replicated on every rank (~0.2 M parameters, no point in sharding them): their
+        gradients are averaged across ranks after each backward and their own optimizer (the model's kind and
+        settings) steps them, so every replica stays identical. The engine's ZeRO optimizer covers only the
+        backbone, which must exist before ``deepspeed.initialize``; the head comes later, from the annotations."""
+        if self.head is not None:
+            raise RuntimeError("a head is already attached")
+        kind, defaults = self._optimizer_factory
+        self.head = head
+        self.head_optimizer = kind(head.parameters(), **defaults)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for p in head.parameters():  # identical start on every rank, whatever each rank's RNG did
+                torch.distributed.broadcast(p.data, src=0)
+
+    def _head_step(self) -> None:
+        params = [p for p in self.head.parameters() if p.grad is not None]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and params:
+            world = torch.distributed.get_world_size()
+            flat = torch.cat([p.grad.reshape(-1) for p in params])  # one collective for the whole head
+            torch.distributed.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for p in params:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+        self.head_optimizer.step()
+        self.head_optimizer.zero_grad(set_to_none=True)
 
     def full_params(self):
         if self.zero_stage < 3:
@@ -70,6 +99,9 @@ class DeepSpeedStepRunner(StepRunner):
     def save(self, folder: Path) -> None:
         # Every rank writes its own shard files (distinct names), so Ray merges them into one checkpoint.
         self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+        if self.head is not None and _rank() == 0:  # replicas are identical: rank 0 writes them
+            torch.save({"head": self.head.state_dict(), "optimizer": self.head_optimizer.state_dict()},
+                       Path(folder) / HEAD_FILE)
 
     def load(self, folder: Path) -> None:
         if not (Path(folder) / CHECKPOINT_TAG).is_dir():  # DeepSpeed itself fails with a bare assert
@@ -77,3 +109,15 @@ class DeepSpeedStepRunner(StepRunner):
         path, _ = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}")
+        if self.head is not None:
+            head_file = Path(folder) / HEAD_FILE
+            if not head_file.is_file():
+                raise FileNotFoundError(f"{head_file}: the checkpoint has no EIMF head (trained without eimf?)")
+            state = torch.load(head_file, map_location="cpu")
+            self.head.load_state_dict(state["head"])
+            self.head_optimizer.load_state_dict(state["optimizer"])
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
+        else 0
