@@ -1,12 +1,15 @@
-"""Grids of runs (datasets x models x seeds) and their mean +- std tables."""
+"""Grids of runs and their mean +- std tables: backbones alone (datasets x models x seeds), and EIMF against its
+backbone with the ablations of design.md section 5 (datasets x models x seeds x variants, one MLflow parent run)."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -86,4 +89,176 @@ def format_table(rows: List[dict], split: str = "test") -> str:
             vals = [x[key] for x in ms if key in x]
             cells.append(fmt.format(float(np.mean(vals))) if vals else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ EIMF grids
+@dataclass(frozen=True)
+class Variant:
+    """One line of an EIMF comparison: the backbone alone, or EIMF with its annotation settings and loss
+    weights. ``annotation`` holds the ``semantic.*`` overrides of the annotation step (None: no annotation,
+    EIMF off); ``train`` any further overrides of the EIMF training (e.g. ``eimf.lambda_sp=0``)."""
+
+    name: str
+    description: str
+    annotation: Optional[Tuple[str, ...]] = None
+    train: Tuple[str, ...] = ()
+
+    @property
+    def eimf(self) -> bool:
+        return self.annotation is not None
+
+
+_META = ("semantic.annotator=metadata",)
+#: The named variants of ``jobs/experiments.py --variants`` (design.md section 5's ablations).
+VARIANTS: Dict[str, Variant] = {v.name: v for v in [
+    Variant("backbone", "IBIM alone (also the warm-up model that picks the typical users)"),
+    Variant("eimf", "EIMF, metadata annotator, typical users", _META),
+    Variant("eimf-llm", "EIMF, LLM annotator (vLLM, semantic.vllm_model), typical users", ("semantic.annotator=vllm",)),
+    # An LLM on CPU annotates ~0.2 prompts/s: this pairs with budget-5% where 20 % would take too long.
+    Variant("llm-5%", "EIMF, LLM annotator, 5 % of training users (pair with budget-5%)",
+            ("semantic.annotator=vllm", "semantic.budget=0.05")),
+    Variant("no-sp", "EIMF without semantic prediction (lambda_sp = 0)", _META, ("eimf.lambda_sp=0",)),
+    Variant("no-ma", "EIMF without modality alignment (lambda_ma = 0)", _META, ("eimf.lambda_ma=0",)),
+    Variant("no-aux", "EIMF batches, both auxiliary weights 0 (isolates the sampling)", _META,
+            ("eimf.lambda_sp=0", "eimf.lambda_ma=0")),
+    Variant("random", "EIMF with random instead of typical users", _META + ("semantic.selection=random",)),
+    *[Variant(f"budget-{p}%", f"EIMF, metadata, {p} % of training users annotated",
+              _META + (f"semantic.budget={p / 100:g}",)) for p in (1, 5, 20, 100)],
+]}
+
+
+def _apply(cfg: Config, overrides: Sequence[str]) -> Config:
+    from omegaconf import OmegaConf
+
+    if not overrides:
+        return copy.deepcopy(cfg)
+    merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(merged)
+
+
+def _annotation_key(cfg: Config) -> str:
+    """Short hash of everything that decides an annotation set (the data, the warm-up backbone, ``semantic.*``)."""
+    blob = json.dumps({"data": asdict(cfg.data), "backbone": cfg.model.backbone,
+                       "semantic": asdict(cfg.semantic)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str], seeds: Sequence[int],
+                  variants: Sequence[str], raw_path: Path, grid_name: str, out_dir: str) -> List[dict]:
+    """Train every (dataset, backbone, seed, variant) as MLflow children of one parent run ``grid_name``.
+
+    Per (dataset, backbone), the ``backbone`` run of the first seed is the warm-up model: its export picks the
+    typical users of every annotation set. Each annotation set (one per distinct ``semantic.*`` setting) is
+    computed once, as its own child run, into ``<out_dir>/annotations/<dataset>-<backbone>-<hash>``; all
+    seeds of a variant train on it. Rows already in ``raw_path`` are not run again (a cut-short grid resumes).
+    """
+    from eimf import fs, tracking
+    from eimf.data.preprocess import prepare
+    from eimf.semantic.run import run_annotation
+    from eimf.training.runner import train
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    raw_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = _done(raw_path)
+    have = {(r["dataset"], r["model"], r.get("variant", "backbone"), r["seed"]): r for r in rows}
+    parent = tracking.start_run(base, grid_name, tags={"kind": "experiment-grid", "variants": ",".join(variants)})
+    uri = tracking.tracking_uri(base)
+    child = {"mlflow.parentRunId": parent, "grid": grid_name} if parent else {"grid": grid_name}
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        have[(row["dataset"], row["model"], row["variant"], row["seed"])] = row
+        with raw_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    status = "FAILED"
+    try:
+        for dataset in datasets:
+            cfg_d = copy.deepcopy(base)
+            cfg_d.data.dataset = dataset
+            data_path = str(prepare(cfg_d.data).path)
+            for backbone in backbones:
+                cfg_b = copy.deepcopy(cfg_d)
+                cfg_b.model.backbone = backbone
+                annotations: Dict[str, str] = {}
+                # Seeds outermost: a grid cut short still has every variant on its first seeds.
+                for seed in seeds:
+                    names = [v for v in variants if v != "backbone"]
+                    if "backbone" in variants or seed == seeds[0]:  # the first seed's backbone is the warm-up
+                        names.insert(0, "backbone")
+                    for name in names:
+                        variant = VARIANTS[name]
+                        if (dataset, backbone, name, seed) in have:
+                            continue
+                        cfg = copy.deepcopy(cfg_b)
+                        cfg.train.seed, cfg.train.run_name = seed, f"{grid_name}-{dataset}-{backbone}-{name}-s{seed}"
+                        ann_dir = None
+                        if variant.eimf:
+                            warmup = have[(dataset, backbone, "backbone", seeds[0])]["export_dir"]
+                            cfg_a = _apply(cfg, variant.annotation)
+                            key = _annotation_key(cfg_a)
+                            if key not in annotations:
+                                ann_dir = fs.join(out_dir, "annotations", f"{dataset}-{backbone}-{key}")
+                                res = run_annotation(cfg_a, model_dir=warmup, out_dir=ann_dir,
+                                                     run_name=f"{grid_name}-annotate-{dataset}-{backbone}-{key}",
+                                                     tags={**child, "variant": name})
+                                annotations[key] = res.out_dir
+                            ann_dir = annotations[key]
+                            cfg = _apply(cfg_a, ["eimf.enabled=true", f"eimf.annotations={ann_dir}",
+                                                 *variant.train])
+                        result = train(cfg, data_path=data_path,
+                                       tags={**child, "variant": name, "seed": str(seed)})
+                        record({"dataset": dataset, "model": backbone, "variant": name, "seed": seed,
+                                "run": result.run_name, "mlflow_run_id": result.mlflow_run_id,
+                                "export_dir": result.export_dir, "annotations": ann_dir,
+                                "overrides": list(variant.annotation or ()) + list(variant.train),
+                                "metrics": result.metrics})
+                        log.info("%s %s %s seed %d: test recall@50 %.4f", dataset, backbone, name, seed,
+                                 result.metrics.get("test/recall@50", float("nan")))
+        status = "FINISHED"
+    finally:
+        tracking.end_run(uri, parent, status=status)
+    return rows
+
+
+def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
+    a = np.asarray(vals, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def format_eimf_table(rows: List[dict], split: str = "test", metric: str = "recall@50") -> str:
+    """Markdown per (dataset, backbone): one line per variant, mean ± std over seeds of every metric, the change
+    of ``metric`` against the backbone on the same seeds (mean ± std of the per-seed differences), whether that
+    lift is beyond the seed spread (mean gain > the larger of the two stds), train time and examples/s."""
+    groups: Dict[Tuple[str, str], Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        groups[(r["dataset"], r["model"])][r.get("variant", "backbone")][r["seed"]] = r["metrics"]
+    head = ["dataset", "model", "variant", "seeds"] + list(TABLE_METRICS) + [f"Δ {metric}", "beyond spread",
+                                                                               "train s", "ex/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    key = f"{split}/{metric}"
+    order = list(VARIANTS)
+    for (dataset, model), by_variant in sorted(groups.items()):
+        base = by_variant.get("backbone", {})
+        for name in sorted(by_variant, key=lambda n: order.index(n) if n in order else len(order)):
+            runs = by_variant[name]
+            ms = list(runs.values())
+            cells = [dataset, model, name, str(len(ms))]
+            for m in TABLE_METRICS:
+                vals = [x[f"{split}/{m}"] for x in ms if f"{split}/{m}" in x]
+                cells.append("{:.4f} ± {:.4f}".format(*_mean_std(vals)) if vals else "-")
+            paired = [runs[s][key] - base[s][key] for s in runs if s in base and key in runs[s] and key in base[s]]
+            if name != "backbone" and paired:
+                d_mean, d_std = _mean_std(paired)
+                spread = max(_mean_std([x[key] for x in ms])[1], _mean_std([x[key] for x in base.values()])[1])
+                cells += [f"{d_mean:+.4f} ± {d_std:.4f}", "yes" if d_mean > spread else "no"]
+            else:
+                cells += ["-", "-"]
+            for k, fmt in (("train_seconds", "{:.0f}"), ("examples_per_s", "{:.0f}")):
+                vals = [x[k] for x in ms if k in x]
+                cells.append(fmt.format(float(np.mean(vals))) if vals else "-")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""The experiment runner: variants map to the right settings, the comparison table's arithmetic, and (e2e, small)
+an EIMF grid whose runs are MLflow children of one parent run in one experiment."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eimf.config import load_config
+from eimf.experiments import VARIANTS, _annotation_key, _apply, format_eimf_table
+
+DATA_DIR = os.environ.get("EIMF_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def test_variants_are_one_switch_each():
+    base = load_config(None, ["semantic.budget=0.2"])
+    assert not VARIANTS["backbone"].eimf and VARIANTS["eimf"].eimf
+    eimf = _apply(_apply(base, VARIANTS["eimf"].annotation), VARIANTS["eimf"].train)
+    assert (eimf.semantic.annotator, eimf.semantic.selection, eimf.semantic.budget) == ("metadata", "typical", 0.2)
+    no_sp = _apply(base, VARIANTS["no-sp"].train)
+    assert (no_sp.eimf.lambda_sp, no_sp.eimf.lambda_ma) == (0.0, base.eimf.lambda_ma)
+    no_ma = _apply(base, VARIANTS["no-ma"].train)
+    assert (no_ma.eimf.lambda_sp, no_ma.eimf.lambda_ma) == (base.eimf.lambda_sp, 0.0)
+    assert _apply(base, VARIANTS["random"].annotation).semantic.selection == "random"
+    assert _apply(base, VARIANTS["budget-1%"].annotation).semantic.budget == 0.01
+    assert _apply(base, VARIANTS["budget-100%"].annotation).semantic.budget == 1.0
+    assert _apply(base, VARIANTS["llm-5%"].annotation).semantic.annotator == "vllm"
+    assert base.semantic.budget == 0.2 and base.eimf.lambda_sp > 0  # _apply copies, never mutates
+
+
+def test_annotation_key_separates_what_changes_the_annotations():
+    base = load_config(None, [])
+    same = _annotation_key(_apply(base, VARIANTS["eimf"].annotation))
+    assert same == _annotation_key(_apply(base, VARIANTS["no-sp"].annotation))  # one annotation set, two runs
+    assert same != _annotation_key(_apply(base, VARIANTS["random"].annotation))
+    assert same != _annotation_key(_apply(base, VARIANTS["budget-1%"].annotation))
+    other_backbone = _apply(base, ["model.backbone=comirec_dr", *VARIANTS["eimf"].annotation])
+    assert same != _annotation_key(other_backbone)  # typical users come from that backbone's warm-up
+
+
+def _row(variant, seed, r50, r20=0.1):
+    return {"dataset": "ml-100k", "model": "comirec_sa", "variant": variant, "seed": seed,
+            "metrics": {"test/recall@50": r50, "test/recall@20": r20, "test/ndcg@20": 0.0, "test/hitrate@20": 0.0,
+                        "test/ndcg@50": 0.0, "test/hitrate@50": 0.0, "train_seconds": 10.0 * seed,
+                        "examples_per_s": 1000.0}}
+
+
+def test_table_pairs_seeds_and_flags_a_lift_beyond_the_spread():
+    rows = [_row("backbone", s, v) for s, v in zip((1, 2, 3), (0.20, 0.22, 0.24))]
+    rows += [_row("eimf", s, v) for s, v in zip((1, 2, 3), (0.25, 0.27, 0.29))]  # +0.05 on every seed
+    rows += [_row("no-ma", s, v) for s, v in zip((1, 2, 3), (0.21, 0.23, 0.25))]  # +0.01: inside the spread
+    table = format_eimf_table(rows).splitlines()
+    by_variant = {line.split(" | ")[2]: line for line in table[2:]}
+    assert list(by_variant) == ["backbone", "eimf", "no-ma"]  # the VARIANTS order, backbone first
+    cells = [c.strip() for c in by_variant["eimf"].strip("| ").split(" | ")]
+    assert cells[3] == "3" and cells[7] == "0.2700 ± 0.0200"
+    assert cells[10] == "+0.0500 ± 0.0000" and cells[11] == "yes" and cells[12] == "20"
+    no_ma = [c.strip() for c in by_variant["no-ma"].strip("| ").split(" | ")]
+    assert no_ma[10] == "+0.0100 ± 0.0000" and no_ma[11] == "no"
+    assert by_variant["backbone"].count(" - ") >= 2  # no delta against itself
+    # a seed missing for the backbone is left out of the paired difference
+    partial = format_eimf_table(rows[:2] + rows[3:6])
+    line = [x for x in partial.splitlines() if " eimf " in x][0]
+    assert "+0.0500 ± 0.0000" in line
+
+
+def test_unknown_variant_is_rejected(tmp_path):
+    from eimf.experiments import run_eimf_grid
+
+    with pytest.raises(ValueError, match="unknown variants"):
+        run_eimf_grid(load_config(None, []), ["ml-100k"], ["comirec_sa"], [1], ["eimf", "nope"],
+                      raw_path=tmp_path / "r.jsonl", grid_name="g", out_dir=str(tmp_path))
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not Path(DATA_DIR, "ml-100k").exists(), reason="ml-100k not in EIMF_DATA_DIR")
+def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ray_session):
+    """backbone + EIMF (metadata annotator) on ML-100K, one seed, 40 steps: the warm-up is the backbone run, the
+    annotation and both trainings are children of the grid's parent run, the table and raw rows are written,
+    and a second call runs nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from eimf.experiments import run_eimf_grid
+
+    monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
+    base = load_config(None, [f"data.data_dir={DATA_DIR}", "tracking.experiment=grid-test", "train.max_steps=40",
+                              "train.eval_every=20", "train.log_every=20", "semantic.budget=0.02", f"data.output_dir={tmp_path / 'data'}"])
+    raw = tmp_path / "rows.jsonl"
+    rows = run_eimf_grid(base, ["ml-100k"], ["comirec_sa"], [1], ["backbone", "eimf"], raw_path=raw,
+                         grid_name="g1", out_dir=str(tmp_path / "work"))
+    assert [(r["variant"], r["seed"]) for r in rows] == [("backbone", 1), ("eimf", 1)]
+    assert rows[1]["annotations"].startswith(str(tmp_path / "work" / "annotations"))
+    assert all(np.isfinite(r["metrics"]["test/recall@50"]) for r in rows)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("grid-test")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("kind") == "experiment-grid"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert sorted(r.data.tags.get("variant") for r in children) == ["backbone", "eimf", "eimf"]  # + annotation
+    trained = {r.data.tags["variant"]: r for r in children if r.data.tags.get("stage") != "annotate"}
+    assert trained["eimf"].data.tags["eimf"] == "on" and trained["backbone"].data.tags["eimf"] == "off"
+    assert "train/loss/semantic_prediction" in trained["eimf"].data.metrics
+    assert "train/loss/semantic_prediction" not in trained["backbone"].data.metrics
+    assert "test/recall_at_50" in trained["eimf"].data.metrics
+
+    again = run_eimf_grid(base, ["ml-100k"], ["comirec_sa"], [1], ["backbone", "eimf"], raw_path=raw,
+                          grid_name="g1", out_dir=str(tmp_path / "work"))
+    assert len(again) == 2 and len(raw.read_text().splitlines()) == 2
+    assert len(client.search_runs([exp.experiment_id])) == len(runs)  # nothing new, the parent reused
