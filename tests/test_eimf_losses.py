@@ -348,8 +348,7 @@ def test_fit_reports_aux_metrics_only_with_eimf():
 
 
 def test_head_is_checkpointed_but_not_in_the_best_model(tmp_path):
-    from eimf.training.deepspeed_step import DeepSpeedStepRunner
-    from eimf.training.loop import HEAD_FILE, LoopState, load_training_state, save_training_state
+    from eimf.training.loop import HEAD_FILE, LoopState, load_best_head, load_training_state, save_training_state
 
     cfg = load_config(None, ["model.dim=8", "model.num_interests=3", "model.maxlen=6"])
     model, loss_fn, runner = _tiny_setup(head=True)
@@ -369,8 +368,12 @@ def test_head_is_checkpointed_but_not_in_the_best_model(tmp_path):
     assert other.optimizer.state_dict()["state"].keys() == runner.optimizer.state_dict()["state"].keys()
     with pytest.raises(RuntimeError):
         runner.attach_head(EIMFHead(8, 5))
-    with pytest.raises(NotImplementedError):  # not wired into the DeepSpeed engine yet: refuse, never ignore
-        DeepSpeedStepRunner.attach_head(object.__new__(DeepSpeedStepRunner), EIMFHead(8, 5))
+    # the best evaluation's head travels with the checkpoint, so a resumed run exports the matching g
+    assert load_best_head(tmp_path) is None
+    best_head = {k: v.clone() for k, v in runner.head.state_dict().items()}
+    save_training_state(tmp_path, runner, LoopState(step=2), trainer.best_state, best_head_state=best_head)
+    restored = load_best_head(tmp_path)
+    assert restored.keys() == best_head.keys() and all(torch.equal(restored[k], best_head[k]) for k in best_head)
 
 
 # ---------------------------------------------------------------------------------------------- explanations
@@ -490,8 +493,7 @@ def test_exported_eimf_model_serves_the_same_without_the_annotation_files(ml100k
     trainer = Trainer(cfg, model, loss_fn, runner, iter(batches), data.valid.iloc[:50], data.test)
     state = trainer.fit()
     ckpt = tmp_path / "ckpt"
-    save_training_state(ckpt, runner, state, trainer.best_state)
-    torch.save(trainer.best_head_state, ckpt / "best_eimf_head.pt")
+    save_training_state(ckpt, runner, state, trainer.best_state, best_head_state=trainer.best_head_state)
     (ckpt / "metrics.json").write_text(json.dumps({"step": state.step}))
     export = tmp_path / "export"
     export_model(ckpt, str(export), cfg, str(data.path))

@@ -330,14 +330,28 @@ def _copy_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def save_training_state(folder: Path, runner: StepRunner, state: LoopState, best_state, is_chief=True) -> None:
-    """Weights and optimizer (per rank under DeepSpeed), plus, from the chief, loop state and best weights."""
+#: The EIMF head's weights at the best evaluation, beside ``best_model.pt`` (and in the export).
+BEST_HEAD_FILE = "best_eimf_head.pt"
+
+
+def save_training_state(folder: Path, runner: StepRunner, state: LoopState, best_state, is_chief=True,
+                        best_head_state: Optional[dict] = None) -> None:
+    """Weights and optimizer (per rank under DeepSpeed), plus, from the chief, loop state, best weights and the
+    EIMF head of the best evaluation (so a resumed run that never beats it still exports the matching head)."""
     folder.mkdir(parents=True, exist_ok=True)
     runner.save(folder)
     if is_chief:
         if best_state is not None:
             torch.save(best_state, folder / "best_model.pt")
+        if best_head_state is not None:
+            torch.save(best_head_state, folder / BEST_HEAD_FILE)
         (folder / "state.json").write_text(json.dumps(asdict(state)))
+
+
+def load_best_head(folder: Path) -> Optional[dict]:
+    """The best evaluation's EIMF head from a checkpoint, or None (no EIMF, or no evaluation yet)."""
+    f = Path(folder) / BEST_HEAD_FILE
+    return torch.load(f, map_location="cpu") if f.exists() else None
 
 
 def load_training_state(folder: Path, runner: StepRunner):

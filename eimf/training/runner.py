@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from eimf import fs, tracking
 from eimf.config import Config, eimf_home, to_dict, to_yaml
+from eimf.training.loop import BEST_HEAD_FILE
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def _train_worker(loop_config: dict) -> None:
 
     from eimf.data.preprocess import read_manifest, read_split
     from eimf.evaluation import set_faiss_threads
-    from eimf.training.loop import Trainer, load_training_state, save_training_state, seed_everything
+    from eimf.training.loop import (Trainer, load_best_head, load_training_state, save_training_state,
+                                    seed_everything)
 
     # Our step/eval lines at INFO; Ray's own per-report INFO lines would drown them.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", force=True)
@@ -180,11 +182,12 @@ def _train_worker(loop_config: dict) -> None:
         # Before the checkpoint load: the head's parameters are in the optimizer state restored there.
         semantics = build_eimf(cfg, step_runner)
 
-    state, best_state = None, None
+    state, best_state, best_head_state = None, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state, best_state = load_training_state(Path(folder), step_runner)
+            best_head_state = load_best_head(Path(folder))
         state.resumes.append(state.step)
         if is_chief:
             log.info("resumed from the checkpoint at step %d (resume #%d)", state.step, len(state.resumes))
@@ -196,7 +199,7 @@ def _train_worker(loop_config: dict) -> None:
 
     trainer = Trainer(cfg, step_runner.model, loss_fn, step_runner, batches, valid, test, device=device,
                       is_chief=is_chief)
-    trainer.best_state = best_state
+    trainer.best_state, trainer.best_head_state = best_state, best_head_state
     run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("mlflow_uri")
 
     def report(metrics, loop_state, is_eval):
@@ -205,7 +208,8 @@ def _train_worker(loop_config: dict) -> None:
         if not is_eval:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            save_training_state(Path(tmp), step_runner, loop_state, trainer.best_state, is_chief)
+            save_training_state(Path(tmp), step_runner, loop_state, trainer.best_state, is_chief,
+                                trainer.best_head_state)
             ray.train.report(
                 {**metrics, "step": loop_state.step, "best_metric": loop_state.best_metric},
                 checkpoint=Checkpoint.from_directory(tmp),
@@ -234,11 +238,10 @@ def _train_worker(loop_config: dict) -> None:
         tracking.log_metrics(uri, run_id, final, step=state.step)
         log.info("final: %s", json.dumps({k: round(v, 4) for k, v in final.items()}))
     with tempfile.TemporaryDirectory() as tmp:
-        save_training_state(Path(tmp), step_runner, state, trainer.best_state, is_chief)
+        # with g of the best model beside it: it labels that model's interests (eimf.explain)
+        save_training_state(Path(tmp), step_runner, state, trainer.best_state, is_chief, trainer.best_head_state)
         if is_chief:
             (Path(tmp) / "metrics.json").write_text(json.dumps(final, indent=2))
-            if trainer.best_head_state is not None:  # g of the best model: labels its interests (eimf.explain)
-                torch.save(trainer.best_head_state, Path(tmp) / "best_eimf_head.pt")
         ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp))
 
 
@@ -269,8 +272,8 @@ def export_model(checkpoint_dir: Path, export_dir: str, cfg: Config, data_path: 
         out = Path(tmp)
         shutil.copy(checkpoint_dir / "best_model.pt", out / "model.pt")
         shutil.copy(checkpoint_dir / "metrics.json", out / "metrics.json")
-        if (checkpoint_dir / "best_eimf_head.pt").exists():  # beside the model, never inside it
-            shutil.copy(checkpoint_dir / "best_eimf_head.pt", out / "eimf_head.pt")
+        if (checkpoint_dir / BEST_HEAD_FILE).exists():  # beside the model, never inside it
+            shutil.copy(checkpoint_dir / BEST_HEAD_FILE, out / "eimf_head.pt")
         (out / "config.yaml").write_text(to_yaml(cfg))
         (out / "dataset.json").write_text(json.dumps({"data_path": data_path}))
         fs.upload_dir(out, str(export_dir))
