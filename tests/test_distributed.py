@@ -21,36 +21,6 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, free_port):
-    """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifact store), stopped at the end."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not become healthy in 120 s")
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     from eimf.data.preprocess import prepare
 
@@ -140,6 +110,35 @@ def test_same_run_name_resumes_instead_of_starting_over(prepared, tmp_path, ray_
     assert len(runs) == 1  # one MLflow run, continued
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "valid/recall_at_50")]
     assert sorted(steps) == [100, 200, 300]
+
+
+def test_eimf_on_two_zero2_workers_trains_and_exports_the_head(prepared, tmp_path, ray_session, monkeypatch):
+    """EIMF under DeepSpeed ZeRO-2 on 2 Ray Train workers: each worker samples typical users of its own shard,
+    the replicated head trains (auxiliary losses logged), the export holds the backbone and g beside it."""
+    import numpy as np
+
+    from eimf import tracking
+    from eimf.semantic.annotate import annotate_users
+    from eimf.semantic.annotators.metadata import MetadataAnnotator
+    from eimf.semantic.encoder import SemanticEncoder
+    from eimf.training.runner import train
+
+    monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
+    users = np.asarray(prepared.train["user"])[::8]  # ~95 users spread over both workers' shards
+    encoder = SemanticEncoder()
+    annotate_users(prepared, users, MetadataAnnotator(embed=encoder), None, encoder, K=4, token_budget=512,
+                   out_dir=str(tmp_path / "ann"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _cfg(prepared, tmp_path, "train.num_workers=2", "train.zero_stage=2", "train.max_steps=100",
+               "eimf.enabled=true", f"eimf.annotations={tmp_path / 'ann'}", f"tracking.tracking_uri={uri}",
+               "train.log_every=20")
+    result = train(cfg, data_path=str(prepared.path))
+    assert result.metrics["world_size"] == 2 and result.metrics["step"] == 100
+    assert np.isfinite(result.metrics["test/recall@50"])
+    assert {"model.pt", "eimf_head.pt"} <= set(os.listdir(result.export_dir))
+    client = tracking.client(uri)
+    sp = [m.value for m in client.get_metric_history(result.mlflow_run_id, "train/loss/semantic_prediction")]
+    assert len(sp) >= 4 and all(np.isfinite(sp)) and np.mean(sp[-2:]) < np.mean(sp[:2])
 
 
 def _train_worker_pids():
