@@ -159,7 +159,7 @@ class SemanticConfig:
     # -- typical-sample selection --------------------------------------------------------------
     #: ``typical`` (k-means over warm-up interests, nearest to centroid, long histories) | ``random`` (ablation).
     selection: str = "typical"
-    #: Annotation budget: a fraction of the training users (< 1) or a count (>= 1).
+    #: Annotation budget: a fraction of the training users (<= 1; 1.0 = all of them) or a count (> 1).
     budget: float = 0.1
     #: k-means clusters over user representations (clamped to the number of users).
     n_clusters: int = 20

@@ -33,6 +33,10 @@ def clustered(n_clusters=4, per=60, k=3, d=16, seed=0):
 def test_budget_resolution_and_apportionment():
     assert resolve_budget(0.1, 95) == 10 and resolve_budget(25, 95) == 25 and resolve_budget(500, 95) == 95
     assert resolve_budget(0.001, 95) == 1 and resolve_budget(0, 95) == 0
+    assert resolve_budget(1.0, 95) == 95 and resolve_budget(1, 95) == 95  # 1 is 100 %, not one user
+    assert resolve_budget(2, 95) == 2
+    with pytest.raises(ValueError, match="whole number"):
+        resolve_budget(2.5, 95)
     q = apportion([50, 30, 15, 5], 10)
     assert q.sum() == 10 and (q >= 1).all() and q[0] >= q[1] >= q[2] >= q[3]
     assert list(apportion([50, 30, 20], 10, min_one=False)) == [5, 3, 2]

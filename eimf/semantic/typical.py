@@ -8,7 +8,7 @@
 2. **Clusters.** ``faiss.Kmeans`` (spherical by default: centroids are re-normalised, so the assignment is by
    cosine) with a fixed seed. ``distance`` is the squared L2 distance of a user to its centroid; on unit
    vectors with spherical k-means this is ``2 - 2 cos`` up to the centroid's norm.
-3. **Quota per cluster.** The budget (a fraction of the users when < 1, a count when >= 1) is split across the
+3. **Quota per cluster.** The budget (a fraction of the users when <= 1, a count when > 1) is split across the
    clusters in proportion to their size by the largest-remainder (Hamilton) method, never above the number of
    eligible users of a cluster. When the budget is at least the number of non-empty clusters, every cluster
    first gets one user, so every region of interest space is annotated.
@@ -97,11 +97,13 @@ def combine_interests(user_reprs: np.ndarray, how: str = "mean") -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- budget
 def resolve_budget(budget: float, n_users: int) -> int:
-    """A fraction (< 1) or a count (>= 1) -> a count in ``[0, n_users]``."""
+    """A fraction (<= 1; 1.0 is every user) or a count (> 1) -> a count in ``[0, n_users]``."""
     if budget < 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
-    n = int(round(budget * n_users)) if budget < 1 else int(budget)
-    if budget < 1 and budget > 0:
+    if budget > 1 and budget != int(budget):
+        raise ValueError(f"budget {budget}: a fraction must be <= 1, a count a whole number")
+    n = int(round(budget * n_users)) if budget <= 1 else int(budget)
+    if 0 < budget <= 1:
         n = max(n, 1)
     return min(n, n_users)
 
