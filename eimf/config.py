@@ -260,6 +260,10 @@ class EIMFConfig:
     matching: str = "hungarian"
     #: Share of every batch drawn from typical (annotated) users; the rest from the other training users.
     typical_share: float = 0.25
+    #: ``oversample`` (typical users fill ``typical_share`` of the batch and its recommendation loss) | ``extra``
+    #: (the batch stays the backbone's; ``typical_share`` x batch typical rows are added for the auxiliary
+    #: losses only, so a small budget does not skew the recommendation loss toward a few users).
+    typical_sampling: str = "oversample"
     #: Hidden width of the predictor g (d -> hidden -> semantic dim, GELU); 0: a linear map.
     predictor_hidden: int = 256
 

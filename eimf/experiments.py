@@ -123,6 +123,10 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in [
     Variant("no-aux", "EIMF batches, both auxiliary weights 0 (isolates the sampling)", _META,
             ("eimf.lambda_sp=0", "eimf.lambda_ma=0")),
     Variant("random", "EIMF with random instead of typical users", _META + ("semantic.selection=random",)),
+    Variant("extra", "EIMF, typical rows added for the auxiliary losses only (eimf.typical_sampling=extra)",
+            _META, ("eimf.typical_sampling=extra",)),
+    Variant("extra-1%", "as extra, 1 % of training users annotated (pair with budget-1%)",
+            _META + ("semantic.budget=0.01",), ("eimf.typical_sampling=extra",)),
     *[Variant(f"budget-{p}%", f"EIMF, metadata, {p} % of training users annotated",
               _META + (f"semantic.budget={p / 100:g}",)) for p in (1, 5, 20, 100)],
 ]}

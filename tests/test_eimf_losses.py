@@ -207,6 +207,42 @@ def test_sampler_edge_shares_and_errors():
         SemanticTrainSampler(seqs, users, sem, maxlen=4, batch_size=8, typical_share=1.5)
 
 
+def test_extra_sampling_keeps_the_backbones_batch_and_appends_aux_rows():
+    lengths = [10, 3, 12, 20, 8, 30, 15, 9]
+    seqs, users = _seqs(lengths), np.arange(len(lengths)) + 500
+    rng = np.random.default_rng(0)
+    semantics = {int(u): _unit(rng.normal(size=(2, 6))).astype(np.float32) for u in (503,)}  # one typical user
+    s = SemanticTrainSampler(seqs, users, semantics, maxlen=5, batch_size=40, typical_share=0.25, min_cut=4,
+                             seed=1, mode="extra")
+    counts = np.zeros(len(lengths))
+    for batch in itertools.islice(iter(s), 50):
+        assert batch.hist.shape == (50, 5) and batch.rec_rows == 40
+        assert batch.sem_rows.tolist() == list(range(40, 50)) and batch.sem.shape == (10, 2, 6)
+        row_user = users[batch.target // 1000 - 1]
+        assert set(row_user[40:]) == {503}  # the aux rows: typical users only
+        np.add.at(counts, batch.target[:40] // 1000 - 1, 1)
+    # the recommendation rows: every eligible user, annotated or not, about equally often (as the backbone's)
+    eligible = np.array(lengths) > 4
+    assert (counts[eligible] > 0).all() and counts[~eligible].sum() == 0
+    assert counts[3] / counts[eligible].mean() < 1.5  # the typical user is not over-sampled there
+    with pytest.raises(ValueError, match="typical_sampling"):
+        SemanticTrainSampler(seqs, users, semantics, maxlen=5, batch_size=8, typical_share=0.25, mode="nope")
+
+
+def test_trainer_extra_rows_feed_only_the_auxiliary_losses():
+    """With ``extra`` rows, the recommendation loss is the one of the first rec_rows rows alone."""
+    cfg = load_config()
+    model, loss_fn, runner = _tiny_setup(head=True)
+    b = _tiny_batch(B=11)
+    extra = SemanticBatch(b.hist, b.mask, b.target, np.array([8, 9, 10]), b.sem, b.sem_mask, 8)
+    torch.manual_seed(5)
+    m = _trainer(cfg, model, loss_fn, runner).train_step(extra)
+    model2, loss_fn2, _ = _tiny_setup(head=True)
+    torch.manual_seed(5)
+    hist, mask, target = (torch.as_tensor(x[:8]) for x in b[:3])
+    assert m["rec"] == pytest.approx(float(model2(hist, mask, target, loss_fn2)["rec"]), rel=1e-6)
+
+
 def test_train_sampler_stream_is_unchanged_by_the_refactor():
     # The same draws as before sample_users() existed: users, then cuts, from the one generator.
     seqs = _seqs([6, 9, 30])

@@ -125,6 +125,9 @@ class SemanticBatch(NamedTuple):
     sem_rows: np.ndarray  # [b] int64: rows of the batch that are typical users
     sem: np.ndarray  # [b, M, D] float32 unit vectors (zeros where sem_mask is False)
     sem_mask: np.ndarray  # [b, M] bool
+    #: The first ``rec_rows`` rows feed the recommendation loss; -1: all rows. Rows after them (``extra``
+    #: sampling) are typical users that feed the auxiliary losses only.
+    rec_rows: int = -1
 
 
 def pad_semantics(vectors: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
@@ -142,20 +145,31 @@ def pad_semantics(vectors: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray
 
 
 class SemanticTrainSampler(_Stream):
-    """EIMF batches (design.md section 5): ``round(typical_share * batch_size)`` rows drawn from the typical users
-    (those with semantic interests), the rest from the other training users, each part as :class:`TrainSampler`
-    draws it (uniform user, random cut). Typical rows come first; ``sem_rows`` names them.
+    """EIMF batches (design.md section 5), each part drawn as :class:`TrainSampler` draws (uniform user, random cut).
+
+    ``oversample`` (the paper's): ``round(typical_share * batch_size)`` rows from the typical users (those with
+    semantic interests), the rest from the other training users; typical rows come first; every row feeds the
+    recommendation loss, so a small annotation budget makes a few users weigh heavily in it.
+    ``extra``: the batch is the backbone's (``batch_size`` rows from all training users), and
+    ``round(typical_share * batch_size)`` typical rows are appended that feed only the auxiliary losses
+    (``rec_rows = batch_size``); the recommendation objective is then the backbone's, whatever the budget.
+    ``sem_rows`` names the typical rows either way.
 
     ``semantics``: ``{user id: [M_u, D]}`` as :func:`eimf.semantic.annotate.semantic_vectors` returns. The prompts
     saw only training sequences, and here every instance is cut from a training sequence, so the semantic
     interests reveal nothing outside the training data.
     """
 
+    MODES = ("oversample", "extra")
+
     def __init__(self, sequences: Sequence, users: Sequence[int], semantics: Mapping[int, np.ndarray], maxlen: int,
                  batch_size: int, typical_share: float, min_cut: int = 4, seed: int = 0,
-                 num_batches: Optional[int] = None):
+                 num_batches: Optional[int] = None, mode: str = "oversample"):
         if not 0.0 <= typical_share <= 1.0:
             raise ValueError(f"typical_share must be in [0, 1], got {typical_share}")
+        if mode not in self.MODES:
+            raise ValueError(f"eimf.typical_sampling must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
         if len(users) != len(sequences):
             raise ValueError(f"{len(users)} users for {len(sequences)} sequences")
         self.batch_size, self.seed, self.num_batches = int(batch_size), seed, num_batches
@@ -170,7 +184,7 @@ class SemanticTrainSampler(_Stream):
                      n_unknown, int((annotated & ~typical).sum()))
         if self.n_typical_rows and not typical.any():
             raise ValueError("no annotated user has a training sequence longer than min_cut")
-        if self.n_typical_rows < self.batch_size and not others.any():
+        if mode == "oversample" and self.n_typical_rows < self.batch_size and not others.any():
             raise ValueError("no non-annotated training user to fill the rest of the batch")
         # Pre-filtered, so each sub-sampler's user index i is our i-th typical (other) user.
         sub = dict(maxlen=maxlen, batch_size=self.batch_size, min_cut=min_cut, seed=seed)
@@ -178,6 +192,8 @@ class SemanticTrainSampler(_Stream):
         self.typical = TrainSampler([sequences[i] for i in idx_t], **sub) if len(idx_t) else None
         self.others = TrainSampler([sequences[i] for i in idx_o], **sub) if len(idx_o) else None
         self.typical_users = users[idx_t]
+        # extra: the recommendation rows come from every training user, as the backbone's batches do
+        self.everyone = TrainSampler(sequences, **sub) if mode == "extra" else None
         self.sem, self.sem_mask = pad_semantics([np.asarray(semantics[int(u)], np.float32) for u in self.typical_users])
         self.rng = np.random.default_rng(seed)
 
@@ -186,6 +202,14 @@ class SemanticTrainSampler(_Stream):
             raise ValueError("SemanticTrainSampler draws batches of its own batch_size")
         rng = rng or self.rng
         n_t = self.n_typical_rows
+        if self.mode == "extra":
+            hist, mask, target = self.everyone.sample(self.batch_size, rng)
+            rows = np.arange(self.batch_size, self.batch_size + n_t, dtype=np.int64)
+            if not n_t:
+                return SemanticBatch(hist, mask, target, rows, self.sem[:0], self.sem_mask[:0], self.batch_size)
+            u, *extra = self.typical.sample_users(n_t, rng)
+            hist, mask, target = (np.concatenate([a, b]) for a, b in zip((hist, mask, target), extra))
+            return SemanticBatch(hist, mask, target, rows, self.sem[u], self.sem_mask[u], self.batch_size)
         parts = []
         if n_t:
             u, *batch_t = self.typical.sample_users(n_t, rng)

@@ -189,8 +189,11 @@ class Trainer:
 
     def _eimf_step(self, hist, mask, target, batch: SemanticBatch, head) -> Dict[str, float]:
         """L = L_main + lambda_sp * L_sp + lambda_ma * L_ma, the auxiliary terms on the typical rows only."""
-        out = self.runner.forward(hist, mask, target, self.loss_fn, True)
+        n_rec = batch.rec_rows if batch.rec_rows >= 0 else len(target)
+        out = self.runner.forward(hist[:n_rec], mask[:n_rec], target[:n_rec], self.loss_fn, True)
         interests = out.pop("interests")
+        if n_rec < len(target):  # rows for the auxiliary losses only: interests, no recommendation loss
+            interests = torch.cat([interests, self.runner.forward(hist[n_rec:], mask[n_rec:])])
         if len(batch.sem_rows):
             rows = torch.as_tensor(batch.sem_rows, device=self.device)
             aux = head(interests[rows], torch.as_tensor(batch.sem, device=self.device),
@@ -226,7 +229,8 @@ class Trainer:
             t_model = time.perf_counter()
             losses = self.train_step(batch)
             t_end = time.perf_counter()
-            n = len(batch[2])
+            # recommendation examples (EIMF's aux-only rows are not training examples of the recommender)
+            n = batch.rec_rows if isinstance(batch, SemanticBatch) and batch.rec_rows >= 0 else len(batch[2])
             state.step += 1
             state.examples += n
             state.data_seconds += t_model - t_data
