@@ -199,8 +199,8 @@ def test_sampler_edge_shares_and_errors():
     assert len(only_typical.sample().sem_rows) == 8
     none = SemanticTrainSampler(seqs, users, sem, maxlen=4, batch_size=8, typical_share=0.0).sample()
     assert len(none.sem_rows) == 0 and len(none.target) == 8 and (none.target // 1000 != 1).all()
-    with pytest.raises(ValueError, match="non-annotated"):
-        SemanticTrainSampler(seqs[:1], users[:1], sem, maxlen=4, batch_size=8, typical_share=0.5)
+    everyone = SemanticTrainSampler(seqs[:1], users[:1], sem, maxlen=4, batch_size=8, typical_share=0.5)
+    assert everyone.n_typical_rows == 8 and len(everyone.sample().sem_rows) == 8  # all annotated: all typical
     with pytest.raises(ValueError, match="no annotated user"):
         SemanticTrainSampler(seqs, users, {}, maxlen=4, batch_size=8, typical_share=0.5)
     with pytest.raises(ValueError):

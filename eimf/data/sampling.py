@@ -185,7 +185,10 @@ class SemanticTrainSampler(_Stream):
         if self.n_typical_rows and not typical.any():
             raise ValueError("no annotated user has a training sequence longer than min_cut")
         if mode == "oversample" and self.n_typical_rows < self.batch_size and not others.any():
-            raise ValueError("no non-annotated training user to fill the rest of the batch")
+            # every training user is annotated (a 100 % budget): every row is a typical row
+            log.info("SemanticTrainSampler: every training user is annotated: typical share %g -> 1",
+                     typical_share)
+            self.n_typical_rows = self.batch_size
         # Pre-filtered, so each sub-sampler's user index i is our i-th typical (other) user.
         sub = dict(maxlen=maxlen, batch_size=self.batch_size, min_cut=min_cut, seed=seed)
         idx_t, idx_o = np.flatnonzero(typical), np.flatnonzero(others)
