@@ -236,7 +236,8 @@ def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
 def format_eimf_table(rows: List[dict], split: str = "test", metric: str = "recall@50") -> str:
     """Markdown per (dataset, backbone): one line per variant, mean ± std over seeds of every metric, the change
     of ``metric`` against the backbone on the same seeds (mean ± std of the per-seed differences), whether that
-    lift is beyond the seed spread (mean gain > the larger of the two stds), train time and examples/s."""
+    lift is beyond the seed spread (mean gain > the larger of the two stds; no verdict from one seed), train time
+    and examples/s."""
     groups: Dict[Tuple[str, str], Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         groups[(r["dataset"], r["model"])][r.get("variant", "backbone")][r["seed"]] = r["metrics"]
@@ -258,7 +259,9 @@ def format_eimf_table(rows: List[dict], split: str = "test", metric: str = "reca
             if name != "backbone" and paired:
                 d_mean, d_std = _mean_std(paired)
                 spread = max(_mean_std([x[key] for x in ms])[1], _mean_std([x[key] for x in base.values()])[1])
-                cells += [f"{d_mean:+.4f} ± {d_std:.4f}", "yes" if d_mean > spread else "no"]
+                # one seed has no spread to beat: no verdict
+                verdict = ("yes" if d_mean > spread else "no") if len(paired) > 1 else "-"
+                cells += [f"{d_mean:+.4f} ± {d_std:.4f}", verdict]
             else:
                 cells += ["-", "-"]
             for k, fmt in (("train_seconds", "{:.0f}"), ("examples_per_s", "{:.0f}")):

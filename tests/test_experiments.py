@@ -64,6 +64,8 @@ def test_table_pairs_seeds_and_flags_a_lift_beyond_the_spread():
     partial = format_eimf_table(rows[:2] + rows[3:6])
     line = [x for x in partial.splitlines() if " eimf " in x][0]
     assert "+0.0500 ± 0.0000" in line
+    one_seed = format_eimf_table([rows[0], rows[3]])
+    assert [x for x in one_seed.splitlines() if " eimf " in x][0].split(" | ")[11] == "-"  # no verdict
 
 
 def test_unknown_variant_is_rejected(tmp_path):
