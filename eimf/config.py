@@ -253,7 +253,7 @@ class EIMFConfig:
     lambda_sp: float = 0.1
     #: Modality alignment weight: symmetric InfoNCE between v_k and P(s_pi(k)), in-batch negatives. 0.1 wrecked
     #: retrieval on ML-100K (valid Recall@50 at 200 steps 0.04 vs 0.167 for the backbone); 0.01 gave 0.155.
-    #: Not tuned yet beyond that single-seed check.
+    #: Not tuned further; on ML-100K dropping it (lambda_ma=0) did best of the ablations (docs/results.md).
     lambda_ma: float = 0.01
     temperature: float = 0.1
     #: ``hungarian`` (optimal one-to-one) | ``greedy`` (best remaining pair first, one-to-one).
