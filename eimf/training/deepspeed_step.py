@@ -65,13 +65,13 @@ class DeepSpeedStepRunner(StepRunner):
         kind, defaults = self._optimizer_factory
         self.head = head
         self.head_optimizer = kind(head.parameters(), **defaults)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed():
             for p in head.parameters():  # identical start on every rank, whatever each rank's RNG did
                 torch.distributed.broadcast(p.data, src=0)
 
     def _head_step(self) -> None:
         params = [p for p in self.head.parameters() if p.grad is not None]
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and params:
+        if _distributed() and params:
             world = torch.distributed.get_world_size()
             flat = torch.cat([p.grad.reshape(-1) for p in params])  # one collective for the whole head
             torch.distributed.all_reduce(flat)
@@ -118,6 +118,9 @@ class DeepSpeedStepRunner(StepRunner):
             self.head_optimizer.load_state_dict(state["optimizer"])
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
-        else 0
+    return torch.distributed.get_rank() if _distributed() else 0
