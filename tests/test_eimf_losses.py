@@ -205,6 +205,14 @@ def test_sampler_edge_shares_and_errors():
         SemanticTrainSampler(seqs, users, {}, maxlen=4, batch_size=8, typical_share=0.5)
     with pytest.raises(ValueError):
         SemanticTrainSampler(seqs, users, sem, maxlen=4, batch_size=8, typical_share=1.5)
+    # a worker's shard (users 2, 3) without the annotated user 1: plain batches instead of an error
+    for mode in SemanticTrainSampler.MODES:
+        shard = SemanticTrainSampler(seqs[1:], users[1:], sem, maxlen=4, batch_size=8, typical_share=0.5,
+                                     mode=mode, require_typical=False).sample()
+        assert len(shard.sem_rows) == 0 and len(shard.target) == 8 and (shard.target // 1000 != 1).all()
+        assert shard.rec_rows in (-1, 8)
+    with pytest.raises(ValueError, match="no annotated user"):
+        SemanticTrainSampler(seqs[1:], users[1:], sem, maxlen=4, batch_size=8, typical_share=0.5)
 
 
 def test_extra_sampling_keeps_the_backbones_batch_and_appends_aux_rows():

@@ -155,6 +155,9 @@ class SemanticTrainSampler(_Stream):
     (``rec_rows = batch_size``); the recommendation objective is then the backbone's, whatever the budget.
     ``sem_rows`` names the typical rows either way.
 
+    ``require_typical=False`` (a worker's shard under N workers): a shard without a typical user draws batches with
+    no typical rows instead of raising.
+
     ``semantics``: ``{user id: [M_u, D]}`` as :func:`eimf.semantic.annotate.semantic_vectors` returns. The prompts
     saw only training sequences, and here every instance is cut from a training sequence, so the semantic
     interests reveal nothing outside the training data.
@@ -164,7 +167,7 @@ class SemanticTrainSampler(_Stream):
 
     def __init__(self, sequences: Sequence, users: Sequence[int], semantics: Mapping[int, np.ndarray], maxlen: int,
                  batch_size: int, typical_share: float, min_cut: int = 4, seed: int = 0,
-                 num_batches: Optional[int] = None, mode: str = "oversample"):
+                 num_batches: Optional[int] = None, mode: str = "oversample", require_typical: bool = True):
         if not 0.0 <= typical_share <= 1.0:
             raise ValueError(f"typical_share must be in [0, 1], got {typical_share}")
         if mode not in self.MODES:
@@ -183,7 +186,13 @@ class SemanticTrainSampler(_Stream):
             log.info("SemanticTrainSampler: %d annotated users are not training users here, %d are too short",
                      n_unknown, int((annotated & ~typical).sum()))
         if self.n_typical_rows and not typical.any():
-            raise ValueError("no annotated user has a training sequence longer than min_cut")
+            if require_typical:
+                raise ValueError("no annotated user has a training sequence longer than min_cut")
+            # One worker's shard of the users, and a small budget: the other workers' typical rows carry the
+            # auxiliary losses (their head gradients are averaged with this worker's zeros).
+            log.warning("SemanticTrainSampler: none of the %d annotated users is in this shard (%d users): its "
+                        "batches have no typical rows", len(semantics), len(users))
+            self.n_typical_rows = 0
         if mode == "oversample" and self.n_typical_rows < self.batch_size and not others.any():
             # every training user is annotated (a 100 % budget): every row is a typical row
             log.info("SemanticTrainSampler: every training user is annotated: typical share %g -> 1",

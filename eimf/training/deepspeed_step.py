@@ -70,16 +70,19 @@ class DeepSpeedStepRunner(StepRunner):
                 torch.distributed.broadcast(p.data, src=0)
 
     def _head_step(self) -> None:
-        params = [p for p in self.head.parameters() if p.grad is not None]
-        if _distributed() and params:
+        if _distributed():
+            # Every rank joins the collective, also one whose batch had no typical row (the head was not in its
+            # graph: zero gradients), or the other ranks would wait for it forever.
+            params = list(self.head.parameters())
             world = torch.distributed.get_world_size()
-            flat = torch.cat([p.grad.reshape(-1) for p in params])  # one collective for the whole head
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                              for p in params])  # one collective for the whole head
             torch.distributed.all_reduce(flat)
             flat /= world
             offset = 0
             for p in params:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                n = p.numel()
+                p.grad = flat[offset:offset + n].view_as(p).clone()
                 offset += n
         self.head_optimizer.step()
         self.head_optimizer.zero_grad(set_to_none=True)

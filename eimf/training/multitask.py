@@ -47,7 +47,8 @@ def build_eimf(cfg, step_runner, annotations: Optional[str] = None) -> Dict[int,
 def eimf_batches(cfg, users: Sequence[int], sequences: Sequence, semantics: Dict[int, np.ndarray],
                  batch_size: int, seed: int) -> SemanticTrainSampler:
     """Batches with ``eimf.typical_share`` typical rows carrying their semantic interests, drawn as
-    ``eimf.typical_sampling`` says (see :class:`SemanticTrainSampler`)."""
+    ``eimf.typical_sampling`` says (see :class:`SemanticTrainSampler`). Under N workers ``users`` is one
+    worker's shard, which may hold no typical user at a small budget: it then trains without typical rows."""
     return SemanticTrainSampler(sequences, users, semantics, maxlen=cfg.model.maxlen, batch_size=batch_size,
                                 typical_share=cfg.eimf.typical_share, min_cut=cfg.train.min_cut, seed=seed,
-                                mode=cfg.eimf.typical_sampling)
+                                mode=cfg.eimf.typical_sampling, require_typical=cfg.train.num_workers == 1)
