@@ -118,6 +118,8 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in [
     # An LLM on CPU annotates ~0.2 prompts/s: this pairs with budget-5% where 20 % would take too long.
     Variant("llm-5%", "EIMF, LLM annotator, 5 % of training users (pair with budget-5%)",
             ("semantic.annotator=vllm", "semantic.budget=0.05")),
+    Variant("llm-1%", "EIMF, LLM annotator, 1 % of training users (pair with budget-1%)",
+            ("semantic.annotator=vllm", "semantic.budget=0.01")),
     Variant("no-sp", "EIMF without semantic prediction (lambda_sp = 0)", _META, ("eimf.lambda_sp=0",)),
     Variant("no-ma", "EIMF without modality alignment (lambda_ma = 0)", _META, ("eimf.lambda_ma=0",)),
     Variant("no-aux", "EIMF batches, both auxiliary weights 0 (isolates the sampling)", _META,
@@ -159,6 +161,7 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
     """
     from eimf import fs, tracking
     from eimf.data.preprocess import prepare
+    from eimf.semantic.annotate import STATS_FILE
     from eimf.semantic.run import run_annotation
     from eimf.training.runner import train
 
@@ -206,10 +209,14 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
                             key = _annotation_key(cfg_a)
                             if key not in annotations:
                                 ann_dir = fs.join(out_dir, "annotations", f"{dataset}-{backbone}-{key}")
-                                res = run_annotation(cfg_a, model_dir=warmup, out_dir=ann_dir,
-                                                     run_name=f"{grid_name}-annotate-{dataset}-{backbone}-{key}",
-                                                     tags={**child, "variant": name})
-                                annotations[key] = res.out_dir
+                                # stats.json is written last: its presence means a resumed grid's set is whole.
+                                if fs.exists(fs.join(ann_dir, STATS_FILE)):
+                                    log.info("annotation set %s is complete: reused", ann_dir)
+                                else:
+                                    run_annotation(cfg_a, model_dir=warmup, out_dir=ann_dir,
+                                                   run_name=f"{grid_name}-annotate-{dataset}-{backbone}-{key}",
+                                                   tags={**child, "variant": name})
+                                annotations[key] = ann_dir
                             ann_dir = annotations[key]
                             cfg = _apply(cfg_a, ["eimf.enabled=true", f"eimf.annotations={ann_dir}",
                                                  *variant.train])
