@@ -182,20 +182,6 @@ def _train_metrics(metrics: dict) -> Dict[str, float]:
     return _numbers(keep)
 
 
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -342,13 +328,8 @@ class Pipeline:
         cache_dir = sem.cache_dir or fs.join(sp.dir, "cache")
         cfg = dataclasses.replace(self.cfg, semantic=dataclasses.replace(sem, cache_dir=cache_dir))
         out_dir = fs.join(sp.dir, "annotations")
-        # ray.data.llm calls ray.init(runtime_env=<the engines' env>) even with Ray running; inside a Ray job whose
-        # runtime env sets one of the same variables (HF_HUB_OFFLINE, VLLM_CPU_OMP_THREADS_BIND, ...) Ray refuses
-        # that call as a conflict unless told to combine them. The engines' env is read from this process's
-        # environment, i.e. the job's values, so combining changes nothing else.
-        with _environ(RAY_OVERRIDE_JOB_RUNTIME_ENV="1"):
-            res = run_annotation(cfg, model_dir=out["warmup"]["model_dir"], out_dir=out_dir,
-                                 run_name=self.stage_run_name(sp.name, sp.fingerprint), tags=self.child_tags(sp))
+        res = run_annotation(cfg, model_dir=out["warmup"]["model_dir"], out_dir=out_dir,
+                             run_name=self.stage_run_name(sp.name, sp.fingerprint), tags=self.child_tags(sp))
         outputs = {"annotations": fs.join(out_dir, ANNOTATIONS_FILE), "selection": fs.join(out_dir, SELECTION_FILE),
                    "stats": fs.join(out_dir, STATS_FILE)}
         metrics = _numbers({k: res.stats.get(k) for k in ANNOTATE_KEYS if res.stats.get(k) is not None})

@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from pathlib import Path
+from unittest import mock
 from typing import Any, Dict, List, Optional, Sequence
 
 from eimf.semantic.annotators.base import AnnotationRequest, Annotator, Generation
@@ -201,6 +202,14 @@ class VLLMRayAnnotator(Annotator):
                                postprocess_map_kwargs={"num_cpus": MAP_TASK_CPUS})
 
     def _run(self, rows: List[dict]) -> List[dict]:
+        # ray.data.llm calls ray.init(runtime_env=<the engines' env>) even with Ray running; inside a Ray job whose
+        # runtime env sets one of the same variables (HF_HUB_OFFLINE, VLLM_CPU_OMP_THREADS_BIND, ...) Ray refuses
+        # that call as a conflict unless told to combine them. The engines' env is read from this process's
+        # environment, i.e. the job's values, so combining changes nothing else.
+        with mock.patch.dict(os.environ, {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}):
+            return self._run_pass(rows)
+
+    def _run_pass(self, rows: List[dict]) -> List[dict]:
         import ray
 
         if self._processor is None:
