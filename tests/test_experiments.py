@@ -82,7 +82,7 @@ def test_unknown_variant_is_rejected(tmp_path):
 def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ray_session):
     """backbone + EIMF (metadata annotator) on ML-100K, one seed, 40 steps: the warm-up is the backbone run, the
     annotation and both trainings are children of the grid's parent run, the table and raw rows are written,
-    and a second call runs nothing."""
+    a second call runs nothing, and a third with one more variant reuses the annotation set."""
     from mlflow.tracking import MlflowClient
 
     from eimf.experiments import run_eimf_grid
@@ -114,3 +114,12 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
                           grid_name="g1", out_dir=str(tmp_path / "work"))
     assert len(again) == 2 and len(raw.read_text().splitlines()) == 2
     assert len(client.search_runs([exp.experiment_id])) == len(runs)  # nothing new, the parent reused
+
+    # a resumed grid with one more variant on the same annotation settings trains it on the set already on disk
+    more = run_eimf_grid(base, ["ml-100k"], ["comirec_sa"], [1], ["backbone", "eimf", "no-sp"], raw_path=raw,
+                         grid_name="g1", out_dir=str(tmp_path / "work"))
+    assert [r["variant"] for r in more] == ["backbone", "eimf", "no-sp"]
+    assert more[2]["annotations"] == rows[1]["annotations"]
+    known = {r.info.run_id for r in runs}
+    new = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in known]
+    assert [(r.data.tags.get("variant"), r.data.tags.get("stage")) for r in new] == [("no-sp", None)]
