@@ -39,8 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from pathlib import Path
-from unittest import mock
 from typing import Any, Dict, List, Optional, Sequence
+from unittest import mock
 
 from eimf.semantic.annotators.base import AnnotationRequest, Annotator, Generation
 from eimf.semantic.prompts import interest_schema
