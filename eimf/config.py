@@ -253,7 +253,8 @@ class EIMFConfig:
     lambda_sp: float = 0.1
     #: Modality alignment weight: symmetric InfoNCE between v_k and P(s_pi(k)), in-batch negatives. 0.1 wrecked
     #: retrieval on ML-100K (valid Recall@50 at 200 steps 0.04 vs 0.167 for the backbone); 0.01 gave 0.155.
-    #: Not tuned further; on ML-100K dropping it (lambda_ma=0) did best of the ablations (docs/results.md).
+    #: Not tuned further. It carries EIMF's gain on Beauty (without it the lift falls within the seed spread),
+    #: while on ML-100K dropping it did best of the 2-seed ablations (docs/results.md).
     lambda_ma: float = 0.01
     temperature: float = 0.1
     #: ``hungarian`` (optimal one-to-one) | ``greedy`` (best remaining pair first, one-to-one).
