@@ -26,6 +26,7 @@ def _setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # one line per missing CPU-specific build
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -49,7 +50,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from eimf.export import evaluate_exported
+    from eimf.evaluation.exported import evaluate_exported
 
     metrics = evaluate_exported(args.model_dir, split=args.split, with_baseline=True)
     _print_metrics(metrics)
@@ -100,6 +101,28 @@ def cmd_data(args) -> int:
     raise SystemExit(f"unknown data command {args.data_cmd}")
 
 
+def cmd_recommend(args) -> int:
+    from eimf.serving.pyfunc import load_recommender
+
+    rec = load_recommender(args.model)
+    request = {"history": args.history, "k": args.k, "exclude_seen": not args.include_seen}
+    answer = rec.recommend([request])[0]
+    if args.json:
+        print(json.dumps(answer, indent=1))
+        return 0
+    labels = answer["interest_labels"]
+    print(f"history: {answer['history_used']} known item(s) used, {answer['unknown_ids']} unknown id(s) ignored")
+    if labels:
+        print("interests: " + "; ".join(f"{i}: {name}" for i, name in enumerate(labels)))
+    width = max([len(i) for i in answer["items"]] + [4])
+    print(f"{'rank':>4}  {'item':<{width}}  {'score':>8}  interest  title")
+    for rank, (item, score, k, title) in enumerate(zip(answer["items"], answer["scores"], answer["interests"],
+                                                     answer["titles"]), 1):
+        interest = f"{k}" + (f" ({labels[k]})" if labels else "")
+        print(f"{rank:>4}  {item:<{width}}  {score:>8.4f}  {interest:<8}  {title[:80]}")
+    return 0
+
+
 def cmd_ui(args) -> int:
     from eimf.tracking import default_tracking_uri
 
@@ -128,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["valid", "test"])
     e.add_argument("--output", help="write the metrics as JSON here")
     e.set_defaults(fn=cmd_evaluate)
+
+    r = sub.add_parser("recommend", help="top-k items for a history of raw item ids, from a model folder or an "
+                       "MLflow model URI (models:/eimf-ml-1m/1)")
+    r.add_argument("model", help="model folder (local or s3://) or MLflow model URI")
+    r.add_argument("--history", nargs="+", required=True, help="the user's recent raw item ids, oldest first")
+    r.add_argument("-k", "--k", type=int, default=10)
+    r.add_argument("--include-seen", action="store_true", help="keep the history's items in the answer")
+    r.add_argument("--json", action="store_true", help="print the answer as JSON")
+    r.set_defaults(fn=cmd_recommend)
 
     a = sub.add_parser("annotate", help="ESIM: pick typical users, annotate their interests (semantic.annotator: "
                        "metadata | openai | vllm), encode, write Parquet, log to MLflow")
@@ -163,7 +195,17 @@ class UserError(Exception):
 def _user_errors() -> tuple:
     from eimf.data.download import DownloadError
 
-    errors = [UserError, DownloadError, FileNotFoundError]  # ModelNotFoundError is a FileNotFoundError
+    from eimf.serving.folder import ModelFolderError
+    from eimf.serving.recommender import RequestError
+
+    # ModelNotFoundError is a FileNotFoundError
+    errors = [UserError, DownloadError, FileNotFoundError, ModelFolderError, RequestError]
+    try:
+        from mlflow.exceptions import MlflowException  # e.g. a models:/ URI that is not registered
+
+        errors.append(MlflowException)
+    except ImportError:  # pragma: no cover
+        pass
     try:
         from eimf.data.formats import DataError
 

@@ -144,12 +144,39 @@ class EvalConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """The item index that evaluation and serving search (one setting for both, logged as MLflow params)."""
+
+    #: A faiss ``index_factory`` string over inner product (``Flat``, ``HNSW32``, ``IVF4096,Flat``,
+    #: ``IVF16384,PQ32x4fs,RFlat``, ...), or ``auto``: exact ``Flat`` for small catalogues, ANN above
+    #: (``eimf.evaluation.retrieval.auto_index``; docs/serving.md measures the choice).
+    index: str = "auto"
+    #: IVF cells probed per query (IVF indexes only).
+    nprobe: int = 32
+    #: HNSW search beam (HNSW indexes only).
+    ef_search: int = 128
+    #: An ``RFlat`` stage re-scores this many candidates per result exactly.
+    refine_k: int = 4
+
+    def __post_init__(self):
+        if not str(self.index).strip():
+            raise ValueError("retrieval.index must be a faiss index_factory string or 'auto'")
+        for name in ("nprobe", "ef_search", "refine_k"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"retrieval.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     #: None: sqlite:///<EIMF_HOME>/mlflow.db, or $MLFLOW_TRACKING_URI when set.
     tracking_uri: Optional[str] = None
     #: None: ``eimf-<dataset>``.
     experiment: Optional[str] = None
+    #: Log the trained model as an MLflow pyfunc model (eimf.serving) and register it.
+    log_model: bool = True
+    #: Registered model name; None: ``eimf-<dataset>``; "" logs the model without registering it.
+    registered_model: Optional[str] = None
 
 
 @dataclass
@@ -293,6 +320,7 @@ class Config:
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     eimf: EIMFConfig = field(default_factory=EIMFConfig)

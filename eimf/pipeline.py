@@ -126,7 +126,7 @@ def stage_config(cfg: Config, stage: str) -> Tuple[dict, dict]:
     if stage == "prepare":
         return {"data_fingerprint": data_fingerprint(cfg.data)}, {}
     if stage == "warmup":
-        return {"model": d["model"], "negatives": d["negatives"], "eval": d["eval"],
+        return {"model": d["model"], "negatives": d["negatives"], "eval": d["eval"], "retrieval": d["retrieval"],
                 "train": {**train, "max_steps": cfg.pipeline.warmup_steps}}, {}
     if stage == "annotate":
         from eimf.semantic.prompts import PROMPT_VERSION
@@ -134,12 +134,12 @@ def stage_config(cfg: Config, stage: str) -> Tuple[dict, dict]:
         return {"semantic": _without(d["semantic"], SEMANTIC_OPERATIONAL)}, {"prompt": PROMPT_VERSION}
     if stage == "train":
         effective = _without(dataclasses.asdict(eimf_train_config(cfg.train)[0]), TRAIN_OPERATIONAL)
-        return {"model": d["model"], "negatives": d["negatives"], "eval": d["eval"],
+        return {"model": d["model"], "negatives": d["negatives"], "eval": d["eval"], "retrieval": d["retrieval"],
                 "train": effective, "eimf": _without(d["eimf"], ("enabled", "annotations"))}, {}
     if stage == "evaluate":
-        return {"splits": list(cfg.pipeline.eval_splits)}, {}
+        return {"splits": list(cfg.pipeline.eval_splits), "retrieval": d["retrieval"]}, {}
     if stage == "export":
-        return {}, {}
+        return {"log_model": cfg.tracking.log_model, "registered_model": cfg.tracking.registered_model}, {}
     raise PipelineError(f"unknown pipeline stage {stage!r} (stages: {', '.join(STAGES)})")
 
 
@@ -308,6 +308,8 @@ class Pipeline:
     def _train_stage(self, sp: StagePlan, cfg: Config, data_path: str):
         from eimf.training.runner import train
 
+        # the export stage registers the pipeline's final model; the training stages only log theirs
+        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, registered_model=""))
         res = train(cfg, data_path=data_path, tags=self.child_tags(sp))
         outputs = {"model_dir": res.export_dir, "run_dir": fs.join(res.storage_path, res.run_name)}
         return outputs, _train_metrics(res.metrics), res.mlflow_run_id, {"train_run_name": res.run_name}
@@ -351,13 +353,11 @@ class Pipeline:
         return outputs, metrics, run_id, info
 
     def _run_evaluate(self, sp: StagePlan, out: Dict[str, dict]):
-        from eimf.export import evaluate_exported
+        from eimf.evaluation.exported import evaluate_splits
 
         model_dir = out["train"]["model_dir"]
         with self.child_run(sp) as run_id:
-            metrics: Dict[str, float] = {}
-            for split in self.cfg.pipeline.eval_splits:
-                metrics.update(evaluate_exported(model_dir, split=split, with_baseline=True))
+            metrics = evaluate_splits(model_dir, self.cfg.pipeline.eval_splits, with_baseline=True)
             path = fs.join(sp.dir, "metrics.json")
             fs.write_json(path, metrics)
             tracking.log_metrics(self.uri, run_id, metrics, step=0)
@@ -375,7 +375,14 @@ class Pipeline:
                 "source_model": out["train"]["model_dir"], "exported_utc": _now()})
             fs.upload_dir(tmp, final)
             tracking.log_artifacts(self.uri, run_id, tmp, "model")
-        return {"model_dir": final}, _numbers(metrics), run_id, {}
+            info = {}
+            if run_id and self.cfg.tracking.log_model:
+                from eimf.serving.pyfunc import log_recommender
+                from eimf.training.runner import registered_model_name
+
+                info["model_uri"] = log_recommender(tmp, self.uri, run_id, registered_model_name(self.cfg))
+                tracking.client(self.uri).set_tag(run_id, "model_uri", info["model_uri"])
+        return {"model_dir": final}, _numbers(metrics), run_id, info
 
     # --------------------------------------------------------------------------------------------- run
     def _write_manifest(self, sp: StagePlan, status: str, attempt: int, started: str, **extra) -> None:

@@ -9,11 +9,11 @@ several interests keeps its best score, and the first N distinct items are kept.
 of ``max_k`` scores over the whole catalogue, because an item in that top-N is necessarily in the top-N of
 the interest that attains its maximum. The top-20 is therefore a prefix of the top-50 (up to exact ties).
 
-Index choice: :class:`ItemIndex` uses ``faiss.IndexFlatIP`` (exact, brute force) by default; that is what
-the metrics protocol asks for and is fast enough for catalogues up to a few hundred thousand items
-(``B * K * N_items * d`` multiply-adds per batch). For much larger catalogues ``index="ivf"`` builds an
-``IndexIVFFlat`` (inner product); it is approximate unless ``nprobe == nlist``, so reported metrics are then
-not exact full-ranking metrics: record ``nlist``/``nprobe`` alongside them.
+Index choice: :class:`ItemIndex` takes a faiss ``index_factory`` string (the ``retrieval`` config section, shared
+by evaluation and serving). ``Flat`` is exact brute force, what the metrics protocol asks for, and fast enough
+up to a few hundred thousand items (``B * K * N_items * d`` multiply-adds per batch); ``auto`` keeps it there and
+switches to an ANN index above (docs/serving.md measures recall against exact search and time per user). An ANN
+index makes metrics approximate: its string and search parameters are logged beside them.
 
 Threads: faiss uses OpenMP with every core by default. :func:`set_faiss_threads` sets it from the
 ``threads`` argument, else ``$EIMF_FAISS_THREADS``, else the CPUs this process may run on. Training loops
@@ -115,20 +115,63 @@ def merge_candidates(
     return out_ids, out_scores
 
 
+#: Catalogue sizes up to which ``index="auto"`` stays exact, and the ANN string it picks above (docs/serving.md).
+AUTO_EXACT_MAX_ITEMS = 200_000
+
+
+def auto_index(n_items: int) -> str:
+    """The faiss ``index_factory`` string ``index="auto"`` picks for a catalogue of ``n_items`` (docs/serving.md
+    has the measurements behind it): exact up to :data:`AUTO_EXACT_MAX_ITEMS`, then HNSW over the raw vectors."""
+    return "Flat" if n_items <= AUTO_EXACT_MAX_ITEMS else "HNSW32"
+
+
+def resolve_index(spec: str, n_items: int) -> str:
+    """``auto`` -> :func:`auto_index`; the legacy names ``flat``/``ivf`` -> ``Flat``/``IVF<4 sqrt N>,Flat``."""
+    if spec == "auto":
+        return auto_index(n_items)
+    if spec == "flat":
+        return "Flat"
+    if spec == "ivf":
+        return f"IVF{max(1, min(n_items // 39, int(4 * np.sqrt(n_items))))},Flat"
+    return spec
+
+
+def _set_search_params(index, nprobe: Optional[int], ef_search: Optional[int], refine_k: Optional[int]) -> dict:
+    """Set whichever of nprobe / efSearch / the refine factor this index has (through wrappers); return them."""
+    space = faiss.ParameterSpace()
+    done = {}
+    for name, value in (("nprobe", nprobe), ("efSearch", ef_search), ("k_factor_rf", refine_k)):
+        if value is None:
+            continue
+        try:
+            space.set_index_parameter(index, name, float(value))
+            done[name] = value
+        except RuntimeError:  # this index has no such parameter
+            pass
+    return done
+
+
 class ItemIndex:
     """Inner-product index over item rows ``1..N`` of an ``[N + 1, d]`` table (row 0 = padding).
 
-    ``index="flat"`` (default): exact ``IndexFlatIP``. ``index="ivf"``: ``IndexIVFFlat`` with ``nlist`` cells
-    (default ``4 * sqrt(N)``) probing ``nprobe`` of them; approximate, for very large catalogues only.
+    ``index`` is a faiss ``index_factory`` string (``Flat``, ``HNSW32``, ``IVF4096,Flat``,
+    ``IVF16384,PQ32x4fs,RFlat``, ...) built with the inner-product metric, or ``auto`` (exact for small
+    catalogues, see :func:`auto_index`). Only ``Flat`` is exact: record the string and its search parameters
+    beside any metric computed through another index. ``nprobe`` (IVF cells probed), ``ef_search`` (HNSW beam)
+    and ``refine_k`` (candidates per result re-scored exactly by an ``RFlat`` stage) apply where the index has
+    them. Training indexes (IVF, PQ) learn from at most ``train_size`` rows drawn with a fixed seed.
     """
 
     def __init__(
         self,
         item_embeddings: np.ndarray,
-        index: str = "flat",
-        nlist: Optional[int] = None,
-        nprobe: int = 16,
+        index: str = "Flat",
+        nprobe: Optional[int] = 32,
+        ef_search: Optional[int] = 128,
+        refine_k: Optional[int] = 4,
         threads: Optional[int] = None,
+        train_size: int = 500_000,
+        nlist: Optional[int] = None,
     ):
         table = np.asarray(item_embeddings)
         if hasattr(item_embeddings, "detach"):  # a torch tensor
@@ -137,19 +180,52 @@ class ItemIndex:
             raise ValueError(f"item table must be [N + 1, d] with N >= 1, got {table.shape}")
         self.threads = set_faiss_threads(threads)
         items = np.ascontiguousarray(table[1:], dtype=np.float32)
-        self.n_items, self.dim = items.shape
-        if index == "flat":
-            self.index = faiss.IndexFlatIP(self.dim)
-        elif index == "ivf":
-            nlist = int(nlist or max(1, min(self.n_items // 39, int(4 * np.sqrt(self.n_items)))))
-            quantizer = faiss.IndexFlatIP(self.dim)
-            self.index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            self.index.train(items)
-            self.index.nprobe = min(nprobe, nlist)
-            self._quantizer = quantizer  # keep it alive as long as the index
-        else:
-            raise ValueError(f"unknown index type {index!r} (flat | ivf)")
-        self.index.add(items)
+        n, self.dim = items.shape
+        if nlist is not None and index == "ivf":  # the older keyword form
+            index = f"IVF{int(nlist)},Flat"
+        self.spec = resolve_index(index, n)
+        try:
+            built = faiss.index_factory(self.dim, self.spec, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(f"retrieval index {index!r}: faiss cannot build {self.spec!r} for d={self.dim} "
+                             f"({str(e).strip().splitlines()[-1]})") from None
+        if not built.is_trained:
+            sample = items
+            if n > train_size:
+                sample = items[np.sort(np.random.default_rng(0).choice(n, train_size, replace=False))]
+            built.train(sample)
+        built.add(items)
+        self._adopt(built, nprobe, ef_search, refine_k)
+
+    @classmethod
+    def from_config(cls, item_embeddings, retrieval, threads: Optional[int] = None) -> "ItemIndex":
+        """The index a :class:`eimf.config.RetrievalConfig` describes, over ``item_embeddings``."""
+        return cls(item_embeddings, index=retrieval.index, nprobe=retrieval.nprobe, ef_search=retrieval.ef_search,
+                   refine_k=retrieval.refine_k, threads=threads)
+
+    def _adopt(self, built, nprobe, ef_search, refine_k) -> None:
+        self.index = built
+        self.n_items = int(built.ntotal)
+        self.dim = int(built.d)
+        self.params = _set_search_params(built, nprobe, ef_search, refine_k)
+
+    @property
+    def exact(self) -> bool:
+        return self.spec == "Flat"
+
+    def save(self, path) -> None:
+        """The index as faiss's own file format (local path)."""
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path, spec: str, nprobe: Optional[int] = 32, ef_search: Optional[int] = 128,
+             refine_k: Optional[int] = 4, threads: Optional[int] = None) -> "ItemIndex":
+        """An index written by :meth:`save`; search parameters are set again (faiss does not store them all)."""
+        self = cls.__new__(cls)
+        self.threads = set_faiss_threads(threads)
+        self.spec = spec
+        self._adopt(faiss.read_index(str(path)), nprobe, ef_search, refine_k)
+        return self
 
     def search(self, queries: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
         """Top-``n`` items per query: ``ids [Q, n]`` (item ids 1..N; 0 where fewer were found) and scores."""

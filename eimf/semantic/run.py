@@ -3,8 +3,8 @@
 :func:`run_annotation` is what ``eimf annotate`` / ``jobs/annotate.py`` call:
 
 1. **Data and warm-up model.** With ``model_dir`` (an export folder of ``eimf train``), the model is loaded with
-   :func:`eimf.export.load_model` and the prepared dataset it was trained on is read from its
-   ``dataset.json``; the run takes the model's ``data`` and ``model`` config (the ``semantic`` settings stay the
+   :class:`eimf.serving.folder.ModelFolder` and the prepared dataset it was trained on is the one the folder
+   records; the run takes the model's ``data`` and ``model`` config (the ``semantic`` settings stay the
    caller's). Without one, ``cfg.data`` is prepared (or reused) and the budget is drawn at random (logged).
 2. **Annotation** (:func:`eimf.semantic.annotate.annotate_from_config`): selection, prompts, cache, the
    annotator named by ``semantic.annotator``, the sentence encoder; writes ``annotations.parquet``,
@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -42,20 +41,14 @@ class AnnotationRun:
 
 
 def load_warmup(model_dir: str):
-    """``(model, cfg, prepared)`` from an export folder (see module doc)."""
+    """``(model, cfg, prepared)`` from a model folder (see module doc)."""
     from eimf.data.preprocess import load_prepared
-    from eimf.export import load_model
+    from eimf.serving.folder import ModelFolder
 
-    d = str(model_dir)  # a local folder or s3://
-    if not efs.exists(efs.join(d, "model.pt")) or not efs.exists(efs.join(d, "config.yaml")):
-        raise FileNotFoundError(f"--model-dir {model_dir}: not an exported model (needs model.pt and config.yaml, "
-                                "as written by `eimf train` under <run>/export)")
-    model, mcfg = load_model(d)
-    ds_file = efs.join(d, "dataset.json")
-    if not efs.exists(ds_file):
-        raise FileNotFoundError(f"--model-dir {model_dir}: no dataset.json (where the model's prepared data lives)")
-    prepared = load_prepared(json.loads(efs.read_text(ds_file))["data_path"])
-    return model, mcfg, prepared
+    folder = ModelFolder.load(str(model_dir), index=False)  # a local folder or s3://
+    if not folder.data_path:
+        raise FileNotFoundError(f"--model-dir {model_dir}: the model folder records no prepared dataset")
+    return folder.model, folder.cfg, load_prepared(folder.data_path)
 
 
 def run_annotation(cfg, model_dir: Optional[str] = None, out_dir: Optional[str] = None,

@@ -21,6 +21,7 @@ import torch
 from eimf.config import Config
 from eimf.data.sampling import SemanticBatch
 from eimf.evaluation import evaluate
+from eimf.evaluation.retrieval import ItemIndex
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ class Trainer:
             batch_size=e.batch_size,
             maxlen=self.cfg.model.maxlen,
             exclude_history=e.exclude_history,
+            index=ItemIndex.from_config(item_table, self.cfg.retrieval),
         )
 
     # -- training -----------------------------------------------------------------------------

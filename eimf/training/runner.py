@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import resource
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from eimf import fs, tracking
-from eimf.config import Config, eimf_home, to_dict, to_yaml
+from eimf.config import Config, eimf_home, to_dict
 from eimf.training.loop import BEST_HEAD_FILE
 
 log = logging.getLogger(__name__)
@@ -37,6 +36,8 @@ class TrainResult:
     storage_path: str
     #: The MLflow run (None with tracking off).
     mlflow_run_id: Optional[str] = None
+    #: The logged pyfunc model (``models:/eimf-<dataset>/<version>`` when registered), or None.
+    model_uri: Optional[str] = None
 
 
 def config_from_dict(d: dict) -> Config:
@@ -265,34 +266,37 @@ def _init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
-def export_model(checkpoint_dir: Path, export_dir: str, cfg: Config, data_path: str) -> None:
-    """A folder that serves without Ray or an LLM: weights, config, and where the item table came from.
-    ``export_dir`` is a local path or ``s3://``: the folder is built locally, then copied there."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        shutil.copy(checkpoint_dir / "best_model.pt", out / "model.pt")
-        shutil.copy(checkpoint_dir / "metrics.json", out / "metrics.json")
-        if (checkpoint_dir / BEST_HEAD_FILE).exists():  # beside the model, never inside it
-            shutil.copy(checkpoint_dir / BEST_HEAD_FILE, out / "eimf_head.pt")
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        (out / "dataset.json").write_text(json.dumps({"data_path": data_path}))
-        fs.upload_dir(out, str(export_dir))
+def export_model(checkpoint_dir: Path, export_dir: str, cfg: Config, data_path: str) -> str:
+    """The model folder (:mod:`eimf.serving.folder`) of a checkpoint's best model: weights, config, the raw-id
+    map and item texts, the retrieval index, and the EIMF head with its phrase table. ``export_dir`` is local or
+    ``s3://``. It serves without Ray, an LLM, or the prepared data."""
+    from eimf.serving.folder import from_checkpoint
+
+    return from_checkpoint(Path(checkpoint_dir), cfg, data_path, head_file=BEST_HEAD_FILE).write(str(export_dir))
 
 
-def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: str, data_path: str, result) -> None:
-    """Config, dataset manifest, best model, item embeddings and the learning curve, to MLflow.
-    ``export_dir`` and ``data_path`` may be local or ``s3://``."""
+def registered_model_name(cfg: Config) -> Optional[str]:
+    """``tracking.registered_model``, default ``eimf-<dataset>``; "" or None-with-log_model-off: no registration."""
+    name = cfg.tracking.registered_model
+    return f"eimf-{cfg.data.dataset}" if name is None else (name or None)
+
+
+def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: str, data_path: str, result,
+                      cfg: Optional[Config] = None) -> Optional[str]:
+    """Dataset manifest, item embeddings, the learning curve and the model folder to MLflow, and the model as a
+    pyfunc model (registered as :func:`registered_model_name`). ``export_dir`` and ``data_path`` may be local or
+    ``s3://``. Returns the logged model's URI (None with tracking or model logging off)."""
     if not run_id:
-        return
-    from eimf.export import load_model
+        return None
+    import numpy as np
+
     from eimf.plots import learning_curve
+    from eimf.serving.folder import ModelFolder
 
     with tempfile.TemporaryDirectory() as tmp, fs.local_dir(str(export_dir)) as local_export:
         tmp = Path(tmp)
-        model, _ = load_model(local_export)
-        import numpy as np
-
-        np.save(tmp / "item_embeddings.npy", model.item_embeddings().detach().numpy())
+        folder = ModelFolder.load(local_export, index=False)
+        np.save(tmp / "item_embeddings.npy", folder.model.item_embeddings().detach().numpy())
         manifest = fs.join(str(data_path), "manifest.json")
         if fs.exists(manifest):
             (tmp / "dataset_manifest.json").write_bytes(fs.read_bytes(manifest))
@@ -304,6 +308,14 @@ def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: str, data_pat
             )
         tracking.log_artifacts(uri, run_id, str(tmp))
         tracking.log_artifacts(uri, run_id, local_export, "model")
+        if cfg is None or not cfg.tracking.log_model:
+            return None
+        from eimf.serving.pyfunc import log_recommender
+
+        model_uri = log_recommender(local_export, uri, run_id, registered_model_name(cfg))
+        tracking.client(uri).set_tag(run_id, "model_uri", model_uri)
+        log.info("MLflow model: %s", model_uri)
+        return model_uri
 
 
 def train(cfg: Config, data_path: Optional[str] = None, tags: Optional[Dict[str, str]] = None) -> TrainResult:
@@ -361,7 +373,7 @@ def train(cfg: Config, data_path: Optional[str] = None, tags: Optional[Dict[str,
     with result.checkpoint.as_directory() as folder:
         export_model(Path(folder), export_dir, cfg, data_path)
         metrics = json.loads((Path(folder) / "metrics.json").read_text())
-    log_run_artifacts(uri, run_id, export_dir, data_path, result)
+    model_uri = log_run_artifacts(uri, run_id, export_dir, data_path, result, cfg)
     tracking.end_run(uri, run_id)
     return TrainResult(run_name=run_name, metrics=metrics, export_dir=export_dir, storage_path=storage,
-                       mlflow_run_id=run_id)
+                       mlflow_run_id=run_id, model_uri=model_uri)

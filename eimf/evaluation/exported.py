@@ -1,0 +1,47 @@
+"""Evaluate a model folder on the prepared data it was trained on (no Ray, no LLM)."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from eimf.evaluation.evaluate import evaluate, most_popular
+
+
+def evaluate_exported(model_dir: str, split: str = "test", with_baseline: bool = True,
+                      data_path: Optional[str] = None) -> Dict[str, float]:
+    """One split; see :func:`evaluate_splits`."""
+    return evaluate_splits(model_dir, (split,), with_baseline, data_path)
+
+
+def evaluate_splits(model_dir: str, splits: Sequence[str] = ("valid", "test"), with_baseline: bool = True,
+                    data_path: Optional[str] = None) -> Dict[str, float]:
+    """``{"<split>/recall@50": ..., "<split>/mostpop/recall@50": ...}`` for each split, through the folder's own
+    retrieval index (the ``retrieval`` setting it was exported with). The model and the data are read once.
+    ``data_path``: the prepared dataset, by default the one recorded in the folder."""
+    from eimf.data.preprocess import load_prepared
+    from eimf.serving.folder import ModelFolder, ModelFolderError
+
+    folder = ModelFolder.load(model_dir)
+    path = data_path or folder.data_path
+    if not path:
+        raise ModelFolderError(f"{model_dir}: the folder records no prepared dataset; pass data_path")
+    data = load_prepared(path)
+    if data.n_items != folder.n_items:
+        raise ModelFolderError(f"{model_dir}: a model of {folder.n_items} items, {path} has {data.n_items}")
+    cfg, model = folder.cfg, folder.model
+
+    def interest_fn(hist, mask):
+        with torch.no_grad():
+            return model.interests(torch.as_tensor(hist), torch.as_tensor(mask)).numpy()
+
+    topk = tuple(cfg.eval.topk)
+    out: Dict[str, float] = {}
+    for split in splits:
+        split_df = getattr(data, split)
+        got = evaluate(interest_fn, None, split_df, topk=topk, batch_size=cfg.eval.batch_size,
+                       maxlen=cfg.model.maxlen, exclude_history=cfg.eval.exclude_history, index=folder.index)
+        out.update({f"{split}/{k}": v for k, v in got.items()})
+        if with_baseline:
+            out.update({f"{split}/mostpop/{k}": v for k, v in most_popular(data.train, split_df, topk=topk).items()})
+    return out

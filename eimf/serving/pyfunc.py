@@ -1,0 +1,118 @@
+"""The trained model as an MLflow pyfunc model, loadable with ``mlflow.pyfunc.load_model`` and servable with
+``mlflow models serve``.
+
+The MLflow model carries the whole model folder (:mod:`eimf.serving.folder`) as its one artifact, and the
+``eimf`` package as code, so it loads with the data and run folders gone and on a machine without eimf
+installed (the pip requirements list the rest). Input: a DataFrame, one row per user, with ``history`` (a list of
+raw item ids as strings) and optional ``k`` and ``exclude_seen``. Output: a DataFrame with one row per user and
+the fields of :mod:`eimf.serving.recommender`. A bad row raises an ``MlflowException`` (HTTP 400 when served)
+that names the row and the field.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import mlflow
+import pandas as pd
+
+log = logging.getLogger(__name__)
+# The model's signature is declared explicitly (signature()), so MLflow's type-hint inference is not wanted.
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+
+ARTIFACT = "model_folder"
+#: Name of the MLflow model inside a run.
+MODEL_NAME = "recommender"
+#: Packages the model needs besides eimf's own code (shipped as code_paths); pinned to what is installed.
+REQUIREMENTS = ("torch", "faiss-cpu", "numpy", "pandas", "pyarrow", "omegaconf", "PyYAML", "mlflow", "scipy")
+
+
+class EIMFRecommenderModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from eimf.serving.recommender import Recommender
+
+        self.recommender = Recommender.load(context.artifacts[ARTIFACT])
+
+    def predict(self, context, model_input, params: Optional[dict] = None):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from eimf.serving.recommender import FIELDS, RequestError
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "history" not in frame.columns:
+            raise MlflowException(f"the input needs a 'history' column (got {list(frame.columns)})",
+                                  INVALID_PARAMETER_VALUE)
+        rows = [{k: v for k, v in row.items() if k in FIELDS} for row in frame.to_dict("records")]
+        try:
+            return pd.DataFrame(self.recommender.recommend(rows))
+        except RequestError as e:
+            raise MlflowException(str(e), INVALID_PARAMETER_VALUE) from None
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    inputs = Schema([ColSpec(Array(DataType.string), "history"),
+                     ColSpec(DataType.long, "k", required=False),
+                     ColSpec(DataType.boolean, "exclude_seen", required=False)])
+    outputs = Schema([ColSpec(Array(DataType.string), "items"), ColSpec(Array(DataType.double), "scores"),
+                      ColSpec(Array(DataType.long), "interests"), ColSpec(Array(DataType.string), "titles"),
+                      ColSpec(Array(DataType.string), "interest_labels"), ColSpec(DataType.long, "unknown_ids"),
+                      ColSpec(DataType.long, "history_used")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def requirements() -> list:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in REQUIREMENTS:
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def log_recommender(model_folder: str, tracking_uri: str, run_id: str, registered_model: Optional[str] = None) -> str:
+    """Log ``model_folder`` (local or ``s3://``) as the pyfunc model ``recommender`` of run ``run_id``, registered as
+    ``registered_model`` unless that is empty. Returns the model URI (``models:/name/version`` when registered)."""
+    import eimf
+    from eimf import fs
+
+    from eimf.serving.folder import ITEMS
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with fs.local_dir(str(model_folder)) as local:
+            # the input example is checked at logging time: the model must answer it, or logging fails
+            example = pd.DataFrame({"history": [pd.read_parquet(Path(local) / ITEMS)["raw_id"].head(5).tolist()],
+                                    "k": [10]})
+            with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_NAME, python_model=EIMFRecommenderModel(), artifacts={ARTIFACT: local},
+                    code_paths=[str(Path(eimf.__file__).parent)], signature=signature(),
+                    input_example=example, pip_requirements=requirements(),
+                    registered_model_name=registered_model or None)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    if registered_model and info.registered_model_version is not None:
+        return f"models:/{registered_model}/{info.registered_model_version}"
+    return info.model_uri
+
+
+def load_recommender(uri_or_folder: str):
+    """A :class:`~eimf.serving.recommender.Recommender` from a model folder (local or ``s3://``) or an MLflow model
+    URI (``models:/eimf-ml-1m/3``, ``runs:/<id>/recommender``, a local pyfunc folder)."""
+    from eimf import fs
+    from eimf.serving.folder import MANIFEST
+    from eimf.serving.recommender import Recommender
+
+    if fs.exists(fs.join(str(uri_or_folder), MANIFEST)):
+        return Recommender.load(str(uri_or_folder))
+    return mlflow.pyfunc.load_model(str(uri_or_folder)).unwrap_python_model().recommender

@@ -1,0 +1,175 @@
+"""Recommendations from a model folder, in raw item ids: the core that the CLI, MLflow and Ray Serve share.
+
+A request is a mapping ``{"history": [raw item id, ...], "k": 10, "exclude_seen": true}`` (``k`` and
+``exclude_seen`` optional). :meth:`Recommender.parse` validates one request and maps its ids, so that a bad
+request fails alone; :meth:`Recommender.answer` serves a batch of parsed requests with one forward pass and one
+index search. The answer per request:
+
+``items`` (raw ids, best first), ``scores`` (max over interests of the inner product), ``interests`` (which
+interest retrieved each item), ``titles`` (the item text), ``interest_labels`` (EIMF models: the nearest annotated
+phrase per interest; empty otherwise), ``unknown_ids`` (history ids not in the catalogue, ignored) and
+``history_used`` (known ids fed to the model: the last ``maxlen``).
+
+A history that is empty, or whose ids are all unknown, is an error (:class:`RequestError`), not a popularity
+fallback: a caller that wants one for cold users knows better than a model which list to show them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from eimf.serving.folder import ModelFolder
+
+DEFAULT_K = 10
+#: Bounds on what one request may ask, so that one request cannot hold a replica for long.
+MAX_K = 1000
+MAX_HISTORY = 10_000
+FIELDS = ("history", "k", "exclude_seen")
+
+
+class RequestError(ValueError):
+    """A request that cannot be served; the message names the field and what was wrong with it."""
+
+
+@dataclass
+class Query:
+    #: known internal ids, oldest first (all of them: exclusion uses the whole history)
+    ids: np.ndarray
+    k: int
+    exclude_seen: bool
+    unknown: int
+
+
+class Recommender:
+    def __init__(self, folder: ModelFolder, default_k: int = DEFAULT_K, exclude_seen: bool = True):
+        if folder.index is None:
+            raise ValueError("a Recommender needs the model folder's retrieval index (ModelFolder.load(index=True))")
+        self.folder = folder
+        self.model = folder.model.eval()
+        self.maxlen = int(folder.cfg.model.maxlen)
+        self.n_items = folder.n_items
+        self.default_k = min(default_k, self.n_items)
+        self.exclude_seen = exclude_seen
+        self._raw = folder.items["raw_id"].astype(str).to_numpy()
+        self._titles = folder.items["text"].astype(str).to_numpy()
+        self._lookup = pd.Index(self._raw)  # hash index: raw id -> position (item id - 1)
+        self._table = self.model.item_embeddings().detach().float().cpu().numpy()
+
+    @classmethod
+    def load(cls, path: str, threads: Optional[int] = None, **kw) -> "Recommender":
+        return cls(ModelFolder.load(path, threads=threads), **kw)
+
+    # ------------------------------------------------------------------------------------------ parse
+    def parse(self, request: Any) -> Query:
+        if not isinstance(request, Mapping):
+            raise RequestError(f"a request is an object with a 'history' list, got {type(request).__name__}")
+        extra = sorted(set(request) - set(FIELDS))
+        if extra:
+            raise RequestError(f"unknown field(s) {', '.join(map(repr, extra))}; a request has {', '.join(FIELDS)}")
+        if "history" not in request:
+            raise RequestError("'history' is required: the user's recent raw item ids, oldest first")
+        history = request["history"]
+        if isinstance(history, np.ndarray):
+            history = history.tolist()
+        if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+            raise RequestError(f"'history' must be a list of item ids, got {type(history).__name__}")
+        if len(history) == 0:
+            raise RequestError("'history' is empty: at least one known item id is needed (no popularity fallback)")
+        if len(history) > MAX_HISTORY:
+            raise RequestError(f"'history' has {len(history)} ids; at most {MAX_HISTORY} (the model reads the last "
+                               f"{self.maxlen} known ones)")
+        raw = []
+        for i, v in enumerate(history):
+            if isinstance(v, str):
+                raw.append(v)
+            elif isinstance(v, Integral) and not isinstance(v, bool):
+                raw.append(str(int(v)))
+            else:
+                raise RequestError(f"history[{i}]: an item id is a string or an integer, got {type(v).__name__} "
+                                   f"{v!r:.40}")
+        pos = self._lookup.get_indexer(raw)
+        known = pos[pos >= 0] + 1
+        unknown = int((pos < 0).sum())
+        if len(known) == 0:
+            raise RequestError(f"none of the {len(raw)} history ids is in the catalogue (e.g. {raw[0]!r:.40}); "
+                               "no popularity fallback")
+        k = _optional_int(request.get("k"), "k", self.default_k)
+        if k < 1:
+            raise RequestError(f"'k' must be >= 1, got {k}")
+        if k > min(self.n_items, MAX_K):
+            raise RequestError(f"'k'={k} is more than the catalogue's {self.n_items} items" if k > self.n_items
+                               else f"'k'={k}: at most {MAX_K} per request")
+        exclude = request.get("exclude_seen")
+        if exclude is None or (isinstance(exclude, float) and math.isnan(exclude)):
+            exclude = self.exclude_seen
+        elif isinstance(exclude, (bool, np.bool_)):
+            exclude = bool(exclude)
+        else:
+            raise RequestError(f"'exclude_seen' must be true or false, got {type(exclude).__name__} {exclude!r:.40}")
+        return Query(ids=known.astype(np.int64), k=k, exclude_seen=exclude, unknown=unknown)
+
+    # ----------------------------------------------------------------------------------------- answer
+    @torch.no_grad()
+    def answer(self, queries: List[Query]) -> List[Dict[str, Any]]:
+        if not queries:
+            return []
+        b = len(queries)
+        hist = np.zeros((b, self.maxlen), dtype=np.int64)
+        for i, q in enumerate(queries):
+            last = q.ids[-self.maxlen:]
+            hist[i, : len(last)] = last
+        interests = self.model.interests(torch.from_numpy(hist), torch.from_numpy(hist != 0))
+        x = interests.float().numpy()
+        exclude = [q.ids if q.exclude_seen else np.zeros(0, np.int64) for q in queries]
+        any_exclude = any(q.exclude_seen for q in queries)
+        ids, scores = self.folder.index.search_multi(x, max(q.k for q in queries),
+                                                     exclude=exclude if any_exclude else None)
+        labels = self._labels(interests)
+        out = []
+        for i, q in enumerate(queries):
+            row = ids[i, : q.k]
+            row_scores = scores[i, : q.k]
+            keep = row > 0  # fewer than k left after exclusion
+            row, row_scores = row[keep], row_scores[keep]
+            which = np.einsum("kd,nd->nk", x[i], self._table[row]).argmax(axis=1) if len(row) else row
+            out.append({
+                "items": self._raw[row - 1].tolist(), "scores": row_scores.astype(float).tolist(),
+                "interests": which.astype(int).tolist(), "titles": self._titles[row - 1].tolist(),
+                "interest_labels": labels[i] if labels else [], "unknown_ids": q.unknown,
+                "history_used": int(min(len(q.ids), self.maxlen)),
+            })
+        return out
+
+    def recommend(self, requests: Sequence[Any]) -> List[Dict[str, Any]]:
+        """Parse and answer a batch; the first bad request raises :class:`RequestError` naming its position."""
+        queries = []
+        for i, r in enumerate(requests):
+            try:
+                queries.append(self.parse(r))
+            except RequestError as e:
+                raise RequestError(f"request {i}: {e}" if len(requests) > 1 else str(e)) from None
+        return self.answer(queries)
+
+    def _labels(self, interests: torch.Tensor) -> Optional[List[List[str]]]:
+        f = self.folder
+        if f.head is None or f.phrases is None:
+            return None
+        from eimf.explain import label_interests
+
+        return [[names[0][0] for names in user] for user in label_interests(f.head, interests, f.phrases, topk=1)]
+
+
+def _optional_int(value: Any, name: str, default: int) -> int:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return default
+    if isinstance(value, bool) or not isinstance(value, (Integral, float)):
+        raise RequestError(f"'{name}' must be an integer, got {type(value).__name__} {value!r:.40}")
+    if isinstance(value, float) and not value.is_integer():
+        raise RequestError(f"'{name}' must be an integer, got {value!r}")
+    return int(value)
