@@ -7,7 +7,7 @@ EIMF model against its backbone's export (it must be the same: inference is the 
 Training: the single-process step (sample -> forward -> loss -> backward -> Adam) of the backbone alone and with
 the EIMF head (matching + semantic prediction + modality alignment on the typical rows), same batch size, after
 a warm-up; examples/s and ms/step, and the share of the EIMF step spent in the head. Serving: for each export,
-``eimf.export.recommend`` (interest extraction + faiss top-50) over the test users in batches, best-of-N
+the model folder's interest extraction + its retrieval index's top-50 over the test users in batches, best-of-N
 ms/batch, and the parameter count and file size of ``model.pt``. Markdown to stdout.
 """
 from __future__ import annotations
@@ -67,9 +67,16 @@ def train_step_cost(cfg, data, annotations, steps: int, warmup: int) -> dict:
 
 
 def serving_cost(export: str, data, batch_size: int, repeats: int) -> dict:
-    from eimf.export import load_model, recommend
+    from eimf.serving.folder import ModelFolder
 
-    model, cfg = load_model(export)
+    folder = ModelFolder.load(export)
+    model, cfg = folder.model, folder.cfg
+
+    def recommend(model, hist, mask, n):
+        with torch.no_grad():
+            v = model.interests(torch.as_tensor(hist), torch.as_tensor(mask)).numpy()
+        return folder.index.search_multi(v, n)
+
     batches = [(h, m) for _, h, m, _, _ in eval_batches(data.test, cfg.model.maxlen, batch_size)]
     recommend(model, *batches[0], n=50)  # warm-up (faiss index build, first-call allocations)
     best = float("inf")

@@ -515,12 +515,13 @@ def test_eimf_trains_on_ml100k_and_aux_losses_decrease(ml100k_annotated):
 @pytest.mark.timeout(600)
 @needs_ml100k
 def test_exported_eimf_model_serves_the_same_without_the_annotation_files(ml100k_annotated, tmp_path):
-    """Inference is IBIM alone: deleting every annotation file (and the head) changes no recommendation."""
+    """Inference is IBIM alone: deleting every annotation file and the checkpoint, and dropping the head and the
+    phrase table from the model folder, changes no recommendation."""
     import json
     import shutil
 
     from eimf.data.sampling import eval_batches
-    from eimf.export import load_model, recommend
+    from eimf.serving.folder import ModelFolder
     from eimf.training.loop import LoopState, Trainer, save_training_state, seed_everything
     from eimf.training.multitask import build_eimf, eimf_batches
     from eimf.training.runner import build_components, export_model
@@ -541,20 +542,26 @@ def test_exported_eimf_model_serves_the_same_without_the_annotation_files(ml100k
     (ckpt / "metrics.json").write_text(json.dumps({"step": state.step}))
     export = tmp_path / "export"
     export_model(ckpt, str(export), cfg, str(data.path))
-    assert "eimf_head.pt" in os.listdir(export)  # g for explanations sits beside the model, never inside
+    # g and the phrases label interests; they sit beside the model, never inside it
+    assert {"eimf_head.pt", "phrases.parquet"} <= set(os.listdir(export))
 
     _, hist, mask, _, _ = next(eval_batches(data.test, cfg.model.maxlen, 64))
 
-    def recs():
-        served, _ = load_model(export)
-        assert not any(k.startswith(("projection", "predictor")) for k in served.state_dict())
-        return recommend(served, hist, mask, n=50)
+    def recs(path):
+        folder = ModelFolder.load(str(path))
+        assert not any(k.startswith(("projection", "predictor")) for k in folder.model.state_dict())
+        with torch.no_grad():
+            v = folder.model.interests(torch.as_tensor(hist), torch.as_tensor(mask)).numpy()
+        return folder.index.search_multi(v, 50)
 
-    ids_before, scores_before = recs()
+    ids_before, scores_before = recs(export)
     shutil.rmtree(ann_dir)
-    (export / "eimf_head.pt").unlink()
     shutil.rmtree(ckpt)
-    ids_after, scores_after = recs()
+    backbone_only = ModelFolder.load(str(export))
+    backbone_only.head = backbone_only.phrases = None
+    backbone_only.write(str(tmp_path / "backbone_only"))
+    assert "eimf_head.pt" not in os.listdir(tmp_path / "backbone_only")
+    ids_after, scores_after = recs(tmp_path / "backbone_only")
     assert ids_before.shape == (len(hist), 50)
     np.testing.assert_array_equal(ids_before, ids_after)
     np.testing.assert_array_equal(scores_before, scores_after)

@@ -331,22 +331,23 @@ def test_annotation_job_logs_stats_and_artifacts_to_mlflow(ml100k, tmp_path, mon
     names = {f.path for f in c.list_artifacts(res.mlflow_run_id, "annotations")}
     assert {"annotations/annotations.parquet", "annotations/prompts.jsonl", "annotations/selection.parquet",
             "annotations/stats.json"} <= names
-    with pytest.raises(FileNotFoundError, match="not an exported model"):
+    from eimf.serving.folder import ModelFolderError
+
+    with pytest.raises(ModelFolderError, match="not a model folder"):
         run_annotation(cfg, model_dir=str(tmp_path))
 
     # with a warm-up model folder (as `eimf train` exports it): typical users, the model's data and config
     import torch
 
-    from eimf.config import to_yaml
     from eimf.models import build_model
+    from eimf.serving.folder import ModelFolder, build_index
 
     mcfg = load_config(None, ["data.dataset=ml-100k", "model.dim=16", "model.num_interests=3", "model.maxlen=20"])
     export = tmp_path / "export"
-    export.mkdir()
     torch.manual_seed(0)
-    torch.save(build_model(mcfg.model, ml100k.n_items).state_dict(), export / "model.pt")
-    (export / "config.yaml").write_text(to_yaml(mcfg))
-    (export / "dataset.json").write_text(json.dumps({"data_path": str(ml100k.path)}))
+    model = build_model(mcfg.model, ml100k.n_items).eval()
+    ModelFolder(model=model, cfg=mcfg, items=ml100k.items, index=build_index(model, mcfg),
+                data_path=str(ml100k.path)).write(str(export))
     cfg2 = load_config(None, ["semantic.annotator=metadata", "semantic.budget=6", "semantic.n_clusters=3",
                               f"semantic.cache_dir={tmp_path / 'cache'}"])
     res2 = run_annotation(cfg2, model_dir=str(export), run_name="annotate-typical")

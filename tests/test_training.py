@@ -74,7 +74,8 @@ def test_checkpoint_round_trip(ml100k, tmp_path):
 def test_ray_train_end_to_end_export_and_mlflow(ml100k, tmp_path, ray_session, monkeypatch):
     """Ray Train worker -> checkpoints -> exported model that evaluates identically without Ray."""
     from eimf import tracking
-    from eimf.export import evaluate_exported, load_model
+    from eimf.evaluation.exported import evaluate_exported
+    from eimf.serving.folder import ModelFolder
     from eimf.training.runner import train
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
@@ -91,12 +92,13 @@ def test_ray_train_end_to_end_export_and_mlflow(ml100k, tmp_path, ray_session, m
     assert m["examples_per_s"] > 0 and 0 <= m["input_share"] < 1 and m["peak_rss_mb"] > 0
 
     export = Path(result.export_dir)
-    assert {"model.pt", "config.yaml", "metrics.json", "dataset.json"} <= {p.name for p in export.iterdir()}
+    assert {"model.pt", "config.yaml", "metrics.json", "folder.json", "items.parquet", "index.faiss"} <= {
+        p.name for p in export.iterdir()}
     again = evaluate_exported(export, split="test")
     assert again["test/recall@50"] == pytest.approx(m["test/recall@50"], abs=1e-6)
     # The trained model beats MostPopular on ML-100K even after 200 steps? Not required; both are reported.
     assert "test/mostpop/recall@50" in again
-    model, _ = load_model(export)
+    model = ModelFolder.load(str(export)).model
     assert model.item_embeddings().shape[0] == data.n_items + 1
 
     client = tracking.client(cfg.tracking.tracking_uri)
@@ -110,3 +112,6 @@ def test_ray_train_end_to_end_export_and_mlflow(ml100k, tmp_path, ray_session, m
     assert run.data.metrics["test/recall_at_50"] == pytest.approx(m["test/recall@50"])
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"item_embeddings.npy", "learning_curve.png", "model", "dataset_manifest.json"} <= arts
+    # the model is logged as a pyfunc model and registered as eimf-<dataset>
+    assert result.model_uri == "models:/eimf-ml-100k/1" and run.data.tags["model_uri"] == result.model_uri
+    assert client.get_model_version("eimf-ml-100k", "1").run_id == run.info.run_id

@@ -20,7 +20,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 # The model's signature is declared explicitly (signature()), so MLflow's type-hint inference is not wanted.
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 ARTIFACT = "model_folder"
 #: Name of the MLflow model inside a run.

@@ -1,0 +1,174 @@
+"""ANN indexes against exact search on large item tables: recall of the merged top-N, time per user, build time,
+memory.
+
+The table is synthetic (the large-catalogue generator has not landed): ``N`` items in ``clusters`` Gaussian
+clusters on the unit sphere, each item's norm set by a Zipf popularity (norm = 0.5 + log1p(count)/log1p(max count),
+so popular items score higher, as in trained tables); each user has ``K`` interests near clusters drawn by the same
+popularity. Every user is ranked as serving ranks (eimf.evaluation.retrieval.ItemIndex.search_multi: top-N per
+interest, merged by score); recall = |ANN top-N ∩ exact top-N| / N, averaged over users. Time per user = the wall
+time of one batched search of all users (K queries each) / users, with ``--threads`` faiss threads; the exact
+baseline is batched the same way (BLAS), which favours it.
+
+    python benchmarks/ann_recall.py --items 1000000 10000000 --output docs/benchmarks/ann_recall.json
+
+writes the JSON rows and prints a Markdown table (docs/serving.md).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402,F401  (before faiss: import-order crashes are reported on Linux wheels)
+
+from eimf.evaluation.retrieval import ItemIndex, set_faiss_threads  # noqa: E402
+
+#: (index_factory string, {search parameter: values to sweep}) per catalogue size; {n} is replaced by nlist.
+DEFAULT_SPECS = {
+    "small": [("HNSW32", {"ef_search": [16, 32, 64, 128]}),
+              ("IVF{n},Flat", {"nprobe": [8, 16, 32, 64]}),
+              ("IVF{n},PQ32x4fs,RFlat", {"nprobe": [16, 32, 64]})],
+    "large": [("HNSW32", {"ef_search": [16, 32, 64, 128]}),
+              ("IVF{n},Flat", {"nprobe": [16, 32, 64, 128]}),
+              ("IVF{n},PQ32x4fs,RFlat", {"nprobe": [32, 64, 128]})],
+}
+
+
+def synthetic(n_items: int, n_users: int, k: int, dim: int, clusters: int, seed: int,
+              args_noise=(1.0, 0.8)):
+    """``[N + 1, d]`` table (row 0 padding) and ``[U, K, d]`` interests; see the module doc. ``args_noise``: the
+    norm of the Gaussian offset from the cluster centre (unit norm) of an item and of an interest."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    counts = (1e6 / np.arange(1, n_items + 1) ** 1.0).astype(np.float32)  # Zipf, item 1 most popular
+    norms = 0.5 + np.log1p(counts) / np.log1p(counts[0])
+    table = np.zeros((n_items + 1, dim), dtype=np.float32)
+    cluster_of = rng.integers(0, clusters, n_items)
+    step = 1_000_000  # in blocks: the noise of 10M x 64 float64 would need 5 GB at once
+    for s in range(0, n_items, step):
+        e = min(n_items, s + step)
+        x = centers[cluster_of[s:e]] + args_noise[0] / np.sqrt(dim) * rng.standard_normal((e - s, dim)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        table[1 + s:1 + e] = x * norms[s:e, None]
+    cluster_pop = np.bincount(cluster_of[: max(1, n_items // 100)], minlength=clusters) + 1.0  # popular clusters
+    picks = rng.choice(clusters, size=(n_users, k), p=cluster_pop / cluster_pop.sum())
+    users = centers[picks] + args_noise[1] / np.sqrt(dim) * rng.standard_normal((n_users, k, dim)).astype(np.float32)
+    users /= np.linalg.norm(users, axis=2, keepdims=True)
+    return table, users.astype(np.float32)
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def index_mb(index: ItemIndex) -> float:
+    """The index's size as faiss writes it (what serving loads into memory)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".faiss") as f:
+        index.save(f.name)
+        return os.path.getsize(f.name) / 2**20
+
+
+def timed_search(index: ItemIndex, users: np.ndarray, topn: int):
+    t = time.perf_counter()
+    ids, _ = index.search_multi(users, topn)
+    return ids, time.perf_counter() - t
+
+
+def recall(ids: np.ndarray, exact: np.ndarray) -> float:
+    hits = [len(np.intersect1d(a[a > 0], b[b > 0])) / max(1, (b > 0).sum()) for a, b in zip(ids, exact)]
+    return float(np.mean(hits))
+
+
+def run(n_items: int, args) -> list:
+    set_faiss_threads(args.threads)
+    table, users = synthetic(n_items, args.users, args.interests, args.dim, args.clusters, args.seed)
+    rows = []
+    t = time.perf_counter()
+    flat = ItemIndex(table, index="Flat", threads=args.threads)
+    build = time.perf_counter() - t
+    exact, secs = timed_search(flat, users, args.topn)
+    exact_ms = 1000 * secs / len(users)
+    rows.append({"items": n_items, "index": "Flat", "params": "", "recall": 1.0, "ms_per_user": exact_ms,
+                 "speedup": 1.0, "build_s": build, "memory_mb": index_mb(flat)})
+    print(f"  N={n_items:,} Flat: {exact_ms:.2f} ms/user", flush=True)
+    del flat
+    gc.collect()
+    nlist = args.nlist or int(4 * np.sqrt(n_items) // 1024 * 1024) or 1024
+    for spec, sweep in DEFAULT_SPECS["large" if n_items >= 5_000_000 else "small"]:
+        spec = spec.format(n=nlist)
+        if args.only and not any(spec.startswith(o) for o in args.only):
+            continue
+        t = time.perf_counter()
+        index = ItemIndex(table, index=spec, threads=args.threads, train_size=args.train_size)
+        build = time.perf_counter() - t
+        memory = index_mb(index)
+        (name, values), = sweep.items()
+        for v in values:
+            index = _with(index, name, v)
+            ids, secs = timed_search(index, users, args.topn)
+            ms = 1000 * secs / len(users)
+            rows.append({"items": n_items, "index": spec, "params": f"{name}={v}", "recall": recall(ids, exact),
+                         "ms_per_user": ms, "speedup": exact_ms / ms, "build_s": build, "memory_mb": memory})
+            print(f"  N={n_items:,} {spec} {name}={v}: recall {rows[-1]['recall']:.4f}, {ms:.3f} ms/user "
+                  f"(x{rows[-1]['speedup']:.1f}), build {build:.0f} s, {memory:.0f} MB", flush=True)
+        del index
+        gc.collect()
+    return rows
+
+
+def _with(index: ItemIndex, name: str, value: int) -> ItemIndex:
+    from eimf.evaluation.retrieval import _set_search_params
+
+    kw = {"nprobe": None, "ef_search": None, "refine_k": None}
+    kw[name] = value
+    index.params.update(_set_search_params(index.index, **kw))
+    return index
+
+
+def markdown(rows: list) -> str:
+    out = ["| items | index | search | recall@50 vs exact | ms / user | speed-up | build s | index MB |",
+           "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['items']:,} | {r['index']} | {r['params'] or 'exact'} | {r['recall']:.4f} | "
+                   f"{r['ms_per_user']:.3f} | {r['speedup']:.1f}x | {r['build_s']:.1f} | {r['memory_mb']:.0f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--interests", type=int, default=4)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--topn", type=int, default=50)
+    p.add_argument("--clusters", type=int, default=2000)
+    p.add_argument("--nlist", type=int, default=None, help="IVF cells (default about 4 sqrt(N))")
+    p.add_argument("--train-size", type=int, default=500_000, help="rows IVF/PQ train on")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="*", help="index strings to run, by prefix (e.g. HNSW IVF)")
+    p.add_argument("--output", help="write the rows as JSON here")
+    args = p.parse_args()
+    rows = []
+    for n in args.items:
+        rows += run(n, args)
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    print(markdown(rows))
+    print(f"\npeak RSS {psutil.Process().memory_info().rss / 2**30:.1f} GiB (now); threads {args.threads}")
+
+
+if __name__ == "__main__":
+    main()

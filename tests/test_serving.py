@@ -1,0 +1,205 @@
+"""Serving without licensed data: the model folder round trip, the retrieval index setting, and the request
+contract of the Recommender (raw ids in and out, interest attribution and labels, clear errors)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from eimf.config import load_config
+from eimf.evaluation.retrieval import ItemIndex, auto_index, brute_force_topn
+from eimf.serving.folder import ModelFolder, ModelFolderError, build_index
+from eimf.serving.recommender import MAX_HISTORY, Recommender, RequestError
+
+N_ITEMS = 300
+
+
+def _folder(with_head: bool = False, index: str = "Flat") -> ModelFolder:
+    from eimf.models import build_model
+
+    cfg = load_config(None, ["data.dataset=custom", "model.dim=16", "model.num_interests=3", "model.maxlen=8",
+                             f"retrieval.index={index}", "eimf.predictor_hidden=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, N_ITEMS).eval()
+    items = pd.DataFrame({"item": np.arange(1, N_ITEMS + 1), "raw_id": [f"sku-{i:04d}" for i in range(N_ITEMS)],
+                          "text": [f"title {i}" for i in range(N_ITEMS)],
+                          "count": np.arange(N_ITEMS, 0, -1)})
+    head = phrases = None
+    if with_head:
+        from eimf.explain import PhraseTable
+        from eimf.modules.alignment import EIMFHead
+
+        head = EIMFHead.from_config(cfg, 8).eval()
+        vecs = np.eye(8, dtype=np.float32)[:4]
+        phrases = PhraseTable(["jazz", "horror", "cooking", "travel"], ["", "", "", ""], vecs)
+    return ModelFolder(model=model, cfg=cfg, items=items, index=build_index(model, cfg), metrics={"step": 1},
+                       head=head, phrases=phrases, data_path=None)
+
+
+def _raw(ids):
+    return [f"sku-{i - 1:04d}" for i in ids]
+
+
+# ------------------------------------------------------------------------------------------ index setting
+def test_index_factory_strings_build_search_and_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((2001, 16)).astype(np.float32)
+    q = rng.standard_normal((5, 3, 16)).astype(np.float32)
+    exact, _ = brute_force_topn(table, q, 20)
+    for spec, tol in (("Flat", 1.0), ("HNSW32", 0.9), ("IVF16,Flat", 0.9), ("IVF16,PQ4x4fs,RFlat", 0.8)):
+        index = ItemIndex(table, index=spec, nprobe=16, ef_search=256, refine_k=8)
+        ids, scores = index.search_multi(q, 20)
+        got = np.mean([len(np.intersect1d(a, b)) / 20 for a, b in zip(ids, exact)])
+        assert got >= tol, (spec, got)
+        index.save(tmp_path / "i.faiss")
+        again = ItemIndex.load(tmp_path / "i.faiss", spec, nprobe=16, ef_search=256, refine_k=8)
+        ids2, scores2 = again.search_multi(q, 20)
+        assert np.array_equal(ids, ids2) and np.allclose(scores, scores2)
+    # only the parameters an index has are set
+    assert set(ItemIndex(table, index="HNSW32").params) == {"efSearch"}
+    assert set(ItemIndex(table, index="IVF16,Flat").params) == {"nprobe"}
+    assert ItemIndex(table, index="Flat").params == {}
+
+
+def test_index_setting_errors_and_auto():
+    table = np.ones((11, 16), dtype=np.float32)
+    with pytest.raises(ValueError, match="retrieval index 'NotAnIndex'"):
+        ItemIndex(table, index="NotAnIndex")
+    with pytest.raises(ValueError, match="retrieval.nprobe must be >= 1"):
+        load_config(None, ["retrieval.nprobe=0"])
+    assert auto_index(1000) == "Flat" and auto_index(10_000_000) != "Flat"
+    assert ItemIndex(table, index="auto").spec == "Flat"
+
+
+# ------------------------------------------------------------------------------------------- model folder
+def test_model_folder_round_trip(tmp_path):
+    f = _folder(with_head=True)
+    f.write(str(tmp_path / "m"))
+    g = ModelFolder.load(str(tmp_path / "m"))
+    for (k, a), b in zip(f.model.state_dict().items(), g.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    pd.testing.assert_frame_equal(f.items, g.items)
+    assert g.index.spec == "Flat" and g.index.n_items == N_ITEMS
+    assert g.phrases.names == f.phrases.names and np.allclose(g.phrases.vectors, f.phrases.vectors)
+    for a, b in zip(f.head.state_dict().values(), g.head.state_dict().values()):
+        assert torch.equal(a, b)
+    assert g.metrics == {"step": 1}
+
+
+def test_model_folder_errors_name_the_folder_and_file(tmp_path):
+    with pytest.raises(ModelFolderError, match="no folder.json"):
+        ModelFolder.load(str(tmp_path))
+    (tmp_path / "model.pt").write_bytes(b"x")
+    with pytest.raises(ModelFolderError, match="before the model folder format"):
+        ModelFolder.load(str(tmp_path))
+    _folder().write(str(tmp_path / "m"))
+    (tmp_path / "m" / "index.faiss").unlink()
+    with pytest.raises(ModelFolderError, match="missing index.faiss"):
+        ModelFolder.load(str(tmp_path / "m"))
+
+
+def test_model_folder_on_s3(moto_s3):
+    _folder().write("s3://eimf-test/models/m1")
+    rec = Recommender.load("s3://eimf-test/models/m1")
+    assert rec.recommend([{"history": ["sku-0001"]}])[0]["items"]
+
+
+# ------------------------------------------------------------------------------------------- recommender
+def test_answers_equal_exact_retrieval_in_raw_ids():
+    f = _folder()
+    rec = Recommender(f)
+    rng = np.random.default_rng(1)
+    hists = [rng.integers(1, N_ITEMS + 1, size=n) for n in (1, 5, 8, 20)]
+    table = f.model.item_embeddings().detach().numpy()
+    for exclude in (False, True):
+        answers = rec.recommend([{"history": _raw(h), "k": 25, "exclude_seen": exclude} for h in hists])
+        for h, a in zip(hists, answers):
+            last = torch.as_tensor(np.pad(h[-8:], (0, 8 - len(h[-8:])))[None])
+            v = f.model.interests(last, last != 0).detach().numpy()
+            ids, scores = brute_force_topn(table, v, 25, exclude=[h] if exclude else None)
+            assert a["items"] == _raw(ids[0]) and np.allclose(a["scores"], scores[0], atol=1e-5)
+            # the interest named for each item is the one that attains its score
+            per = np.einsum("kd,nd->nk", v[0], table[ids[0]])
+            assert a["interests"] == per.argmax(axis=1).tolist()
+            assert np.allclose(per.max(axis=1), a["scores"], atol=1e-5)
+            assert a["titles"][0] == f"title {ids[0][0] - 1}"
+            assert a["history_used"] == min(len(h), 8) and a["unknown_ids"] == 0
+            if exclude:
+                assert not set(a["items"]) & set(_raw(h))
+
+
+def test_unknown_ids_are_ignored_and_counted():
+    rec = Recommender(_folder())
+    a, b = rec.recommend([{"history": ["sku-0003", "nope", 12345, "sku-0010"]},
+                          {"history": ["sku-0003", "sku-0010"]}])
+    assert a["unknown_ids"] == 2 and a["history_used"] == 2
+    assert a["items"] == b["items"]
+
+
+@pytest.mark.parametrize("request_, match", [
+    ({"history": []}, "'history' is empty"),
+    ({"history": ["nope", "never"]}, "none of the 2 history ids is in the catalogue"),
+    ({}, "'history' is required"),
+    ({"history": "sku-0001"}, "'history' must be a list"),
+    ({"history": ["sku-0001", 1.5]}, r"history\[1\]: an item id is a string or an integer, got float"),
+    ({"history": [None]}, r"history\[0\]"),
+    ({"history": ["sku-0001"], "k": 0}, "'k' must be >= 1"),
+    ({"history": ["sku-0001"], "k": -3}, "'k' must be >= 1"),
+    ({"history": ["sku-0001"], "k": N_ITEMS + 1}, f"more than the catalogue's {N_ITEMS} items"),
+    ({"history": ["sku-0001"], "k": "ten"}, "'k' must be an integer"),
+    ({"history": ["sku-0001"], "k": 2.5}, "'k' must be an integer"),
+    ({"history": ["sku-0001"], "exclude_seen": "yes"}, "'exclude_seen' must be true or false"),
+    ({"history": ["sku-0001"], "user": 3}, "unknown field"),
+    ({"history": ["sku-0001"] * (MAX_HISTORY + 1)}, f"at most {MAX_HISTORY}"),
+    (["sku-0001"], "a request is an object"),
+])
+def test_bad_requests_get_a_clear_error(request_, match):
+    rec = Recommender(_folder())
+    with pytest.raises(RequestError, match=match):
+        rec.recommend([request_])
+    assert rec.recommend([{"history": ["sku-0001"], "k": 3}])[0]["items"]  # still serves
+
+
+def test_a_bad_request_in_a_batch_is_named_by_position():
+    rec = Recommender(_folder())
+    with pytest.raises(RequestError, match="request 1: 'k' must be >= 1"):
+        rec.recommend([{"history": ["sku-0001"]}, {"history": ["sku-0001"], "k": 0}])
+
+
+def test_k_up_to_the_whole_catalogue_and_fewer_after_exclusion():
+    rec = Recommender(_folder())
+    everything = rec.recommend([{"history": ["sku-0001"], "k": N_ITEMS, "exclude_seen": False}])[0]
+    assert sorted(everything["items"]) == sorted(f"sku-{i:04d}" for i in range(N_ITEMS))
+    rest = rec.recommend([{"history": ["sku-0001", "sku-0002"], "k": N_ITEMS}])[0]
+    assert len(rest["items"]) == N_ITEMS - 2
+
+
+def test_eimf_models_label_each_interest_with_the_nearest_phrase():
+    from eimf.explain import label_interests
+
+    f = _folder(with_head=True)
+    answer = Recommender(f).recommend([{"history": ["sku-0001", "sku-0100"]}])[0]
+    hist = torch.tensor([[2, 101, 0, 0, 0, 0, 0, 0]])
+    v = f.model.interests(hist, hist != 0)
+    expected = [names[0][0] for names in label_interests(f.head, v, f.phrases)[0]]
+    assert answer["interest_labels"] == expected and len(expected) == 3
+    assert set(expected) <= {"jazz", "horror", "cooking", "travel"}
+    assert Recommender(_folder()).recommend([{"history": ["sku-0001"]}])[0]["interest_labels"] == []
+
+
+def test_pyfunc_predict_maps_a_dataframe_and_raises_mlflow_errors(tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    from eimf.serving.pyfunc import EIMFRecommenderModel
+
+    model = EIMFRecommenderModel()
+    model.recommender = Recommender(_folder())
+    out = model.predict(None, pd.DataFrame({"history": [["sku-0001"], ["sku-0002", "sku-0003"]], "k": [3, 4]}))
+    assert list(out["items"].map(len)) == [3, 4]
+    assert set(out.columns) == {"items", "scores", "interests", "titles", "interest_labels", "unknown_ids",
+                                "history_used"}
+    with pytest.raises(MlflowException, match="request 1: 'k' must be >= 1"):
+        model.predict(None, pd.DataFrame({"history": [["sku-0001"], ["sku-0002"]], "k": [3, 0]}))
+    with pytest.raises(MlflowException, match="needs a 'history' column"):
+        model.predict(None, pd.DataFrame({"items": [["sku-0001"]]}))

@@ -1,0 +1,194 @@
+"""Serving end to end on real MovieLens-100K: a model trained for a few steps is registered in a real `mlflow
+server`, loaded by a fresh process with `mlflow.pyfunc.load_model` after its data and run folders are deleted,
+served by a real `mlflow models serve` and by the Ray Serve deployment, and bad requests are refused while the
+servers keep serving."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from eimf.config import load_config
+
+DATA_DIR = os.environ.get("EIMF_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not Path(DATA_DIR, "ml-100k").exists(), reason="ml-100k not in EIMF_DATA_DIR")]
+N_USERS = 100
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, mlflow_server, ray_session):
+    """(model URI, reference answers of in-process exact retrieval for 100 test users, server URL, n_items)."""
+    from eimf.data.preprocess import load_prepared
+    from eimf.evaluation import ItemIndex, history_batch
+    from eimf.serving.folder import ModelFolder
+    from eimf.training.runner import train
+
+    root = tmp_path_factory.mktemp("serving")
+    cfg = load_config(None, [
+        "data.dataset=ml-100k", f"data.data_dir={DATA_DIR}", f"data.output_dir={root / 'prepared'}",
+        "train.max_steps=100", "train.eval_every=50", "train.log_every=50", f"train.storage_path={root / 'runs'}",
+        "train.run_name=serving-e2e", f"tracking.tracking_uri={mlflow_server}"])
+    result = train(cfg)
+    assert result.model_uri and result.model_uri.startswith("models:/eimf-ml-100k/")
+
+    folder = ModelFolder.load(result.export_dir)
+    data = load_prepared(folder.data_path)
+    users = data.test.iloc[:N_USERS]
+    hist, mask = history_batch(list(users["history"]), cfg.model.maxlen)
+    with torch.no_grad():
+        v = folder.model.interests(torch.from_numpy(hist), torch.from_numpy(mask)).numpy()
+    ids, scores = ItemIndex(folder.model.item_embeddings().detach().numpy(), index="Flat").search_multi(v, 50)
+    raw = folder.items["raw_id"].to_numpy()
+    reference = {"histories": [raw[np.asarray(h) - 1].tolist() for h in users["history"]],
+                 "items": [raw[row - 1].tolist() for row in ids], "scores": scores.tolist()}
+    shutil.rmtree(root / "prepared")  # the model must not need the data or the run any more
+    shutil.rmtree(root / "runs")
+    return result.model_uri, reference, mlflow_server, folder.n_items
+
+
+def test_the_model_is_registered_with_a_signature(registered):
+    from mlflow.tracking import MlflowClient
+
+    uri, _, server, _ = registered
+    name, version = uri.split("/")[1:]
+    mv = MlflowClient(tracking_uri=server).get_model_version(name, version)
+    assert mv.status == "READY"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server}
+    out = subprocess.run([sys.executable, "-c", (
+        "import mlflow, json; i = mlflow.models.get_model_info(%r); "
+        "print(json.dumps({'inputs': i.signature.inputs.input_names(), 'flavors': list(i.flavors)}))" % uri)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["inputs"] == ["history", "k", "exclude_seen"] and "python_function" in got["flavors"]
+
+
+def test_a_fresh_process_loads_it_and_matches_exact_retrieval(registered, tmp_path):
+    uri, ref, server, _ = registered
+    (tmp_path / "in.json").write_text(json.dumps(ref["histories"]))
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "h = json.load(open(sys.argv[2]))\n"
+        "out = m.predict(pd.DataFrame({'history': h, 'k': [50] * len(h), 'exclude_seen': [False] * len(h)}))\n"
+        "json.dump({'items': [list(x) for x in out['items']], 'scores': [list(x) for x in out['scores']]},"
+        " open(sys.argv[3], 'w'))\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server}
+    run = subprocess.run([sys.executable, "-c", script, uri, str(tmp_path / "in.json"), str(tmp_path / "out.json")],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["items"] == ref["items"]
+    assert np.abs(np.asarray(got["scores"]) - np.asarray(ref["scores"])).max() < 1e-5
+
+
+def _wait_http(url: str, proc, log: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code < 500:
+                return
+        except requests.ConnectionError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
+        time.sleep(1)
+    raise RuntimeError(f"{url} did not answer in {timeout} s: {log.read_text()[-3000:]}")
+
+
+def _bad_requests(post, ok_body, n_items):
+    """(name, body) of each bad request; ``post(body_bytes) -> (status, json or text)``."""
+    return [
+        ("empty history", {"history": []}),
+        ("wrong type", {"history": [1.5, "x"]}),
+        ("k <= 0", {"history": ok_body["history"], "k": 0}),
+        ("k > catalogue", {"history": ok_body["history"], "k": n_items + 1}),
+        ("only unknown ids", {"history": ["no-such-item"]}),
+    ]
+
+
+def test_mlflow_models_serve_answers_and_refuses_bad_requests(registered, free_port, tmp_path):
+    uri, ref, server, n_items = registered
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{base}/ping", proc, log)
+
+        def post(payload, raw=None):
+            r = requests.post(f"{base}/invocations", data=raw if raw is not None else json.dumps(payload),
+                              headers={"Content-Type": "application/json"}, timeout=120)
+            return r.status_code, r.text
+
+        good = {"history": ref["histories"][0][-10:] + ["no-such-item"], "k": 5}
+        status, text = post({"dataframe_records": [good]})
+        assert status == 200, text
+        answer = json.loads(text)["predictions"][0]
+        assert len(answer["items"]) == 5 and answer["unknown_ids"] == 1 and len(answer["titles"]) == 5
+        for name, bad in _bad_requests(post, good, n_items):
+            status, text = post({"dataframe_records": [bad]})
+            assert 400 <= status < 500, (name, status, text[:500])
+            assert post({"dataframe_records": [good]})[0] == 200, f"not serving after {name}"
+        status, text = post(None, raw=b"{" * (10 * 2**20))  # a 10 MB body that is not JSON
+        assert 400 <= status < 500, (status, text[:300])
+        huge = json.dumps({"dataframe_records": [{"history": ["1"] * (10 * 2**20 // 6)}]})
+        status, text = post(None, raw=huge.encode())  # 10 MB of valid JSON: too long a history
+        assert 400 <= status < 500 and "at most" in text, (status, text[:300])
+        assert post({"dataframe_records": [good]})[0] == 200
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+
+
+def test_ray_serve_batches_concurrent_requests_and_refuses_bad_ones(registered, free_port):
+    from ray import serve
+
+    from eimf.serving.ray_serve import app
+
+    uri, ref, server, n_items = registered
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app({"model_uri": uri, "tracking_uri": server, "max_batch_size": 8, "num_cpus": 0.5}),
+                  name="eimf", route_prefix="/")
+        base = f"http://127.0.0.1:{port}/"
+
+        def post(payload, raw=None):
+            r = requests.post(base, data=raw if raw is not None else json.dumps(payload), timeout=120)
+            return r.status_code, r.text
+
+        bodies = [{"history": h, "k": 10, "exclude_seen": False} for h in ref["histories"][:32]]
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(post, bodies))
+        for (status, text), expected in zip(answers, ref["items"]):
+            assert status == 200, text
+            assert json.loads(text)["items"] == expected[:10]
+        good = bodies[0]
+        for name, bad in _bad_requests(post, good, n_items):
+            status, text = post(bad)
+            assert status == 400, (name, status, text)
+            assert "error" in json.loads(text)
+            assert post(good)[0] == 200, f"not serving after {name}"
+        status, text = post(None, raw=b"x" * (10 * 2**20))
+        assert status == 413, (status, text[:200])
+        status, text = post(None, raw=b"{not json")
+        assert status == 400 and "not JSON" in text
+        assert post(good)[0] == 200
+    finally:
+        serve.shutdown()
