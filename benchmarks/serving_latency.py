@@ -91,7 +91,8 @@ def mlflow_serve(args, bodies) -> dict:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model_uri, "--env-manager",
                              "local", "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     try:
         wait(f"http://127.0.0.1:{port}/ping")
         return measure(f"mlflow models serve ({args.workers} worker)", f"http://127.0.0.1:{port}/invocations", bodies,

@@ -67,6 +67,9 @@ def test_fingerprints_change_with_their_stage_config_and_everything_downstream(t
     assert changed("eimf.lambda_sp=0.5") == ["train", "evaluate", "export"]
     assert changed("train.max_steps=7") == ["train", "evaluate", "export"]  # the warm-up has its own steps
     assert changed("pipeline.eval_splits=[test]") == ["evaluate", "export"]
+    # the index ranks the validation that picks the best model, and the evaluation
+    assert changed("retrieval.index=HNSW32") == ["warmup", "annotate", "train", "evaluate", "export"]
+    assert changed("tracking.registered_model=mine") == ["export"]
     # where things go and how fast they run: no stage changes
     assert changed("semantic.cache_dir=/elsewhere", "semantic.chunk_size=7", "semantic.vllm_concurrency=3",
                    "train.log_every=5", "train.max_failures=9", "train.storage_path=/x",

@@ -122,7 +122,9 @@ def test_mlflow_models_serve_answers_and_refuses_bad_requests(registered, free_p
     uri, ref, server, n_items = registered
     port = free_port()
     log = tmp_path / "serve.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server}
+    # mlflow starts uvicorn by name: the venv's bin must be on PATH, as in an activated venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
@@ -152,8 +154,9 @@ def test_mlflow_models_serve_answers_and_refuses_bad_requests(registered, free_p
         assert 400 <= status < 500 and "at most" in text, (status, text[:300])
         assert post({"dataframe_records": [good]})[0] == 200
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=60)
 
 
 def test_ray_serve_batches_concurrent_requests_and_refuses_bad_ones(registered, free_port):
