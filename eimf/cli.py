@@ -115,11 +115,12 @@ def cmd_recommend(args) -> int:
     if labels:
         print("interests: " + "; ".join(f"{i}: {name}" for i, name in enumerate(labels)))
     width = max([len(i) for i in answer["items"]] + [4])
-    print(f"{'rank':>4}  {'item':<{width}}  {'score':>8}  interest  title")
-    for rank, (item, score, k, title) in enumerate(zip(answer["items"], answer["scores"], answer["interests"],
-                                                     answer["titles"]), 1):
-        interest = f"{k}" + (f" ({labels[k]})" if labels else "")
-        print(f"{rank:>4}  {item:<{width}}  {score:>8.4f}  {interest:<8}  {title[:80]}")
+    named = [f"{k}" + (f" ({labels[k]})" if labels else "") for k in answer["interests"]]
+    iw = max([len(n) for n in named] + [8])
+    print(f"{'rank':>4}  {'item':<{width}}  {'score':>8}  {'interest':<{iw}}  title")
+    for rank, (item, score, interest, title) in enumerate(zip(answer["items"], answer["scores"], named,
+                                                            answer["titles"]), 1):
+        print(f"{rank:>4}  {item:<{width}}  {score:>8.4f}  {interest:<{iw}}  {title[:80]}")
     return 0
 
 

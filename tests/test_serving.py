@@ -204,3 +204,31 @@ def test_pyfunc_predict_maps_a_dataframe_and_raises_mlflow_errors(tmp_path):
         model.predict(None, pd.DataFrame({"history": [["sku-0001"], ["sku-0002"]], "k": [3, 0]}))
     with pytest.raises(MlflowException, match="needs a 'history' column"):
         model.predict(None, pd.DataFrame({"items": [["sku-0001"]]}))
+
+
+def test_log_recommender_registers_a_loadable_model_and_leaves_the_tracking_uri_alone(tmp_path, monkeypatch):
+    import os
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from eimf.serving.pyfunc import load_recommender, log_recommender
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("serving-unit", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    _folder(with_head=True).write(str(tmp_path / "m"))
+    model_uri = log_recommender(str(tmp_path / "m"), uri, run_id, "eimf-unit")
+    assert model_uri == "models:/eimf-unit/1"
+    # the process's MLflow state is as before (no tracking URI pinned, no mlflow.db in the working dir)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and not (tmp_path / "mlflow.db").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rec = load_recommender(model_uri)
+    direct = Recommender(ModelFolder.load(str(tmp_path / "m"))).recommend([{"history": ["sku-0007"], "k": 7}])
+    assert rec.recommend([{"history": ["sku-0007"], "k": 7}]) == direct
+    assert direct[0]["interest_labels"]
+    got = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"history": [["sku-0007"]], "k": [7]}))
+    assert list(got["items"][0]) == direct[0]["items"]

@@ -10,7 +10,9 @@ that names the row and the field.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -86,24 +88,38 @@ def log_recommender(model_folder: str, tracking_uri: str, run_id: str, registere
 
     from eimf.serving.folder import ITEMS
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        with fs.local_dir(str(model_folder)) as local:
-            # the input example is checked at logging time: the model must answer it, or logging fails
-            example = pd.DataFrame({"history": [pd.read_parquet(Path(local) / ITEMS)["raw_id"].head(5).tolist()],
-                                    "k": [10]})
-            with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-                info = mlflow.pyfunc.log_model(
-                    name=MODEL_NAME, python_model=EIMFRecommenderModel(), artifacts={ARTIFACT: local},
-                    code_paths=[str(Path(eimf.__file__).parent)], signature=signature(),
-                    input_example=example, pip_requirements=requirements(),
-                    registered_model_name=registered_model or None)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with _tracking_uri(tracking_uri), fs.local_dir(str(model_folder)) as local:
+        # the input example is checked at logging time: the model must answer it, or logging fails
+        example = pd.DataFrame({"history": [pd.read_parquet(Path(local) / ITEMS)["raw_id"].head(5).tolist()],
+                                "k": [10]})
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME, python_model=EIMFRecommenderModel(), artifacts={ARTIFACT: local},
+                code_paths=[str(Path(eimf.__file__).parent)], signature=signature(),
+                input_example=example, pip_requirements=requirements(),
+                registered_model_name=registered_model or None)
     if registered_model and info.registered_model_version is not None:
         return f"models:/{registered_model}/{info.registered_model_version}"
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str):
+    """MLflow's fluent API (log_model needs it) pointed at ``uri``, then exactly the state before. set_tracking_uri
+    also writes $MLFLOW_TRACKING_URI, so restoring with set_tracking_uri(get_tracking_uri()) would pin MLflow's
+    default store (./mlflow.db) for every later run of this process: it did, and a pipeline lost its runs."""
+    from mlflow.tracking._tracking_service import utils
+
+    env, previous = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = previous
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def load_recommender(uri_or_folder: str):
