@@ -115,7 +115,7 @@ def run(n_items: int, args) -> list:
         memory = index_mb(index)
         (name, values), = sweep.items()
         for v in values:
-            index = _with(index, name, v)
+            index.set_params(**{name: v})
             ids, secs = timed_search(index, users, args.topn)
             ms = 1000 * secs / len(users)
             rows.append({"items": n_items, "index": spec, "params": f"{name}={v}", "recall": recall(ids, exact),
@@ -125,15 +125,6 @@ def run(n_items: int, args) -> list:
         del index
         gc.collect()
     return rows
-
-
-def _with(index: ItemIndex, name: str, value: int) -> ItemIndex:
-    from eimf.evaluation.retrieval import _set_search_params
-
-    kw = {"nprobe": None, "ef_search": None, "refine_k": None}
-    kw[name] = value
-    index.params.update(_set_search_params(index.index, **kw))
-    return index
 
 
 def markdown(rows: list) -> str:

@@ -213,6 +213,12 @@ class ItemIndex:
         self.dim = int(built.d)
         self.params = _set_search_params(built, nprobe, ef_search, refine_k)
 
+    def set_params(self, nprobe: Optional[int] = None, ef_search: Optional[int] = None,
+                   refine_k: Optional[int] = None) -> dict:
+        """Change search parameters in place (those this index has); returns all that are set."""
+        self.params.update(_set_search_params(self.index, nprobe, ef_search, refine_k))
+        return self.params
+
     @property
     def exact(self) -> bool:
         return self.spec == "Flat"
