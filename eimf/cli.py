@@ -98,6 +98,17 @@ def cmd_data(args) -> int:
         print(f"prepared {cfg.data.dataset} in {prepared.path}")
         print(json.dumps(prepared.manifest.get("counts", prepared.manifest), indent=2, default=str))
         return 0
+    if args.data_cmd == "synth":
+        from eimf.data.synthetic import custom_overrides, describe, synthesize
+
+        try:
+            summary = synthesize(args.out, users=args.users, items=args.items, interactions=args.interactions,
+                                 seed=args.seed, clusters=args.clusters, interests=args.interests)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        print(json.dumps(describe(summary)))
+        print("read it with: " + " ".join(custom_overrides(os.path.abspath(args.out))))
+        return 0
     raise SystemExit(f"unknown data command {args.data_cmd}")
 
 
@@ -178,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("name")
     dl.add_argument("--data-dir", help="destination folder (default: $EIMF_DATA_DIR or ~/.cache/eimf/datasets)")
     dl.add_argument("--force", action="store_true")
+    sy = dsub.add_parser("synth", help="a synthetic catalogue with planted topics and Zipf popularity, in the "
+                         "layout data.dataset=custom reads")
+    sy.add_argument("--users", type=int, required=True)
+    sy.add_argument("--items", type=int, required=True)
+    sy.add_argument("--interactions", type=int, required=True)
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--clusters", type=int, default=0, help="topics (default: items / 200, 2 to 5000)")
+    sy.add_argument("--interests", type=int, default=3, help="latent topics per user")
+    sy.add_argument("--out", required=True, help="output folder")
     pr = dsub.add_parser("prepare", help="ingest, validate, k-core, split; writes Parquet and a manifest")
     with_config(pr)
     d.set_defaults(fn=cmd_data)
