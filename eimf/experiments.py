@@ -22,6 +22,12 @@ COST_COLUMNS = [("train_seconds", "train s", "{:.0f}"), ("examples_per_s", "ex/s
                 ("peak_rss_mb", "peak MB", "{:.0f}")]
 
 
+def _log_only(cfg) -> None:
+    """Grid runs are compared, not deployed: their models are logged but not registered, unless a name is set."""
+    if cfg.tracking.registered_model is None:
+        cfg.tracking.registered_model = ""
+
+
 def _done(raw_path: Path) -> List[dict]:
     if not raw_path.exists():
         return []
@@ -62,6 +68,7 @@ def run_grid(base: Config, datasets: Iterable[str], models: Iterable[str], seeds
                 cfg.model.backbone = model
                 cfg.train.seed = seed
                 cfg.train.run_name = None
+                _log_only(cfg)
                 result = train(cfg, data_path=data_paths[dataset])
                 row = {"dataset": dataset, "model": model, "seed": seed, "run": result.run_name,
                        "overrides": overrides or [], "metrics": result.metrics}
@@ -202,6 +209,7 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
                             continue
                         cfg = copy.deepcopy(cfg_b)
                         cfg.train.seed, cfg.train.run_name = seed, f"{grid_name}-{dataset}-{backbone}-{name}-s{seed}"
+                        _log_only(cfg)
                         ann_dir = None
                         if variant.eimf:
                             warmup = have[(dataset, backbone, "backbone", seeds[0])]["export_dir"]
