@@ -1,6 +1,6 @@
 """Latency and throughput of a served model: `mlflow models serve` and the Ray Serve deployment, on 127.0.0.1.
 
-For each server: ``--single`` sequential single-user requests (p50 / p99 / mean latency, after ``--warmup``), then
+For each server (and the Recommender in process, for the cost without HTTP): ``--single`` sequential single-user requests (p50 / p99 / mean latency, after ``--warmup``), then
 ``--clients`` concurrent clients sending ``--requests`` requests in all (throughput, p50 / p99 under load). Each
 request is one real test user's history (raw ids) with k=50; the loop is bounded in count and time.
 
@@ -122,6 +122,38 @@ def ray_serve(args, bodies) -> dict:
         ray.shutdown()
 
 
+def in_process(args, bodies) -> dict:
+    """The Recommender alone (no HTTP): one user at a time, then batches of ``--clients`` users; 1 thread."""
+    import torch
+
+    from eimf.evaluation.retrieval import set_faiss_threads
+    from eimf.serving.pyfunc import load_recommender
+
+    torch.set_num_threads(1)
+    set_faiss_threads(1)
+    rec = load_recommender(args.model_uri)
+    for b in bodies[: args.warmup]:
+        rec.recommend([b])
+    lat = []
+    for b in bodies[: args.single]:
+        t = time.perf_counter()
+        rec.recommend([b])
+        lat.append(time.perf_counter() - t)
+    lat = np.asarray(lat) * 1000
+    batches = [bodies[i:i + args.clients] for i in range(0, min(len(bodies), args.requests), args.clients)]
+    t = time.perf_counter()
+    for b in batches:
+        rec.recommend(b)
+    wall = time.perf_counter() - t
+    row = {"server": f"in process (batches of {args.clients})", "single_p50_ms": float(np.percentile(lat, 50)),
+           "single_p99_ms": float(np.percentile(lat, 99)), "single_mean_ms": float(lat.mean()), "single_errors": 0,
+           "clients": args.clients, "requests": sum(len(b) for b in batches),
+           "throughput_rps": sum(len(b) for b in batches) / wall, "load_p50_ms": 1000 * wall / len(batches),
+           "load_p99_ms": float("nan"), "load_errors": 0}
+    print(f"  {row['server']}: {row}", flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-uri", required=True, help="models:/name/version (MLFLOW_TRACKING_URI set) or a folder")
@@ -134,7 +166,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.002)
-    p.add_argument("--servers", nargs="+", default=["mlflow", "ray"])
+    p.add_argument("--servers", nargs="+", default=["mlflow", "ray", "inprocess"])
     p.add_argument("--output")
     args = p.parse_args()
     test = pd.read_parquet(args.histories)
@@ -146,6 +178,8 @@ def main() -> None:
         rows.append(mlflow_serve(args, bodies))
     if "ray" in args.servers:
         rows.append(ray_serve(args, bodies))
+    if "inprocess" in args.servers:
+        rows.append(in_process(args, bodies))
     print("| server | single p50 ms | single p99 ms | clients | requests | req/s | p50 ms under load | "
           "p99 ms under load | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
