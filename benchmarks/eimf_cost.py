@@ -16,7 +16,6 @@ import argparse
 import os
 import time
 
-import numpy as np
 import torch
 
 from eimf.config import load_config

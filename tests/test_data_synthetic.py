@@ -21,8 +21,8 @@ def _digest(folder: Path) -> str:
 
 def test_deterministic_by_seed_and_sized_as_asked(tmp_path):
     a = synthesize(str(tmp_path / "a"), users=300, items=1000, interactions=6000, seed=7, block_users=128)
-    b = synthesize(str(tmp_path / "b"), users=300, items=1000, interactions=6000, seed=7, block_users=128)
-    c = synthesize(str(tmp_path / "c"), users=300, items=1000, interactions=6000, seed=8, block_users=128)
+    for name, seed in (("b", 7), ("c", 8)):
+        synthesize(str(tmp_path / name), users=300, items=1000, interactions=6000, seed=seed, block_users=128)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
     log = pd.read_parquet(tmp_path / "a" / "interactions")
     assert len(log) == a.interactions == 6000 and log["user_id"].nunique() == 300 and len(a.files) == 3
@@ -30,7 +30,6 @@ def test_deterministic_by_seed_and_sized_as_asked(tmp_path):
     assert (log.groupby("user_id")["timestamp"].diff().dropna() > 0).all()
     with pytest.raises(ValueError, match="interactions >= users"):
         synthesize(str(tmp_path / "d"), users=10, items=100, interactions=20)
-    del c
 
 
 def test_each_user_stays_within_a_few_named_topics(tmp_path):

@@ -522,7 +522,7 @@ def test_exported_eimf_model_serves_the_same_without_the_annotation_files(ml100k
 
     from eimf.data.sampling import eval_batches
     from eimf.serving.folder import ModelFolder
-    from eimf.training.loop import LoopState, Trainer, save_training_state, seed_everything
+    from eimf.training.loop import Trainer, save_training_state, seed_everything
     from eimf.training.multitask import build_eimf, eimf_batches
     from eimf.training.runner import build_components, export_model
 

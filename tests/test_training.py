@@ -1,9 +1,7 @@
 """Training: the single-process loop, and the Ray Train runner end to end on real MovieLens-100K."""
-import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
