@@ -90,6 +90,14 @@ def cmd_data(args) -> int:
         path = download(args.name, data_dir, force=args.force)
         print(f"{args.name} is in {path}; use data.data_dir={data_dir} or EIMF_DATA_DIR={data_dir}")
         return 0
+    if args.data_cmd == "verify":
+        from eimf.data.download import verify
+
+        data_dir = args.data_dir or os.environ.get("EIMF_DATA_DIR") or os.path.join(
+            os.path.expanduser("~"), ".cache", "eimf", "datasets")
+        res = verify(args.name, data_dir)
+        print(res.summary())
+        return 1 if res.status == "failed" else 0
     if args.data_cmd == "prepare":
         from eimf.data.preprocess import prepare
 
@@ -189,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("name")
     dl.add_argument("--data-dir", help="destination folder (default: $EIMF_DATA_DIR or ~/.cache/eimf/datasets)")
     dl.add_argument("--force", action="store_true")
+    ve = dsub.add_parser("verify", help="check a dataset folder against its SHA256SUMS / CHECKSUMS files")
+    ve.add_argument("name", nargs="?", help="dataset folder name (default: every listed file of the data dir)")
+    ve.add_argument("--data-dir", help="default: $EIMF_DATA_DIR or ~/.cache/eimf/datasets")
     sy = dsub.add_parser("synth", help="a synthetic catalogue with planted topics and Zipf popularity, in the "
                          "layout data.dataset=custom reads")
     sy.add_argument("--users", type=int, required=True)
@@ -213,7 +224,7 @@ class UserError(Exception):
     """Errors whose message tells the user what to do; printed without a traceback."""
 
 
-def _user_errors() -> tuple:
+def user_errors() -> tuple:
     from eimf.data.download import DownloadError
 
     from eimf.serving.folder import ModelFolderError
@@ -241,7 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.fn(args)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"eimf: error: {e}", file=sys.stderr)
         return 2
 

@@ -97,11 +97,11 @@ def fingerprint(stage: str, config: dict, inputs: Dict[str, str], versions: Opti
 def data_fingerprint(data_cfg) -> str:
     """The prepared-data fingerprint :func:`eimf.data.preprocess.prepare` gives ``data_cfg`` (inputs + config)."""
     from eimf.data.datasets import resolve_inputs
-    from eimf.data.preprocess import _input_infos
+    from eimf.data.preprocess import input_infos
     from eimf.data.preprocess import fingerprint as prepared_fingerprint
 
     inputs = resolve_inputs(data_cfg)
-    return prepared_fingerprint(data_cfg, inputs, _input_infos(inputs))
+    return prepared_fingerprint(data_cfg, inputs, input_infos(inputs))
 
 
 def eimf_train_config(train_cfg):
@@ -399,9 +399,9 @@ class Pipeline:
         log.info("pipeline %s in %s: %s", self.run_name, self.root,
                  ", ".join(f"{p.name}={'skip' if p.skip else 'run'}" for p in plans))
         if any(not p.skip and p.name in RAY_STAGES for p in plans):
-            from eimf.training.runner import _init_ray
+            from eimf.training.runner import init_ray
 
-            _init_ray()  # RAY_ADDRESS (ray job submit) joins the cluster; otherwise a local Ray
+            init_ray()  # RAY_ADDRESS (ray job submit) joins the cluster; otherwise a local Ray
         self.parent_run_id = tracking.start_run(
             self.cfg, self.run_name, tags={"stage": "pipeline", "eimf.pipeline": self.run_name, "pipeline.root": self.root})
         outputs: Dict[str, dict] = {}
@@ -495,7 +495,3 @@ class Pipeline:
             if results and results[-1].stage == "export" and results[-1].status != "failed":
                 c.set_tag(run_id, "pipeline.model_dir", results[-1].outputs.get("model_dir", ""))
             tracking.end_run(self.uri, run_id, status="FAILED" if failed is not None else "FINISHED")
-
-
-def run_pipeline(cfg: Config) -> List[StageResult]:
-    return Pipeline(cfg).run()

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from eimf.cli import _user_errors
+    from eimf.cli import user_errors
     from omegaconf.errors import OmegaConfBaseException
 
     from eimf.config import load_config
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                 print(f"{p.name:<9} {'skip' if p.skip else 'run ':<4} {p.fingerprint[:12]}  {p.reason}  ({p.dir})")
             return 0
         results = pipeline.run()
-    except (PipelineError, OmegaConfBaseException, *_user_errors()) as e:
+    except (PipelineError, OmegaConfBaseException, *user_errors()) as e:
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2
     final = next((r for r in results if r.stage == "export"), None)

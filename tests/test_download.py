@@ -333,6 +333,11 @@ def test_verify_against_root_sha256sums(tmp_path):
 
     assert dl.verify("nothing-listed", tmp_path).status == "unchecked"
 
+    from eimf.cli import main
+
+    assert main(["data", "verify", "other", "--data-dir", str(tmp_path)]) == 0
+    assert main(["data", "verify", "tiny", "--data-dir", str(tmp_path)]) == 1  # the tampered folder fails
+
 
 @pytest.mark.skipif(not (SHARED_DATA / "SHA256SUMS").is_file(), reason="shared data folder not present")
 @pytest.mark.parametrize("name", ["ml-100k", "ml-1m", "amazon-beauty", "amazon-sports", "amazon-toys"])

@@ -263,7 +263,3 @@ def _custom_inputs(cfg) -> Inputs:
                               text_cols=list(cfg.text_cols), numeric_ids=cfg.numeric_ids,
                               on_bad_rows=cfg.on_bad_rows)
     return Inputs("custom", "files", None, files, ispec, cat_files, cspec)
-
-
-def list_datasets() -> List[str]:
-    return list(DATASETS)

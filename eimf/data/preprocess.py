@@ -322,7 +322,7 @@ def output_root(cfg) -> str:
     return d if fs.is_s3(d) else os.path.abspath(os.path.expanduser(d))
 
 
-def _input_infos(inputs: Inputs) -> List[dict]:
+def input_infos(inputs: Inputs) -> List[dict]:
     out = []
     for role, files in (("interactions", inputs.interaction_files), ("catalogue", inputs.catalogue_files)):
         for p in files:
@@ -364,7 +364,7 @@ def prepare(cfg, *, force: bool = False, engine: str = "ray") -> PreparedDataset
     """Prepare ``cfg`` (a ``DataConfig``) or reuse the folder of the same fingerprint. See the module doc."""
     t0 = time.perf_counter()
     inputs = resolve_inputs(cfg)
-    infos = _input_infos(inputs)
+    infos = input_infos(inputs)
     fp = fingerprint(cfg, inputs, infos)
     out = fs.join(output_root(cfg), inputs.dataset, fp[:16])
     if not force and fs.exists(fs.join(out, MANIFEST)):

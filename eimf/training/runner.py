@@ -258,7 +258,7 @@ def default_cpus_per_worker(n_workers: int) -> float:
     return max(0.01, int(100 * (total - 1) / n_workers) / 100)
 
 
-def _init_ray() -> None:
+def init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
@@ -327,7 +327,7 @@ def train(cfg: Config, data_path: Optional[str] = None, tags: Optional[Dict[str,
 
     from eimf.data.preprocess import prepare
 
-    _init_ray()
+    init_ray()
     if data_path is None:
         data_path = str(prepare(cfg.data).path)
     storage = cfg.train.storage_path or os.path.abspath(os.path.join(eimf_home(), "runs"))
