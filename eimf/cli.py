@@ -82,20 +82,18 @@ def cmd_data(args) -> int:
             print(f"{name:<16} {getattr(spec, 'description', '')}")
         return 0
     if args.data_cmd == "download":
+        from eimf.data.datasets import data_dir as resolve_data_dir
         from eimf.data.download import download
 
-        data_dir = args.data_dir or os.environ.get("EIMF_DATA_DIR") or os.path.join(
-            os.path.expanduser("~"), ".cache", "eimf", "datasets"
-        )
+        data_dir = resolve_data_dir(args)  # --data-dir, else $EIMF_DATA_DIR, else ~/.cache/eimf/datasets
         path = download(args.name, data_dir, force=args.force)
         print(f"{args.name} is in {path}; use data.data_dir={data_dir} or EIMF_DATA_DIR={data_dir}")
         return 0
     if args.data_cmd == "verify":
+        from eimf.data.datasets import data_dir as resolve_data_dir
         from eimf.data.download import verify
 
-        data_dir = args.data_dir or os.environ.get("EIMF_DATA_DIR") or os.path.join(
-            os.path.expanduser("~"), ".cache", "eimf", "datasets")
-        res = verify(args.name, data_dir)
+        res = verify(args.name, resolve_data_dir(args))
         print(res.summary())
         return 1 if res.status == "failed" else 0
     if args.data_cmd == "prepare":

@@ -219,10 +219,6 @@ class ItemIndex:
         self.params.update(_set_search_params(self.index, nprobe, ef_search, refine_k))
         return self.params
 
-    @property
-    def exact(self) -> bool:
-        return self.spec == "Flat"
-
     def save(self, path) -> None:
         """The index as faiss's own file format (local path)."""
         faiss.write_index(self.index, str(path))

@@ -72,8 +72,9 @@ class ModelFolder:
 
     # ------------------------------------------------------------------------------------------ write
     def write(self, path: str) -> str:
-        """Write every file (built in a temporary folder, then copied: a reader never sees half a folder on
-        ``s3://``; locally ``folder.json`` is written last). Returns ``path``."""
+        """Write every file (built in a temporary folder, then copied; locally ``folder.json`` is written last, and
+        :meth:`load` refuses a folder missing any file its manifest lists, e.g. an ``s3://`` upload cut short).
+        Returns ``path``."""
         from eimf import fs
 
         with tempfile.TemporaryDirectory(prefix="eimf-model-") as tmp:

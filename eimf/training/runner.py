@@ -276,7 +276,7 @@ def export_model(checkpoint_dir: Path, export_dir: str, cfg: Config, data_path: 
 
 
 def registered_model_name(cfg: Config) -> Optional[str]:
-    """``tracking.registered_model``, default ``eimf-<dataset>``; "" or None-with-log_model-off: no registration."""
+    """``tracking.registered_model``, default ``eimf-<dataset>``; None for "" (log the model, do not register it)."""
     name = cfg.tracking.registered_model
     return f"eimf-{cfg.data.dataset}" if name is None else (name or None)
 
