@@ -5,7 +5,7 @@ extra loss terms need (e.g. REMI's attention matrix) so the training step runs t
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -15,9 +15,14 @@ class MultiInterestModel(nn.Module):
     #: Adam learning rate when ``train.lr`` is unset (ComiRec's defaults).
     default_lr: float = 1e-3
 
-    def __init__(self, n_items: int, dim: int, num_interests: int, maxlen: int):
+    def __init__(self, n_items: int, dim: int, num_interests: int, maxlen: int,
+                 item_table: Optional[nn.Module] = None):
         super().__init__()
         self.n_items, self.dim, self.num_interests, self.maxlen = n_items, dim, num_interests, maxlen
+        if item_table is not None:
+            # Looked up elsewhere (the row-sharded table, eimf/training/sharded.py): ids -> rows, no weights here.
+            self.item_emb = item_table
+            return
         # Row 0 is padding; the table is also the output layer of the sampled softmax.
         self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
         self.reset_item_embeddings()
@@ -29,8 +34,8 @@ class MultiInterestModel(nn.Module):
             self.item_emb.weight[0].zero_()
 
     @classmethod
-    def from_config(cls, cfg, n_items: int) -> "MultiInterestModel":
-        return cls(n_items, dim=cfg.dim, num_interests=cfg.num_interests, maxlen=cfg.maxlen)
+    def from_config(cls, cfg, n_items: int, item_table: Optional[nn.Module] = None) -> "MultiInterestModel":
+        return cls(n_items, dim=cfg.dim, num_interests=cfg.num_interests, maxlen=cfg.maxlen, item_table=item_table)
 
     # -- to implement -----------------------------------------------------------------------------
     def encode(self, hist: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -43,7 +48,8 @@ class MultiInterestModel(nn.Module):
 
     # -- shared -----------------------------------------------------------------------------------
     def embed_history(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.item_emb(hist) * mask.unsqueeze(-1).to(self.item_emb.weight.dtype)
+        rows = self.item_emb(hist)
+        return rows * mask.unsqueeze(-1).to(rows.dtype)
 
     def interests(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.encode(hist, mask.bool())[0]
@@ -55,22 +61,25 @@ class MultiInterestModel(nn.Module):
         return interests[torch.arange(interests.shape[0], device=interests.device), idx]
 
     def loss(self, hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
-             loss_fn: Callable[..., torch.Tensor], return_interests: bool = False) -> Dict[str, torch.Tensor]:
+             loss_fn: Callable[..., torch.Tensor], return_interests: bool = False,
+             negatives=None) -> Dict[str, torch.Tensor]:
         """{"loss": rec + extra terms, "rec": sampled softmax, ...extra terms}; with ``return_interests`` also
-        "interests" [B, K, d] (EIMF's auxiliary losses reuse them instead of running the extractor again)."""
+        "interests" [B, K, d] (EIMF's auxiliary losses reuse them instead of running the extractor again).
+        ``negatives``: drawn beforehand (the sharded table must look them up first); None: the loss draws them."""
         interests, aux = self.encode(hist, mask.bool())
-        rec = loss_fn(self.readout(interests, target), target, self.item_emb.weight)
+        rec = loss_fn(self.readout(interests, target), target, self.item_emb, negatives)
         out = {"rec": rec, **self.extra_losses(aux)}
         out["loss"] = sum(out.values())
         if return_interests:
             out["interests"] = interests
         return out
 
-    def forward(self, hist: torch.Tensor, mask: torch.Tensor, target=None, loss_fn=None, return_interests=False):
+    def forward(self, hist: torch.Tensor, mask: torch.Tensor, target=None, loss_fn=None, return_interests=False,
+                negatives=None):
         # DDP/DeepSpeed wrappers only sync gradients for work done through forward().
         if target is None:
             return self.interests(hist, mask)
-        return self.loss(hist, mask, target, loss_fn, return_interests)
+        return self.loss(hist, mask, target, loss_fn, return_interests, negatives)
 
     def item_embeddings(self) -> torch.Tensor:
         """The item table [n_items + 1, d] (row 0 = padding) used for retrieval."""

@@ -115,7 +115,8 @@ SAMPLERS = {"log_uniform": LogUniformSampler, "uniform": UniformSampler}
 
 
 class SampledSoftmaxLoss(nn.Module):
-    """``forward(user_vec [B, d], target [B], item_table [N+1, d]) -> scalar``.
+    """``forward(user_vec [B, d], target [B], item_table, negatives=None) -> scalar``; ``item_table`` is the
+    ``[N+1, d]`` tensor or a module mapping ids to rows (``nn.Embedding``, or the batch's rows of a sharded table).
 
     ``hard_negative_beta`` > 0 turns on REMI's interest-aware hard negatives (IHN; Xie et al., RecSys 2023,
     ``NCELoss.sampled_softmax_loss`` in github.com/Tokkiu/REMI src/BasicModel.py): the negative mass
@@ -138,13 +139,18 @@ class SampledSoftmaxLoss(nn.Module):
         #: None: the global torch RNG (seeded by the training loop). Give each rank its own for distinct draws.
         self.generator = generator
 
-    def forward(self, user_vec: torch.Tensor, target: torch.Tensor, item_table: torch.Tensor,
+    def sample(self) -> Negatives:
+        """One draw of the batch's shared negatives."""
+        return self.sampler.sample(self.num_negatives, generator=self.generator)
+
+    def forward(self, user_vec: torch.Tensor, target: torch.Tensor, item_table,
                 negatives: Optional[Negatives] = None) -> torch.Tensor:
         if negatives is None:
-            negatives = self.sampler.sample(self.num_negatives, generator=self.generator)
+            negatives = self.sample()
+        rows = item_table.__getitem__ if isinstance(item_table, torch.Tensor) else item_table
         neg_ids = negatives.ids.to(target.device)
-        pos = (user_vec * item_table[target]).sum(-1).float()  # [B]
-        neg = (user_vec @ item_table[neg_ids].t()).float()  # [B, M]
+        pos = (user_vec * rows(target)).sum(-1).float()  # [B]
+        neg = (user_vec @ rows(neg_ids).t()).float()  # [B, M]
         if self.logq_correction:
             pos = pos - self.sampler.log_q(target, negatives.num_tries)
             neg = neg - self.sampler.log_q(neg_ids, negatives.num_tries).unsqueeze(0)

@@ -12,7 +12,7 @@ Two additions, both off at 0:
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -30,14 +30,15 @@ class REMI(ComiRecSA):
     default_lr = 1e-3
 
     def __init__(self, n_items: int, dim: int = 64, num_interests: int = 4, maxlen: int = 50,
-                 hidden_factor: int = 4, add_pos: bool = True, reg_lambda: float = 0.0):
-        super().__init__(n_items, dim, num_interests, maxlen, hidden_factor, add_pos)
+                 hidden_factor: int = 4, add_pos: bool = True, reg_lambda: float = 0.0,
+                 item_table: Optional[torch.nn.Module] = None):
+        super().__init__(n_items, dim, num_interests, maxlen, hidden_factor, add_pos, item_table)
         self.reg_lambda = reg_lambda
 
     @classmethod
-    def from_config(cls, cfg, n_items: int) -> "REMI":
+    def from_config(cls, cfg, n_items: int, item_table: Optional[torch.nn.Module] = None) -> "REMI":
         return cls(n_items, dim=cfg.dim, num_interests=cfg.num_interests, maxlen=cfg.maxlen,
-                   hidden_factor=cfg.hidden_factor, reg_lambda=cfg.reg_lambda)
+                   hidden_factor=cfg.hidden_factor, reg_lambda=cfg.reg_lambda, item_table=item_table)
 
     def extra_losses(self, aux: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         if self.reg_lambda == 0:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from eimf.training.loop import HEAD_FILE, StepRunner
+from eimf.training.replicated_head import ReplicatedHead, rank as _rank
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -32,7 +33,7 @@ def deepspeed_config(micro_batch: int, zero_stage: int, precision: str) -> dict:
     }
 
 
-class DeepSpeedStepRunner(StepRunner):
+class DeepSpeedStepRunner(ReplicatedHead, StepRunner):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
         import deepspeed
 
@@ -40,7 +41,6 @@ class DeepSpeedStepRunner(StepRunner):
         self.partitioned = self.zero_stage == 3
         # How to build the EIMF head's own optimizer later: the same kind and settings as the model's.
         self._optimizer_factory = (type(optimizer), dict(optimizer.defaults))
-        self.head_optimizer = None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False,
         )
@@ -54,38 +54,6 @@ class DeepSpeedStepRunner(StepRunner):
         if self.head is not None:
             self._head_step()
         self.engine.step()
-
-    def attach_head(self, head: torch.nn.Module) -> None:
-        """EIMF's P and g, replicated on every rank (~0.2 M parameters, no point in sharding them): their
-        gradients are averaged across ranks after each backward and their own optimizer (the model's kind and
-        settings) steps them, so every replica stays identical. The engine's ZeRO optimizer covers only the
-        backbone, which must exist before ``deepspeed.initialize``; the head comes later, from the annotations."""
-        if self.head is not None:
-            raise RuntimeError("a head is already attached")
-        kind, defaults = self._optimizer_factory
-        self.head = head
-        self.head_optimizer = kind(head.parameters(), **defaults)
-        if _distributed():
-            for p in head.parameters():  # identical start on every rank, whatever each rank's RNG did
-                torch.distributed.broadcast(p.data, src=0)
-
-    def _head_step(self) -> None:
-        if _distributed():
-            # Every rank joins the collective, also one whose batch had no typical row (the head was not in its
-            # graph: zero gradients), or the other ranks would wait for it forever.
-            params = list(self.head.parameters())
-            world = torch.distributed.get_world_size()
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                              for p in params])  # one collective for the whole head
-            torch.distributed.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for p in params:
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone()
-                offset += n
-        self.head_optimizer.step()
-        self.head_optimizer.zero_grad(set_to_none=True)
 
     def full_params(self):
         if self.zero_stage < 3:
@@ -120,10 +88,3 @@ class DeepSpeedStepRunner(StepRunner):
             self.head.load_state_dict(state["head"])
             self.head_optimizer.load_state_dict(state["optimizer"])
 
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _distributed() else 0
