@@ -114,8 +114,14 @@ class TrainConfig:
     use_gpu: bool = False
     #: CPUs each worker reserves (and torch threads it uses); None: the node's CPUs / num_workers.
     cpus_per_worker: Optional[int] = None
-    #: ``auto`` (DeepSpeed when num_workers > 1 or zero_stage > 0, else plain torch) | torch | deepspeed
+    #: ``auto`` (DeepSpeed when num_workers > 1 or zero_stage > 0, else plain torch) | torch | deepspeed |
+    #: ``sharded`` (the item table split by rows across workers with TorchRec; docs/scaling.md says when it wins)
     strategy: str = "auto"
+    #: Sharded path: the table's fused optimizer, ``auto`` (row-wise Adagrad on CPU, Adam on GPU) | rowwise_adagrad
+    #: | adagrad | sgd | adam (GPU only).
+    sparse_optimizer: str = "auto"
+    #: Sharded path: the table's learning rate; None: 0.05 for the Adagrads (tuned on ML-1M valid), else ``lr``.
+    sparse_lr: Optional[float] = None
     #: DeepSpeed ZeRO stage 0-3 (3 partitions the item table across workers).
     zero_stage: int = 0
     #: fp32 | bf16 (DeepSpeed only; no fp16 on CPU).

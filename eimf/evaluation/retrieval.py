@@ -202,6 +202,34 @@ class ItemIndex:
         self._adopt(built, nprobe, ef_search, refine_k)
 
     @classmethod
+    def from_blocks(cls, blocks, n_items: int, dim: int, retrieval, threads: Optional[int] = None,
+                    train_size: int = 500_000) -> "ItemIndex":
+        """The same index as :meth:`from_config`, built without the whole table in memory: ``blocks()`` yields
+        the rows of ids 1..N in order as ``[n_i, d]`` arrays (called twice when the index trains: once for a
+        fixed-seed sample, once to add). Memory: the index and one block."""
+        self = cls.__new__(cls)
+        self.threads = set_faiss_threads(threads)
+        self.spec = resolve_index(retrieval.index, n_items)
+        built = faiss.index_factory(dim, self.spec, faiss.METRIC_INNER_PRODUCT)
+        if not built.is_trained:
+            pick = np.arange(n_items) if n_items <= train_size else np.sort(
+                np.random.default_rng(0).choice(n_items, train_size, replace=False))
+            sample, start = [], 0
+            for block in blocks():
+                lo, hi = np.searchsorted(pick, [start, start + len(block)])
+                sample.append(np.asarray(block, dtype=np.float32)[pick[lo:hi] - start])
+                start += len(block)
+            built.train(np.ascontiguousarray(np.concatenate(sample)))
+        added = 0
+        for block in blocks():
+            built.add(np.ascontiguousarray(block, dtype=np.float32))
+            added += len(block)
+        if added != n_items:
+            raise ValueError(f"the row blocks hold {added} items, the catalogue has {n_items}")
+        self._adopt(built, retrieval.nprobe, retrieval.ef_search, retrieval.refine_k)
+        return self
+
+    @classmethod
     def from_config(cls, item_embeddings, retrieval, threads: Optional[int] = None) -> "ItemIndex":
         """The index a :class:`eimf.config.RetrievalConfig` describes, over ``item_embeddings``."""
         return cls(item_embeddings, index=retrieval.index, nprobe=retrieval.nprobe, ef_search=retrieval.ef_search,

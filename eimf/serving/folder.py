@@ -6,6 +6,9 @@ A model folder is everything serving needs, with no reference back to the data o
 ``folder.json``    format version, backbone, catalogue size, dimension, the retrieval index spec and its search
                    parameters, the files present, and (informational) the prepared data it was trained on
 ``model.pt``       the backbone's best weights (interest extractor + item table)
+``item_table.*``   models trained with the row-sharded table only: ``model.pt`` holds the dense weights, and the
+                   table is in these ``.npy`` row blocks (one per training worker, in id order, row 0 first);
+                   ``folder.json``'s ``item_table`` lists them (format version 2)
 ``config.yaml``    the full training config
 ``metrics.json``   the training run's final metrics
 ``items.parquet``  ``item`` (internal id 1..N), ``raw_id`` (the log's id, a string), ``text``, ``count``
@@ -25,7 +28,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import pandas as pd
@@ -37,7 +40,7 @@ from eimf.evaluation.retrieval import ItemIndex
 log = logging.getLogger(__name__)
 
 FORMAT = "eimf-model-folder"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the table may be in row blocks (sharded training); version 1 folders read unchanged
 MANIFEST = "folder.json"
 WEIGHTS = "model.pt"
 CONFIG = "config.yaml"
@@ -47,6 +50,7 @@ INDEX = "index.faiss"
 HEAD = "eimf_head.pt"
 PHRASES = "phrases.parquet"
 ITEM_COLUMNS = ("item", "raw_id", "text", "count")
+TABLE_PART = "item_table.{:05d}-of-{:05d}.npy"
 
 
 class ModelFolderError(ValueError):
@@ -65,6 +69,10 @@ class ModelFolder:
     phrases: Optional["PhraseTable"] = None  # noqa: F821 - eimf.explain.PhraseTable
     #: the prepared dataset the model was trained on; for evaluation only, and it may be gone by now
     data_path: Optional[str] = None
+    #: Local ``.npy`` row blocks of the item table, in id order (a sharded export): then ``model`` is the dense
+    #: part only and the table never sits whole in this process. None: the table is in ``model``.
+    table_parts: Optional[List[str]] = None
+    _scratch: Optional[object] = field(default=None, repr=False)  # owns table_parts' temporary folder
 
     @property
     def n_items(self) -> int:
@@ -85,6 +93,15 @@ class ModelFolder:
             self.items.loc[:, list(ITEM_COLUMNS)].to_parquet(out / ITEMS, index=False)
             self.index.save(out / INDEX)
             files = [WEIGHTS, CONFIG, METRICS, ITEMS, INDEX]
+            table = None
+            if self.table_parts:
+                names = [TABLE_PART.format(i, len(self.table_parts)) for i in range(len(self.table_parts))]
+                rows = []
+                for src, name in zip(self.table_parts, names):
+                    shutil.copyfile(src, out / name)
+                    rows.append(int(np.load(out / name, mmap_mode="r").shape[0]))
+                table = {"parts": names, "rows": rows}
+                files += names
             if self.head is not None:
                 torch.save(self.head.state_dict(), out / HEAD)
                 files.append(HEAD)
@@ -100,6 +117,10 @@ class ModelFolder:
                 "index": {"spec": self.index.spec, **self.index.params}, "files": files + [MANIFEST],
                 "data_path": self.data_path,
             }
+            if table is not None:
+                manifest["item_table"] = table
+            else:
+                manifest["format_version"] = 1  # readable by eimf releases before row blocks
             (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
             if fs.is_s3(path):
                 fs.upload_dir(out, path)
@@ -142,7 +163,8 @@ class ModelFolder:
             if missing:
                 raise ModelFolderError(f"{path}: incomplete model folder, missing {', '.join(missing)}")
             cfg = load_config(local / CONFIG)
-            model = _load_backbone(cfg, local / WEIGHTS, manifest["n_items"])
+            model = _load_backbone(cfg, local / WEIGHTS, manifest["n_items"],
+                                   [local / p for p in manifest.get("item_table", {}).get("parts", [])])
             items = pd.read_parquet(local / ITEMS)
             if len(items) != manifest["n_items"] or not np.array_equal(items["item"].to_numpy(),
                                                                        np.arange(1, len(items) + 1)):
@@ -181,7 +203,19 @@ def from_checkpoint(checkpoint_dir: Path, cfg: Config, data_path: str, weights: 
     items = items.sort_values("item").reset_index(drop=True)
     items["raw_id"] = items["raw_id"].astype(str)
     items["text"] = items["text"].fillna("").astype(str)
-    model = _load_backbone(cfg, checkpoint_dir / weights, len(items))
+    shards = sorted(checkpoint_dir.glob("best_table.*-of-*.pt"))
+    scratch, parts = None, None
+    if shards:  # the row-sharded table: one block per worker, never assembled here
+        from eimf.models import build_model
+        from eimf.training.sharded import BatchRows
+
+        scratch = tempfile.TemporaryDirectory(prefix="eimf-table-")
+        parts = _table_parts(shards, len(items), Path(scratch.name))
+        model = build_model(cfg.model, len(items), item_table=BatchRows())
+        model.load_state_dict(torch.load(checkpoint_dir / weights, map_location="cpu"))
+        model.eval()
+    else:
+        model = _load_backbone(cfg, checkpoint_dir / weights, len(items))
     metrics_file = checkpoint_dir / METRICS
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     head = phrases = None
@@ -195,9 +229,35 @@ def from_checkpoint(checkpoint_dir: Path, cfg: Config, data_path: str, weights: 
                 phrases = PhraseTable.from_annotations(read_annotations(cfg.eimf.annotations))
             except (ValueError, FileNotFoundError) as e:  # labels are an extra; the model serves without them
                 log.warning("model folder: no interest phrase table (%s): answers carry no interest labels", e)
-    index = build_index(model, cfg, threads=threads)
+    if parts:
+        def blocks():  # rows of ids 1..N: the padding row 0 heads the first block
+            for i, p in enumerate(parts):
+                block = np.load(p, mmap_mode="r")
+                yield block[1:] if i == 0 else block
+
+        index = ItemIndex.from_blocks(blocks, len(items), int(cfg.model.dim), cfg.retrieval, threads)
+    else:
+        index = build_index(model, cfg, threads=threads)
     return ModelFolder(model=model, cfg=cfg, items=items, index=index, metrics=metrics, head=head,
-                       phrases=phrases, data_path=str(data_path))
+                       phrases=phrases, data_path=str(data_path), table_parts=parts, _scratch=scratch)
+
+
+def _table_parts(shards: List[Path], n_items: int, out: Path) -> List[str]:
+    """The checkpoint's per-worker best rows as ``.npy`` blocks, one at a time, checked to tile 0..N."""
+    parts, expect = [], 0
+    for i, path in enumerate(shards):
+        saved = torch.load(path, map_location="cpu")
+        rows = saved["rows"].float().numpy()
+        if int(saved["offset"]) != expect:
+            raise ModelFolderError(f"{path}: rows from {saved['offset']}, expected {expect} (a shard is missing)")
+        expect += len(rows)
+        parts.append(str(out / f"part{i:05d}.npy"))
+        np.save(parts[-1], rows)
+        del saved, rows
+    if expect != n_items + 1:
+        raise ModelFolderError(f"{shards[0].parent}: table shards hold {expect} rows, the catalogue needs "
+                               f"{n_items + 1}")
+    return parts
 
 
 def build_index(model, cfg: Config, threads: Optional[int] = None) -> ItemIndex:
@@ -205,10 +265,14 @@ def build_index(model, cfg: Config, threads: Optional[int] = None) -> ItemIndex:
     return ItemIndex.from_config(model.item_embeddings().detach().float().cpu().numpy(), cfg.retrieval, threads)
 
 
-def _load_backbone(cfg: Config, weights: Path, n_items: int) -> torch.nn.Module:
+def _load_backbone(cfg: Config, weights: Path, n_items: int, parts=()) -> torch.nn.Module:
+    """The backbone for serving, its table whole in memory (from ``model.pt``, or assembled from row blocks)."""
     from eimf.models import build_model
 
     state = torch.load(weights, map_location="cpu")
+    if parts:
+        blocks = [np.load(p, mmap_mode="r") for p in parts]
+        state["item_emb.weight"] = torch.from_numpy(np.concatenate(blocks))
     rows = state["item_emb.weight"].shape[0] - 1
     if rows != n_items:
         raise ModelFolderError(f"{weights}: an item table of {rows} items, the catalogue has {n_items}")

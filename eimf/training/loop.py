@@ -90,11 +90,27 @@ class StepRunner:
     #: True when the parameters are partitioned across ranks (ZeRO-3): evaluation then uses a plain copy.
     partitioned = False
 
+    #: True when every rank must take part in evaluation (the row-sharded table: lookups and searches are
+    #: collective); otherwise the chief evaluates alone.
+    collective_eval = False
+
     def full_params(self):
         return contextlib.nullcontext()
 
     def broadcast(self, obj):
         return obj
+
+    def snapshot(self) -> dict:
+        """A copy of the weights (the best model so far)."""
+        return _copy_state(self.model)
+
+    def save_best(self, folder: Path, snap: Optional[dict], is_chief: bool) -> None:
+        if snap is not None and is_chief:
+            torch.save(snap, folder / "best_model.pt")
+
+    def load_best(self, folder: Path) -> Optional[dict]:
+        best = folder / "best_model.pt"
+        return torch.load(best, map_location="cpu") if best.exists() else None
 
     def save(self, folder: Path) -> None:
         torch.save(self.model.state_dict(), folder / "model.pt")
@@ -150,10 +166,15 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, split_df, max_users: Optional[int] = None, model=None) -> Dict[str, float]:
         """Metrics of ``model`` (default: the model being trained) on a split, by faiss full ranking."""
-        model = self.model if model is None else model
-        device = next(model.parameters()).device
         if max_users is not None and len(split_df) > max_users:
             split_df = split_df.iloc[:max_users]
+        e = self.cfg.eval
+        if model is None and self.runner.collective_eval:  # every rank, each searching its own rows
+            return evaluate(self.runner.interest_fn(), None, split_df, topk=tuple(e.topk), batch_size=e.batch_size,
+                            maxlen=self.cfg.model.maxlen, exclude_history=e.exclude_history,
+                            index=self.runner.item_index(self.cfg.retrieval))
+        model = self.model if model is None else model
+        device = next(model.parameters()).device
 
         @torch.no_grad()
         def interest_fn(hist, mask):
@@ -164,7 +185,6 @@ class Trainer:
             return out.float().cpu().numpy()
 
         item_table = model.item_embeddings().detach().float().cpu().numpy()
-        e = self.cfg.eval
         return evaluate(
             interest_fn,
             item_table,
@@ -194,7 +214,9 @@ class Trainer:
         n_rec = batch.rec_rows if batch.rec_rows >= 0 else len(target)
         out = self.runner.forward(hist[:n_rec], mask[:n_rec], target[:n_rec], self.loss_fn, True)
         interests = out.pop("interests")
-        if n_rec < len(target):  # rows for the auxiliary losses only: interests, no recommendation loss
+        # rows for the auxiliary losses only: interests, no recommendation loss (a collective runner makes the
+        # call on every rank, also with no such rows, so that their lookups stay in step)
+        if n_rec < len(target) or self.runner.collective_eval:
             interests = torch.cat([interests, self.runner.forward(hist[n_rec:], mask[n_rec:])])
         if len(batch.sem_rows):
             rows = torch.as_tensor(batch.sem_rows, device=self.device)
@@ -274,19 +296,21 @@ class Trainer:
     def _evaluate_and_maybe_stop(self, state: LoopState, metric_name: str, report) -> bool:
         # Every rank enters full_params (ZeRO-3 gathers parameters collectively); the chief evaluates and
         # every rank gets its verdict.
-        snapshot, eval_model = None, self.model
+        snapshot, eval_model = None, None  # None: the model being trained
         if self.runner.partitioned:
             # ZeRO-3's module hooks run collectives that every rank must issue in step: a forward on the chief
             # alone desynchronises them (training hangs a few steps later). Evaluate a plain copy instead.
             with self.runner.full_params():
                 snapshot = _copy_state(self.model) if self.is_chief else None
             eval_model = self._plain_model(snapshot) if self.is_chief else None
-        valid = self.evaluate(self.valid_df, self.cfg.eval.max_valid_users, eval_model) if self.is_chief else None
+        collective = self.runner.collective_eval
+        valid = (self.evaluate(self.valid_df, self.cfg.eval.max_valid_users, eval_model)
+                 if self.is_chief or collective else None)
         valid = self.runner.broadcast(valid)
         value = valid[metric_name]
         improved = value > state.best_metric
-        if improved and self.is_chief:
-            self.best_state = snapshot if snapshot is not None else _copy_state(self.model)
+        if improved and (self.is_chief or collective):
+            self.best_state = snapshot if snapshot is not None else self.runner.snapshot()
             if self.runner.head is not None:
                 self.best_head_state = _copy_state(self.runner.head)
         if improved:
@@ -314,6 +338,8 @@ class Trainer:
 
     def best_model(self) -> torch.nn.Module:
         """A plain single-process copy of the model with the best evaluation's weights."""
+        if self.runner.collective_eval:
+            raise RuntimeError("the sharded table has no single-process copy: export it (serving.folder)")
         if self.best_state is None:  # no evaluation ran: the current weights (a collective under ZeRO-3)
             with self.runner.full_params():
                 self.best_state = _copy_state(self.model)
@@ -322,6 +348,13 @@ class Trainer:
     def final_metrics(self) -> Dict[str, float]:
         """Valid and test metrics of the best weights, on all users (chief only; others get {}). Named
         ``best_valid/*`` so they do not mix with the ``valid/*`` curve logged during training."""
+        if self.runner.collective_eval:
+            # The best weights go back into the live (sharded) model, and every rank evaluates its rows.
+            if self.best_state is not None:
+                self.runner.restore(self.best_state)
+            out = {f"best_valid/{k}": v for k, v in self.evaluate(self.valid_df).items()}
+            out.update({f"test/{k}": v for k, v in self.evaluate(self.test_df).items()})
+            return out if self.is_chief else {}
         if self.best_state is None:
             self.best_model()  # every rank gathers
         if not self.is_chief:
@@ -346,9 +379,8 @@ def save_training_state(folder: Path, runner: StepRunner, state: LoopState, best
     EIMF head of the best evaluation (so a resumed run that never beats it still exports the matching head)."""
     folder.mkdir(parents=True, exist_ok=True)
     runner.save(folder)
+    runner.save_best(folder, best_state, is_chief)
     if is_chief:
-        if best_state is not None:
-            torch.save(best_state, folder / "best_model.pt")
         if best_head_state is not None:
             torch.save(best_head_state, folder / BEST_HEAD_FILE)
         (folder / "state.json").write_text(json.dumps(asdict(state)))
@@ -362,7 +394,6 @@ def load_best_head(folder: Path) -> Optional[dict]:
 
 def load_training_state(folder: Path, runner: StepRunner):
     runner.load(folder)
-    best = folder / "best_model.pt"
-    best_state = torch.load(best, map_location="cpu") if best.exists() else None
+    best_state = runner.load_best(folder)
     state = LoopState.from_json((folder / "state.json").read_text())
     return state, best_state

@@ -61,9 +61,30 @@ def build_components(cfg: Config, n_items: int, micro_batch: Optional[int] = Non
     return model, loss_fn, StepRunner(model, optimizer), lr
 
 
+STRATEGIES = ("auto", "torch", "deepspeed", "sharded")
+
+
+def build_sharded_components(cfg: Config, n_items: int, micro_batch: int, device: torch.device):
+    """The sharded path's model, loss and step runner (call inside the workers' process group)."""
+    from eimf.models.negatives import build_loss
+    from eimf.training.sharded import (ShardedItemModel, ShardedStepRunner, default_sparse_lr,
+                                       sparse_optimizer_params)
+
+    model = ShardedItemModel(cfg.model, n_items)
+    lr = cfg.train.lr if cfg.train.lr is not None else model.backbone.default_lr
+    t = cfg.train
+    sparse_lr = t.sparse_lr if t.sparse_lr is not None else default_sparse_lr(t.sparse_optimizer, lr, t.use_gpu)
+    sparse = sparse_optimizer_params(t.sparse_optimizer, sparse_lr, t.use_gpu)
+    runner = ShardedStepRunner(model, lr, t.weight_decay, sparse, device, init_seed=t.seed)
+    loss_fn = build_loss(cfg.negatives, n_items, micro_batch, cfg.model)
+    return runner.model, loss_fn, runner, lr
+
+
 def use_deepspeed(cfg: Config) -> bool:
-    if cfg.train.strategy not in ("auto", "torch", "deepspeed"):
-        raise ValueError(f"train.strategy must be auto, torch or deepspeed, got {cfg.train.strategy!r}")
+    if cfg.train.strategy not in STRATEGIES:
+        raise ValueError(f"train.strategy must be one of {', '.join(STRATEGIES)}, got {cfg.train.strategy!r}")
+    if cfg.train.strategy == "sharded":
+        return False
     if cfg.train.strategy == "auto":
         return cfg.train.num_workers > 1 or cfg.train.zero_stage > 0
     return cfg.train.strategy == "deepspeed"
@@ -159,15 +180,20 @@ def _train_worker(loop_config: dict) -> None:
 
     data_path = loop_config["data_path"]
     n_items = int(read_manifest(data_path)["n_items"])
-    # Only the chief evaluates; valid/test users are a small share of the log.
-    valid, test = (read_split(data_path, "valid"), read_split(data_path, "test")) if is_chief else (None, None)
+    sharded = cfg.train.strategy == "sharded"
+    # Only the chief evaluates (every worker on the sharded path); valid/test users are a small share of the log.
+    evaluates = is_chief or sharded
+    valid, test = (read_split(data_path, "valid"), read_split(data_path, "test")) if evaluates else (None, None)
     micro_batch = per_worker_batch(cfg)
 
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
-    model, loss_fn, step_runner, lr = build_components(cfg, n_items, micro_batch)
     # This worker's GPU under use_gpu (NCCL), else the CPU; batches and negatives follow the model.
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
-    model.to(device)
+    if sharded:
+        model, loss_fn, step_runner, lr = build_sharded_components(cfg, n_items, micro_batch, device)
+    else:
+        model, loss_fn, step_runner, lr = build_components(cfg, n_items, micro_batch)
+        model.to(device)
     loss_fn.to(device)
     if use_deepspeed(cfg):
         from eimf.training.deepspeed_step import DeepSpeedStepRunner, deepspeed_config
@@ -295,8 +321,9 @@ def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: str, data_pat
 
     with tempfile.TemporaryDirectory() as tmp, fs.local_dir(str(export_dir)) as local_export:
         tmp = Path(tmp)
-        folder = ModelFolder.load(local_export, index=False)
-        np.save(tmp / "item_embeddings.npy", folder.model.item_embeddings().detach().numpy())
+        if "item_table" not in ModelFolder.read_manifest(local_export):  # sharded: the row blocks are in model/
+            folder = ModelFolder.load(local_export, index=False)
+            np.save(tmp / "item_embeddings.npy", folder.model.item_embeddings().detach().numpy())
         manifest = fs.join(str(data_path), "manifest.json")
         if fs.exists(manifest):
             (tmp / "dataset_manifest.json").write_bytes(fs.read_bytes(manifest))
