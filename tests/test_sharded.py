@@ -15,7 +15,6 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 import sharded_worker  # noqa: E402
 
-pytest.importorskip("torchrec")
 
 
 def _port() -> int:
@@ -49,7 +48,7 @@ def test_merged_shard_search_equals_exact_search(tmp_path):
 
 
 @pytest.mark.e2e
-def test_two_sharded_workers_train_export_and_serve(tmp_path, ray_session, monkeypatch):
+def test_two_sharded_workers_train_resume_export_and_serve(tmp_path, ray_session, monkeypatch):
     from eimf.config import load_config
     from eimf.data.preprocess import prepare
     from eimf.data.synthetic import custom_overrides, synthesize
@@ -62,7 +61,7 @@ def test_two_sharded_workers_train_export_and_serve(tmp_path, ray_session, monke
     synthesize(str(tmp_path / "synth"), users=1500, items=2000, interactions=45000, seed=3, clusters=50)
     cfg = load_config(None, custom_overrides(str(tmp_path / "synth")) + [
         f"data.output_dir={tmp_path / 'prepared'}", "model.dim=32", "train.max_steps=300", "train.eval_every=100",
-        "train.log_every=100", "train.num_workers=2", "train.strategy=sharded",
+        "train.log_every=100", "train.num_workers=2", "train.strategy=sharded", "train.run_name=sharded",
         f"train.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
     data = prepare(cfg.data, engine="local")
     result = train(cfg, data_path=str(data.path))
@@ -78,3 +77,9 @@ def test_two_sharded_workers_train_export_and_serve(tmp_path, ray_session, monke
     raw = folder.items["raw_id"].tolist()
     answer = Recommender(folder).recommend([{"history": raw[:5], "k": 10}])[0]
     assert len(answer["items"]) == 10
+
+    # the same run name again, with more steps: every worker reloads its rows and their optimizer state
+    cfg.train.max_steps = 400
+    again = train(cfg, data_path=str(data.path)).metrics
+    assert again["resumes"] == 1 and again["first_resume_step"] == 300 and again["step"] == 400
+    assert again["best_valid/recall@50"] >= m["best_valid/recall@50"] - 0.02
