@@ -83,3 +83,19 @@ def test_two_sharded_workers_train_resume_export_and_serve(tmp_path, ray_session
     again = train(cfg, data_path=str(data.path)).metrics
     assert again["resumes"] == 1 and again["first_resume_step"] == 300 and again["step"] == 400
     assert again["best_valid/recall@50"] >= m["best_valid/recall@50"] - 0.02
+
+
+@pytest.mark.parametrize("spec", ["Flat", "IVF16,Flat"])
+def test_index_built_from_row_blocks_equals_the_whole_table_build(spec):
+    """The export's block-by-block index (never the whole table in memory) answers as the whole-table build."""
+    from eimf.config import RetrievalConfig
+    from eimf.evaluation.retrieval import ItemIndex
+
+    table = np.random.default_rng(5).standard_normal((2001, 16)).astype(np.float32)
+    retrieval = RetrievalConfig(index=spec, nprobe=4)
+    whole = ItemIndex.from_config(table, retrieval)
+    blocks = ItemIndex.from_blocks(lambda: iter(np.array_split(table[1:], 3)), 2000, 16, retrieval)
+    q = np.random.default_rng(6).standard_normal((20, 16)).astype(np.float32)
+    np.testing.assert_array_equal(whole.search(q, 30)[0], blocks.search(q, 30)[0])
+    with pytest.raises(ValueError, match="hold 1999 items"):
+        ItemIndex.from_blocks(lambda: iter([table[1:2000]]), 2000, 16, RetrievalConfig(index="Flat"))
