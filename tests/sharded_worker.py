@@ -60,7 +60,8 @@ def parity(rank: int, world: int, port: int, backbone: str, n_items: int, out: s
             for r in range(world)]
     hist, mask, target = batch(rank, n_items)
     res = runner.forward(hist, mask, target, loss_fn, False, negs[rank])
-    before_rows, offset = [x.clone() if torch.is_tensor(x) else x for x in model.local_rows()]
+    rows, offset = model.local_rows()
+    before_rows = rows.clone()
     res["loss"].backward()
     after_rows, _ = model.local_rows()
     sparse_delta = (after_rows - before_rows).clone()

@@ -188,16 +188,9 @@ class ItemIndex:
         if nlist is not None and index == "ivf":  # the older keyword form
             index = f"IVF{int(nlist)},Flat"
         self.spec = resolve_index(index, n)
-        try:
-            built = faiss.index_factory(self.dim, self.spec, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as e:
-            raise ValueError(f"retrieval index {index!r}: faiss cannot build {self.spec!r} for d={self.dim} "
-                             f"({str(e).strip().splitlines()[-1]})") from None
+        built = _factory(self.dim, self.spec, index)
         if not built.is_trained:
-            sample = items
-            if n > train_size:
-                sample = items[np.sort(np.random.default_rng(0).choice(n, train_size, replace=False))]
-            built.train(sample)
+            built.train(items[_train_sample_ids(n, train_size)])
         built.add(items)
         self._adopt(built, nprobe, ef_search, refine_k)
 
@@ -210,10 +203,9 @@ class ItemIndex:
         self = cls.__new__(cls)
         self.threads = set_faiss_threads(threads)
         self.spec = resolve_index(retrieval.index, n_items)
-        built = faiss.index_factory(dim, self.spec, faiss.METRIC_INNER_PRODUCT)
+        built = _factory(dim, self.spec, retrieval.index)
         if not built.is_trained:
-            pick = np.arange(n_items) if n_items <= train_size else np.sort(
-                np.random.default_rng(0).choice(n_items, train_size, replace=False))
+            pick = _train_sample_ids(n_items, train_size)
             sample, start = [], 0
             for block in blocks():
                 lo, hi = np.searchsorted(pick, [start, start + len(block)])
@@ -320,3 +312,19 @@ def brute_force_topn(
     order = np.argsort(-s, axis=1, kind="stable")[:, :n]
     top = np.take_along_axis(s, order, axis=1)
     return np.where(np.isfinite(top), order, 0).astype(np.int64), top
+
+
+def _factory(dim: int, spec: str, requested: str):
+    try:
+        return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"retrieval index {requested!r}: faiss cannot build {spec!r} for d={dim} "
+                         f"({str(e).strip().splitlines()[-1]})") from None
+
+
+def _train_sample_ids(n: int, train_size: int) -> np.ndarray:
+    """Sorted positions of the rows a training index learns from: all, or a fixed-seed sample of ``train_size``
+    (the same for the whole-table and the block-by-block build)."""
+    if n <= train_size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, train_size, replace=False))

@@ -203,7 +203,9 @@ def from_checkpoint(checkpoint_dir: Path, cfg: Config, data_path: str, weights: 
     items = items.sort_values("item").reset_index(drop=True)
     items["raw_id"] = items["raw_id"].astype(str)
     items["text"] = items["text"].fillna("").astype(str)
-    shards = sorted(checkpoint_dir.glob("best_table.*-of-*.pt"))
+    from eimf.training.sharded import BEST_TABLE_PREFIX, shard_files
+
+    shards = shard_files(checkpoint_dir, BEST_TABLE_PREFIX)
     scratch, parts = None, None
     if shards:  # the row-sharded table: one block per worker, never assembled here
         from eimf.models import build_model

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from eimf.training.loop import HEAD_FILE, StepRunner
-from eimf.training.replicated_head import ReplicatedHead, rank as _rank
+from eimf.training.replicated_head import ReplicatedHead, broadcast_object, rank as _rank
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -63,9 +63,7 @@ class DeepSpeedStepRunner(ReplicatedHead, StepRunner):
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
 
     def broadcast(self, obj):
-        objs = [obj]
-        torch.distributed.broadcast_object_list(objs, src=0)
-        return objs[0]
+        return broadcast_object(obj)
 
     def save(self, folder: Path) -> None:
         # Every rank writes its own shard files (distinct names), so Ray merges them into one checkpoint.

@@ -169,10 +169,7 @@ class Trainer:
         if max_users is not None and len(split_df) > max_users:
             split_df = split_df.iloc[:max_users]
         e = self.cfg.eval
-        if model is None and self.runner.collective_eval:  # every rank, each searching its own rows
-            return evaluate(self.runner.interest_fn(), None, split_df, topk=tuple(e.topk), batch_size=e.batch_size,
-                            maxlen=self.cfg.model.maxlen, exclude_history=e.exclude_history,
-                            index=self.runner.item_index(self.cfg.retrieval))
+        collective = model is None and self.runner.collective_eval  # every rank, each searching its own rows
         model = self.model if model is None else model
         device = next(model.parameters()).device
 
@@ -184,17 +181,13 @@ class Trainer:
             model.train(was_training)
             return out.float().cpu().numpy()
 
-        item_table = model.item_embeddings().detach().float().cpu().numpy()
-        return evaluate(
-            interest_fn,
-            item_table,
-            split_df,
-            topk=tuple(e.topk),
-            batch_size=e.batch_size,
-            maxlen=self.cfg.model.maxlen,
-            exclude_history=e.exclude_history,
-            index=ItemIndex.from_config(item_table, self.cfg.retrieval),
-        )
+        if collective:
+            item_table, index = None, self.runner.item_index(self.cfg.retrieval)
+        else:
+            item_table = model.item_embeddings().detach().float().cpu().numpy()
+            index = ItemIndex.from_config(item_table, self.cfg.retrieval)
+        return evaluate(interest_fn, item_table, split_df, topk=tuple(e.topk), batch_size=e.batch_size,
+                        maxlen=self.cfg.model.maxlen, exclude_history=e.exclude_history, index=index)
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, batch) -> Dict[str, float]:

@@ -50,3 +50,10 @@ def distributed() -> bool:
 
 def rank() -> int:
     return torch.distributed.get_rank() if distributed() else 0
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (a collective: every rank calls it)."""
+    objs = [obj]
+    torch.distributed.broadcast_object_list(objs, src=0)
+    return objs[0]

@@ -24,7 +24,6 @@ search over the whole table for an exact index. Checkpoints and the best model a
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import nn
 
 from eimf.evaluation.retrieval import ItemIndex, resolve_index
 from eimf.training.loop import HEAD_FILE, StepRunner
-from eimf.training.replicated_head import ReplicatedHead
+from eimf.training.replicated_head import ReplicatedHead, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,17 @@ INIT_BLOCK = 1 << 16
 SPARSE_OPTIMIZERS = ("auto", "rowwise_adagrad", "adagrad", "sgd", "adam")
 
 
+#: File prefixes of a worker's table shard in a checkpoint (latest) and of the best model's.
+TABLE_PREFIX, BEST_TABLE_PREFIX = "table", "best_table"
+
+
 def shard_file(prefix: str, rank: int, world: int) -> str:
     return f"{prefix}.{rank:05d}-of-{world:05d}.pt"
+
+
+def shard_files(folder: Path, prefix: str) -> list:
+    """The table shards with ``prefix`` in a checkpoint folder, in rank order."""
+    return sorted(Path(folder).glob(f"{prefix}.*-of-*.pt"))
 
 
 class BatchRows(nn.Module):
@@ -112,6 +120,7 @@ class ShardedItemModel(nn.Module):
         self.gather(hist)
         if hist.shape[0] == 0:
             rows = self.rows.rows
+            # + 0 * rows: keeps the lookup in the graph, so this rank still joins the backward all-to-all
             return rows.new_zeros((0, self.backbone.num_interests, rows.shape[1])) + 0 * rows.sum()
         return self.backbone.interests(hist, mask)
 
@@ -124,16 +133,12 @@ class ShardedItemModel(nn.Module):
         return self.backbone.loss(hist, mask, target, loss_fn, return_interests, negatives)
 
     # -- this worker's rows -------------------------------------------------------------------
-    def _local(self, state: Optional[dict] = None) -> Tuple[torch.Tensor, int]:
-        state = self.embeddings.state_dict() if state is None else state
-        shards = state[f"embeddings.{TABLE}.weight"].local_shards()
+    def local_rows(self) -> Tuple[torch.Tensor, int]:
+        """(this worker's rows [n, d], the global id of its first row); the tensor is the table's own storage."""
+        shards = self.embeddings.state_dict()[f"embeddings.{TABLE}.weight"].local_shards()
         if len(shards) != 1:
             raise RuntimeError(f"expected one row shard of {TABLE} per worker, got {len(shards)}")
         return shards[0].tensor, int(shards[0].metadata.shard_offsets[0])
-
-    def local_rows(self) -> Tuple[torch.Tensor, int]:
-        """(this worker's rows [n, d], the global id of its first row); the tensor is the table's own storage."""
-        return self._local()
 
     def init_rows(self, seed: int) -> None:
         """ComiRec's Glorot-uniform range for an [N + 1, d] table, row 0 (padding) zero, drawn per id block from
@@ -158,14 +163,18 @@ class ShardedItemModel(nn.Module):
             rows.copy_(table[offset:offset + rows.shape[0]])
 
 
+def resolve_sparse_optimizer(name: str, use_gpu: bool) -> str:
+    """``auto``: Adam on GPUs, row-wise Adagrad on CPU (fbgemm's CPU kernels have no Adam)."""
+    if name not in SPARSE_OPTIMIZERS:
+        raise ValueError(f"train.sparse_optimizer must be one of {SPARSE_OPTIMIZERS}, got {name!r}")
+    return ("adam" if use_gpu else "rowwise_adagrad") if name == "auto" else name
+
+
 def sparse_optimizer_params(name: str, lr: float, use_gpu: bool) -> dict:
     """fbgemm's fused-optimizer settings for ``train.sparse_optimizer``."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-    if name not in SPARSE_OPTIMIZERS:
-        raise ValueError(f"train.sparse_optimizer must be one of {SPARSE_OPTIMIZERS}, got {name!r}")
-    if name == "auto":
-        name = "adam" if use_gpu else "rowwise_adagrad"
+    name = resolve_sparse_optimizer(name, use_gpu)
     if name == "adam" and not use_gpu:
         raise ValueError("train.sparse_optimizer=adam needs GPUs: fbgemm's CPU kernels offer sgd, adagrad and "
                          "rowwise_adagrad only")
@@ -180,14 +189,13 @@ def sparse_optimizer_params(name: str, lr: float, use_gpu: bool) -> dict:
 def default_sparse_lr(name: str, dense_lr: float, use_gpu: bool) -> float:
     """Row-wise Adagrad wants a much larger step than Adam (its denominator only grows); Adam and SGD keep the
     dense learning rate."""
-    if name == "auto":
-        name = "adam" if use_gpu else "rowwise_adagrad"
+    name = resolve_sparse_optimizer(name, use_gpu)
     return 0.05 if name in ("rowwise_adagrad", "adagrad") else dense_lr
 
 
 class ShardedStepRunner(ReplicatedHead, StepRunner):
     """Steps a :class:`ShardedItemModel` wrapped in TorchRec's ``DistributedModelParallel``: the table's rows
-    update in the backward (fused), the dense weights with ``dense_optimizer`` after DDP's all-reduce."""
+    update in the backward (fused), the dense weights with Adam after DDP's all-reduce."""
 
     #: Every worker evaluates (the lookups and the shard searches are collective).
     collective_eval = True
@@ -215,8 +223,6 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
         self.model.init_rows(init_seed)
         self.optimizer = torch.optim.Adam(self.model.backbone.parameters(), lr=dense_lr, weight_decay=weight_decay)
         self._optimizer_factory = (torch.optim.Adam, dict(self.optimizer.defaults))
-        self.head = None
-        self.head_optimizer = None
 
     def forward(self, *args):
         return self.dmp(*args)
@@ -229,24 +235,9 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
         self.optimizer.step()
 
     def broadcast(self, obj):
-        objs = [obj]
-        torch.distributed.broadcast_object_list(objs, src=0)
-        return objs[0]
+        return broadcast_object(obj)
 
     # -- evaluation -----------------------------------------------------------------------------
-    def interest_fn(self):
-        model = self.model
-
-        @torch.no_grad()
-        def interests(hist, mask):
-            was = model.training
-            model.eval()
-            out = model.interests(hist, mask.bool())
-            model.train(was)
-            return out.float().cpu().numpy()
-
-        return interests
-
     def item_index(self, retrieval) -> "ShardedItemIndex":
         rows, offset = self.model.local_rows()
         return ShardedItemIndex(rows.detach().float().cpu().numpy(), offset, self.model.n_items, retrieval)
@@ -282,7 +273,7 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
         rows, offset = self.model.local_rows()
         torch.save({"rows": rows.detach().clone(), "offset": offset, "n_items": self.model.n_items,
                     "optimizer": {k: v.detach().clone() for k, v in self._optimizer_states().items()}},
-                   folder / shard_file("table", self.rank, self.world))
+                   folder / shard_file(TABLE_PREFIX, self.rank, self.world))
         if self.rank == 0:  # the dense part is identical on every worker
             torch.save(self.model.backbone.state_dict(), folder / "model.pt")
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
@@ -292,9 +283,9 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
 
     def load(self, folder: Path) -> None:
         folder = Path(folder)
-        path = folder / shard_file("table", self.rank, self.world)
+        path = folder / shard_file(TABLE_PREFIX, self.rank, self.world)
         if not path.is_file():
-            found = sorted(p.name for p in folder.glob("table.*.pt"))
+            found = [p.name for p in shard_files(folder, TABLE_PREFIX)]
             raise FileNotFoundError(f"{path}: no table shard for worker {self.rank} of {self.world} in the "
                                     f"checkpoint (it holds {found or 'none'}; resume with the same num_workers)")
         saved = torch.load(path, map_location="cpu")
@@ -314,21 +305,18 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
         if snap is None:
             return
         torch.save({"rows": snap["rows"], "offset": snap["offset"], "n_items": self.model.n_items},
-                   Path(folder) / shard_file("best_table", self.rank, self.world))
+                   Path(folder) / shard_file(BEST_TABLE_PREFIX, self.rank, self.world))
         if is_chief:
             torch.save(snap["dense"], Path(folder) / "best_model.pt")
 
     def load_best(self, folder: Path) -> Optional[dict]:
         folder = Path(folder)
-        path = folder / shard_file("best_table", self.rank, self.world)
+        path = folder / shard_file(BEST_TABLE_PREFIX, self.rank, self.world)
         if not path.is_file():
             return None
         saved = torch.load(path, map_location="cpu")
         return {"rows": saved["rows"], "offset": saved["offset"],
                 "dense": torch.load(folder / "best_model.pt", map_location="cpu")}
-
-    def full_params(self):
-        return contextlib.nullcontext()
 
 
 class ShardedItemIndex(ItemIndex):
