@@ -120,7 +120,8 @@ class TrainConfig:
     #: Sharded path: the table's fused optimizer, ``auto`` (row-wise Adagrad on CPU, Adam on GPU) | rowwise_adagrad
     #: | adagrad | sgd | adam (GPU only).
     sparse_optimizer: str = "auto"
-    #: Sharded path: the table's learning rate; None: 0.05 for the Adagrads (tuned on ML-1M valid), else ``lr``.
+    #: Sharded path: the table's learning rate; None: 0.05 for the Adagrads (a first guess, not yet tuned on
+    #: valid), else ``lr``.
     sparse_lr: Optional[float] = None
     #: DeepSpeed ZeRO stage 0-3 (3 partitions the item table across workers).
     zero_stage: int = 0

@@ -343,7 +343,9 @@ class Trainer:
         ``best_valid/*`` so they do not mix with the ``valid/*`` curve logged during training."""
         if self.runner.collective_eval:
             # The best weights go back into the live (sharded) model, and every rank evaluates its rows.
-            if self.best_state is not None:
+            if self.best_state is None:  # no evaluation ran: the current weights are the model to export
+                self.best_state = self.runner.snapshot()
+            else:
                 self.runner.restore(self.best_state)
             out = {f"best_valid/{k}": v for k, v in self.evaluate(self.valid_df).items()}
             out.update({f"test/{k}": v for k, v in self.evaluate(self.test_df).items()})

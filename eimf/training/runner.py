@@ -244,6 +244,13 @@ def _train_worker(loop_config: dict) -> None:
 
     t0 = time.perf_counter()
     state = trainer.fit(state, report)
+    # Before the final evaluation (its index copies the table): training's own peak, the worst worker's.
+    train_rss = peak_rss_mb()
+    if torch.distributed.is_initialized():
+        every = [None] * ctx.get_world_size()
+        torch.distributed.all_gather_object(every, train_rss)
+        train_rss = max(every)
+    gathered = getattr(step_runner.model, "gathered_rows_per_step", None)
     final = trainer.final_metrics()
     final.update(
         {
@@ -253,6 +260,8 @@ def _train_worker(loop_config: dict) -> None:
             "examples_per_s": state.examples / max(state.train_seconds, 1e-9),
             "input_share": state.data_seconds / max(state.train_seconds, 1e-9),
             "peak_rss_mb": peak_rss_mb(),
+            "train_peak_rss_mb_max_worker": train_rss,
+            **({"gathered_rows_per_step": gathered()} if gathered else {}),
             "worker_wall_seconds": time.perf_counter() - t0,
             "lr": lr,
             "resumes": len(state.resumes),

@@ -100,6 +100,7 @@ class ShardedItemModel(nn.Module):
             device=torch.device("meta"),
         )
         self.rows = BatchRows()
+        self.lookups = self.rows_gathered = 0  # training steps: the all-to-all moves rows x d x 4 bytes each way
         self.backbone = build_model(model_cfg, n_items, item_table=self.rows)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -116,6 +117,10 @@ class ShardedItemModel(nn.Module):
         ids = torch.unique(torch.cat([pad] + [t.reshape(-1) for t in id_tensors]))
         self.rows.set(ids, self.lookup(ids))
 
+    def gathered_rows_per_step(self) -> float:
+        """Mean distinct rows this worker fetched per training step so far (history, targets, negatives)."""
+        return self.rows_gathered / max(1, self.lookups)
+
     def interests(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.gather(hist)
         if hist.shape[0] == 0:
@@ -130,6 +135,8 @@ class ShardedItemModel(nn.Module):
         if negatives is None:  # drawn here: the lookup must include them
             negatives = loss_fn.sample()
         self.gather(hist, target, negatives.ids.to(target.device))
+        self.lookups += 1
+        self.rows_gathered += self.rows.ids.numel()
         return self.backbone.loss(hist, mask, target, loss_fn, return_interests, negatives)
 
     # -- this worker's rows -------------------------------------------------------------------
