@@ -97,17 +97,17 @@ def total_memory_mb() -> float:
 
 
 def measure(args) -> list:
+    from eimf.data.preprocess import read_manifest
+
     rows = json.loads(args.json.read_text()) if args.json.exists() else []
     for n in args.sizes:
-        for config in args.configs:
-            if any(r["config"] == config and r["requested_items"] == n for r in rows):
-                continue
-            data = catalogue(args.work, n)
+        todo = [c for c in args.configs if not any(r["config"] == c and r["requested_items"] == n for r in rows)]
+        if not todo:
+            continue
+        data = catalogue(args.work, n)
+        items = int(read_manifest(data)["n_items"])
+        for config in todo:
             workers = CONFIGS[config][0]
-            items = None
-            from eimf.data.preprocess import read_manifest
-
-            items = int(read_manifest(data)["n_items"])
             peak = projected_peak_mb(rows, config, items)
             row = {"config": config, "requested_items": n, "items": items, "workers": workers}
             if peak is not None and peak * workers > 0.9 * total_memory_mb():

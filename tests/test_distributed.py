@@ -1,17 +1,13 @@
 """Distributed training on real MovieLens-100K: DeepSpeed ZeRO-2 on 2 Ray Train workers against 1 worker,
 metrics read back from a real MLflow server over REST, a worker killed mid-run, and a rerun by run name."""
 import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from eimf.config import load_config
+from worker_kill import kill_a_worker_after_first_checkpoint
 
 DATA_DIR = os.environ.get("EIMF_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = [
@@ -141,20 +137,6 @@ def test_eimf_on_two_zero2_workers_trains_and_exports_the_head(prepared, tmp_pat
     assert len(sp) >= 4 and all(np.isfinite(sp)) and np.mean(sp[-2:]) < np.mean(sp[:2])
 
 
-def _train_worker_pids():
-    """Ray Train workers of this test session's Ray only (its raylet is our child), never another job's."""
-    import psutil
-
-    found = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in p.cmdline()):
-                found.append(p.pid)
-        except psutil.Error:
-            pass
-    return found
-
-
 def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(prepared, tmp_path, ray_session,
                                                                           monkeypatch):
     """SIGKILL one of two DeepSpeed ZeRO-3 workers after the first checkpoint; Ray Train replaces the worker
@@ -164,24 +146,7 @@ def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(prepar
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     cfg = _cfg(prepared, tmp_path, "train.run_name=killed", "train.max_steps=400", "train.num_workers=2",
                "train.zero_stage=3", "train.max_failures=2", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db")
-    run_dir = tmp_path / "runs" / "killed"
-    killed = []
-
-    def killer():
-        deadline = time.time() + 600
-        while time.time() < deadline and not killed:
-            # The snapshot is written once a checkpoint is registered (every rank reported), not while
-            # its files are still being uploaded.
-            if (run_dir / "checkpoint_manager_snapshot.json").exists():
-                pids = _train_worker_pids()
-                if pids:
-                    os.kill(pids[-1], signal.SIGKILL)
-                    killed.append(pids[-1])
-                    return
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    thread, killed = kill_a_worker_after_first_checkpoint(tmp_path / "runs" / "killed")
     m = train(cfg, data_path=str(prepared.path)).metrics
     thread.join(timeout=5)
     assert killed, "no training worker was found to kill"

@@ -89,12 +89,7 @@ def test_two_sharded_workers_train_resume_export_and_serve(tmp_path, ray_session
 def test_killed_sharded_worker_is_replaced_and_resumes_its_rows(tmp_path, ray_session, monkeypatch):
     """SIGKILL one of the two sharded workers after the first checkpoint: Ray Train restarts the group, each
     worker reloads its own rows and fused optimizer state, and the run finishes from the checkpoint's step."""
-    import os
-    import signal
-    import threading
-    import time
-
-    from test_distributed import _train_worker_pids
+    from worker_kill import kill_a_worker_after_first_checkpoint
 
     from eimf.config import load_config
     from eimf.data.preprocess import prepare
@@ -109,22 +104,7 @@ def test_killed_sharded_worker_is_replaced_and_resumes_its_rows(tmp_path, ray_se
         "train.log_every=100", "train.num_workers=2", "train.strategy=sharded", "train.run_name=killed",
         "train.max_failures=2", f"train.storage_path={tmp_path / 'runs'}", "tracking.enabled=false"])
     data = prepare(cfg.data, engine="local")
-    run_dir = tmp_path / "runs" / "killed"
-    killed = []
-
-    def killer():
-        deadline = time.time() + 600
-        while time.time() < deadline and not killed:
-            if (run_dir / "checkpoint_manager_snapshot.json").exists():  # a checkpoint is registered
-                pids = _train_worker_pids()
-                if pids:
-                    os.kill(pids[-1], signal.SIGKILL)
-                    killed.append(pids[-1])
-                    return
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    thread, killed = kill_a_worker_after_first_checkpoint(tmp_path / "runs" / "killed")
     m = train(cfg, data_path=str(data.path)).metrics
     thread.join(timeout=5)
     assert killed, "no training worker was found to kill"
