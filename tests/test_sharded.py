@@ -86,6 +86,51 @@ def test_two_sharded_workers_train_resume_export_and_serve(tmp_path, ray_session
     assert again["best_valid/recall@50"] >= m["best_valid/recall@50"] - 0.02
 
 
+@pytest.mark.e2e
+def test_eimf_head_trains_beside_two_sharded_workers_and_resumes(tmp_path, ray_session, monkeypatch):
+    """EIMF on the sharded path: the replicated head (P, g) trains beside the row-sharded table, the auxiliary
+    losses fall, the checkpoint carries the head and a resume reloads it, and the export holds g."""
+    import os
+
+    from eimf import tracking
+    from eimf.config import load_config
+    from eimf.data.preprocess import prepare
+    from eimf.data.synthetic import custom_overrides, synthesize
+    from eimf.semantic.annotate import annotate_users
+    from eimf.semantic.annotators.metadata import MetadataAnnotator
+    from eimf.semantic.encoder import SemanticEncoder
+    from eimf.training.runner import train
+
+    monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
+    synthesize(str(tmp_path / "synth"), users=800, items=1000, interactions=24000, seed=5, clusters=20)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    overrides = custom_overrides(str(tmp_path / "synth")) + [
+        f"data.output_dir={tmp_path / 'prepared'}", "model.dim=32", "train.max_steps=120", "train.eval_every=60",
+        "train.log_every=20", "train.num_workers=2", "train.strategy=sharded", "train.run_name=eimf-sharded",
+        f"train.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}",
+        "eimf.enabled=true", f"eimf.annotations={tmp_path / 'ann'}"]
+    cfg = load_config(None, overrides)
+    data = prepare(cfg.data, engine="local")
+    encoder = SemanticEncoder()
+    annotate_users(data, np.asarray(data.train["user"])[::6], MetadataAnnotator(embed=encoder), None, encoder,
+                   K=4, token_budget=512, out_dir=str(tmp_path / "ann"))
+    result = train(cfg, data_path=str(data.path))
+    m = result.metrics
+    assert m["world_size"] == 2 and m["step"] == 120 and np.isfinite(m["test/recall@50"])
+    assert "eimf_head.pt" in os.listdir(result.export_dir)
+    client = tracking.client(uri)
+    sp = [x.value for x in client.get_metric_history(result.mlflow_run_id, "train/loss/semantic_prediction")]
+    assert len(sp) >= 5 and all(np.isfinite(sp)) and np.mean(sp[-2:]) < np.mean(sp[:2])
+
+    # resume under the same name: the head and its optimizer come back from the checkpoint (every rank)
+    cfg.train.max_steps = 160
+    again = train(cfg, data_path=str(data.path)).metrics
+    assert again["resumes"] == 1 and again["first_resume_step"] == 120 and again["step"] == 160
+    sp2 = [x.value for x in client.get_metric_history(result.mlflow_run_id, "train/loss/semantic_prediction")]
+    # 20 steps after the resume the loss is still at the trained head's level: a new head would start over
+    assert len(sp2) > len(sp) and sp2[len(sp)] < np.mean(sp[:2])
+
+
 def test_killed_sharded_worker_is_replaced_and_resumes_its_rows(tmp_path, ray_session, monkeypatch):
     """SIGKILL one of the two sharded workers after the first checkpoint: Ray Train restarts the group, each
     worker reloads its own rows and fused optimizer state, and the run finishes from the checkpoint's step."""
