@@ -162,3 +162,20 @@ def test_evaluate_end_to_end(as_torch, exclude):
         m = user_metrics(recs, list(split["truth"]), n)
         for name in ("recall", "ndcg", "hitrate"):
             assert res[f"{name}@{n}"] == pytest.approx(m[name].mean(), abs=1e-9)
+
+
+def test_building_an_index_keeps_the_training_thread_count():
+    """faiss and torch share one OpenMP runtime: an index built during evaluation inside a 1-thread training
+    worker must not reset the count to every core (that made 2-worker training ~5x slower after its first eval)."""
+    import faiss
+
+    from eimf.evaluation.retrieval import ItemIndex, set_faiss_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ItemIndex(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), index="Flat")
+        assert torch.get_num_threads() == 1 and faiss.omp_get_max_threads() == 1
+        assert set_faiss_threads(2) == 2 and faiss.omp_get_max_threads() == 2  # an explicit count still applies
+    finally:
+        torch.set_num_threads(before)

@@ -15,9 +15,11 @@ up to a few hundred thousand items (``B * K * N_items * d`` multiply-adds per ba
 switches to an ANN index above (docs/serving.md measures recall against exact search and time per user). An ANN
 index makes metrics approximate: its string and search parameters are logged beside them.
 
-Threads: faiss uses OpenMP with every core by default. :func:`set_faiss_threads` sets it from the
-``threads`` argument, else ``$EIMF_FAISS_THREADS``, else the CPUs this process may run on. Training loops
-that evaluate inside a Ray worker should pass the worker's CPU share.
+Threads: faiss uses OpenMP, with every core by default. :func:`set_faiss_threads` sets it from the
+``threads`` argument, else ``$EIMF_FAISS_THREADS``, else leaves the process's setting alone. faiss and torch share
+one OpenMP runtime here, so setting faiss's count sets torch's too: an index built inside a training worker must
+not reset it to every core (after the first evaluation, each of two workers on two cores would train with two
+threads, about 5x slower per step).
 """
 from __future__ import annotations
 
@@ -37,21 +39,14 @@ from eimf.evaluation.metrics import row_isin  # noqa: E402
 ExcludeLike = Union[np.ndarray, Sequence[Sequence[int]], None]
 
 
-def default_threads() -> int:
-    env = os.environ.get("EIMF_FAISS_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def set_faiss_threads(threads: Optional[int] = None) -> int:
-    """Set faiss's OpenMP thread count (see module doc); returns the value set."""
-    n = int(threads) if threads else default_threads()
-    faiss.omp_set_num_threads(n)
-    return n
+    """Set faiss's OpenMP thread count to ``threads``, else ``$EIMF_FAISS_THREADS``; with neither, keep the
+    process's current count (see module doc). Returns the count in force."""
+    env = os.environ.get("EIMF_FAISS_THREADS")
+    n = int(threads) if threads else (int(env) if env else None)
+    if n is not None:
+        faiss.omp_set_num_threads(max(1, n))
+    return faiss.omp_get_max_threads()
 
 
 def _as_padded(exclude: ExcludeLike, batch: int) -> Optional[np.ndarray]:
