@@ -34,9 +34,37 @@ def _done(raw_path: Path) -> List[dict]:
     return [json.loads(line) for line in raw_path.read_text().splitlines() if line.strip()]
 
 
+#: Splits whose per-user metrics a grid keeps for paired comparisons (valid chooses settings, test reports).
+PER_USER_SPLITS = ("valid", "test")
+
+
+def save_per_user(export_dir: str, data_path: str, out_dir: Path, name: str) -> Dict[str, str]:
+    """Each user's metrics of an exported model on valid and test, as ``<out_dir>/<name>.<split>.parquet``
+    (read back by :func:`load_per_user`); returns ``{split: path}``."""
+    from eimf.evaluation.exported import evaluate_splits
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames: Dict[str, object] = {}
+    evaluate_splits(export_dir, PER_USER_SPLITS, with_baseline=False, data_path=data_path, per_user=frames)
+    paths = {}
+    for split, df in frames.items():
+        paths[split] = str(out_dir / f"{name}.{split}.parquet")
+        df.to_parquet(paths[split], index=False)
+    return paths
+
+
+def load_per_user(row: dict, split: str):
+    """The per-user table a grid row points to, or None (rows from before per-user tables were kept)."""
+    import pandas as pd
+
+    path = (row.get("per_user") or {}).get(split)
+    return pd.read_parquet(path) if path and Path(path).exists() else None
+
+
 def run_grid(base: Config, datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int],
-             raw_path: Path, overrides: Optional[list] = None) -> List[dict]:
-    """Train every (dataset, model, seed); rows already in ``raw_path`` are not run again."""
+             raw_path: Path, overrides: Optional[list] = None, per_user_dir: Optional[Path] = None) -> List[dict]:
+    """Train every (dataset, model, seed); rows already in ``raw_path`` are not run again. With
+    ``per_user_dir``, each run's per-user valid and test metrics go there (:func:`save_per_user`)."""
     from eimf.data.preprocess import load_prepared, prepare
     from eimf.evaluation import most_popular
     from eimf.training.runner import train
@@ -71,7 +99,10 @@ def run_grid(base: Config, datasets: Iterable[str], models: Iterable[str], seeds
                 _log_only(cfg)
                 result = train(cfg, data_path=data_paths[dataset])
                 row = {"dataset": dataset, "model": model, "seed": seed, "run": result.run_name,
-                       "overrides": overrides or [], "metrics": result.metrics}
+                       "overrides": overrides or [], "metrics": result.metrics, "export_dir": result.export_dir}
+                if per_user_dir is not None:
+                    row["per_user"] = save_per_user(result.export_dir, data_paths[dataset], Path(per_user_dir),
+                                                    result.run_name)
                 rows.append(row)
                 with raw_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -230,11 +261,13 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
                                                  *variant.train])
                         result = train(cfg, data_path=data_path,
                                        tags={**child, "variant": name, "seed": str(seed)})
+                        per_user = save_per_user(result.export_dir, data_path, Path(out_dir) / "per_user",
+                                                 result.run_name) if not fs.is_s3(out_dir) else {}
                         record({"dataset": dataset, "model": backbone, "variant": name, "seed": seed,
                                 "run": result.run_name, "mlflow_run_id": result.mlflow_run_id,
                                 "export_dir": result.export_dir, "annotations": ann_dir,
                                 "overrides": list(variant.annotation or ()) + list(variant.train),
-                                "metrics": result.metrics})
+                                "metrics": result.metrics, "per_user": per_user})
                         log.info("%s %s %s seed %d: test recall@50 %.4f", dataset, backbone, name, seed,
                                  result.metrics.get("test/recall@50", float("nan")))
         status = "FINISHED"
@@ -248,37 +281,51 @@ def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def format_eimf_table(rows: List[dict], split: str = "test", metric: str = "recall@50") -> str:
-    """Markdown per (dataset, backbone): one line per variant, mean ± std over seeds of every metric, the change
-    of ``metric`` against the backbone on the same seeds (mean ± std of the per-seed differences), whether that
-    lift is beyond the seed spread (mean gain > the larger of the two stds; no verdict from one seed), train time
-    and examples/s."""
+def format_eimf_table(rows: List[dict], split: str = "test", metrics: Sequence[str] = ("recall@20", "recall@50"),
+                      n_boot: int = 10_000) -> str:
+    """Markdown per (dataset, backbone): one line per variant, mean ± std over seeds of every metric; against the
+    backbone on the same seeds, Δ of each of ``metrics`` with its per-user paired bootstrap 95 % CI
+    (:mod:`eimf.evaluation.compare`), the per-seed Δ of the last one, and a verdict from its CI (gain / loss /
+    no difference). Rows without per-user tables fall back to the per-seed mean ± std and no verdict."""
+    from eimf.evaluation.compare import paired_bootstrap
+
     groups: Dict[Tuple[str, str], Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
-        groups[(r["dataset"], r["model"])][r.get("variant", "backbone")][r["seed"]] = r["metrics"]
-    head = ["dataset", "model", "variant", "seeds"] + list(TABLE_METRICS) + [f"Δ {metric}", "beyond spread",
-                                                                               "train s", "ex/s"]
+        groups[(r["dataset"], r["model"])][r.get("variant", "backbone")][r["seed"]] = r
+    head = (["dataset", "model", "variant", "seeds"] + list(TABLE_METRICS)
+            + [f"Δ {m} [95 % CI]" for m in metrics] + [f"per-seed Δ {metrics[-1]}", "verdict", "train s", "ex/s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    key = f"{split}/{metric}"
     order = list(VARIANTS)
     for (dataset, model), by_variant in sorted(groups.items()):
         base = by_variant.get("backbone", {})
+        base_tables = {s: load_per_user(r, split) for s, r in base.items()}
         for name in sorted(by_variant, key=lambda n: order.index(n) if n in order else len(order)):
             runs = by_variant[name]
-            ms = list(runs.values())
+            ms = [r["metrics"] for r in runs.values()]
             cells = [dataset, model, name, str(len(ms))]
             for m in TABLE_METRICS:
                 vals = [x[f"{split}/{m}"] for x in ms if f"{split}/{m}" in x]
                 cells.append("{:.4f} ± {:.4f}".format(*_mean_std(vals)) if vals else "-")
-            paired = [runs[s][key] - base[s][key] for s in runs if s in base and key in runs[s] and key in base[s]]
-            if name != "backbone" and paired:
-                d_mean, d_std = _mean_std(paired)
-                spread = max(_mean_std([x[key] for x in ms])[1], _mean_std([x[key] for x in base.values()])[1])
-                # one seed has no spread to beat: no verdict
-                verdict = ("yes" if d_mean > spread else "no") if len(paired) > 1 else "-"
-                cells += [f"{d_mean:+.4f} ± {d_std:.4f}", verdict]
+            paired = [s for s in runs if s in base]
+            if name == "backbone" or not paired:
+                cells += ["-"] * (len(metrics) + 2)
             else:
-                cells += ["-", "-"]
+                tables = {s: load_per_user(runs[s], split) for s in paired}
+                complete = all(tables[s] is not None and base_tables[s] is not None for s in paired)
+                delta = None
+                for m in metrics:
+                    if complete:
+                        delta = paired_bootstrap({s: tables[s] for s in paired},
+                                                 {s: base_tables[s] for s in paired}, m, n_boot=n_boot)
+                        cells.append(delta.describe())
+                    else:  # older rows: per-seed differences only
+                        key = f"{split}/{m}"
+                        diffs = [runs[s]["metrics"][key] - base[s]["metrics"][key] for s in paired]
+                        cells.append("{:+.4f} ± {:.4f} (per seed)".format(*_mean_std(diffs)))
+                key = f"{split}/{metrics[-1]}"
+                cells.append(", ".join(f"{runs[s]['metrics'][key] - base[s]['metrics'][key]:+.4f}"
+                                       for s in sorted(paired)))
+                cells.append(delta.verdict if delta is not None else "-")
             for k, fmt in (("train_seconds", "{:.0f}"), ("examples_per_s", "{:.0f}")):
                 vals = [x[k] for x in ms if k in x]
                 cells.append(fmt.format(float(np.mean(vals))) if vals else "-")

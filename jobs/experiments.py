@@ -36,7 +36,8 @@ def main(argv=None) -> int:
                    help="EIMF grid: these variants against the backbone (default: backbones alone)")
     p.add_argument("--name", default="eimf-grid", help="EIMF grid: the parent MLflow run (same name resumes)")
     p.add_argument("--experiment", default="eimf-experiments", help="EIMF grid: the MLflow experiment")
-    p.add_argument("--work-dir", help="EIMF grid: annotation sets go here (default <EIMF_HOME>/experiments/<name>)")
+    p.add_argument("--work-dir", help="annotation sets (EIMF grid) and per-user metric tables go here (default "
+                                      "<EIMF_HOME>/experiments/<name>, backbones: .../<output stem>)")
     p.add_argument("--config", help="YAML file for every run")
     p.add_argument("--output", default="docs/results_backbones.md")
     p.add_argument("--raw", help="append each run's metrics here as JSON lines (default: <output>.jsonl)")
@@ -54,7 +55,9 @@ def main(argv=None) -> int:
         table = format_eimf_table(rows)
     else:
         base = load_config(args.config, args.overrides)
-        rows = run_grid(base, args.datasets, args.backbones, args.seeds, raw_path=raw, overrides=args.overrides)
+        per_user = Path(args.work_dir or Path(eimf_home()) / "experiments" / Path(args.output).stem) / "per_user"
+        rows = run_grid(base, args.datasets, args.backbones, args.seeds, raw_path=raw, overrides=args.overrides,
+                        per_user_dir=per_user)
         table = format_table(rows)
     command = "python jobs/experiments.py " + " ".join(sys.argv[1:] if argv is None else argv)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from eimf.config import load_config
@@ -40,32 +41,53 @@ def test_annotation_key_separates_what_changes_the_annotations():
     assert same != _annotation_key(other_backbone)  # typical users come from that backbone's warm-up
 
 
-def _row(variant, seed, r50, r20=0.1):
+def _row(variant, seed, r50, r20=0.1, per_user=None):
     return {"dataset": "ml-100k", "model": "comirec_sa", "variant": variant, "seed": seed,
             "metrics": {"test/recall@50": r50, "test/recall@20": r20, "test/ndcg@20": 0.0, "test/hitrate@20": 0.0,
                         "test/ndcg@50": 0.0, "test/hitrate@50": 0.0, "train_seconds": 10.0 * seed,
-                        "examples_per_s": 1000.0}}
+                        "examples_per_s": 1000.0},
+            **({"per_user": per_user} if per_user else {})}
 
 
-def test_table_pairs_seeds_and_flags_a_lift_beyond_the_spread():
+def _cells(table, variant):
+    line = [x for x in table.splitlines() if f" {variant} " in x][0]
+    return [c.strip() for c in line.strip("| ").split(" | ")]
+
+
+def test_table_gives_the_paired_bootstrap_ci_and_its_verdict(tmp_path):
+    """Per-user tables on disk: Δ with its CI per metric, the per-seed Δ, and a verdict from the CI."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (1, 2, 3):
+        base = rng.uniform(0, 0.5, 800)
+        arms = {"backbone": base, "eimf": base + 0.05 + rng.normal(0, 0.05, 800),  # a real gain
+                "no-ma": base + rng.normal(0, 0.05, 800)}  # noise only
+        for variant, r50 in arms.items():
+            path = tmp_path / f"{variant}-{seed}.test.parquet"
+            pd.DataFrame({"user": np.arange(800), "recall@20": r50 / 2, "recall@50": r50}).to_parquet(path)
+            rows.append(_row(variant, seed, float(r50.mean()), float(r50.mean() / 2),
+                             per_user={"test": str(path)}))
+    table = format_eimf_table(rows, n_boot=500)
+    head = [c.strip() for c in table.splitlines()[0].strip("| ").split(" | ")]
+    assert head[10:14] == ["Δ recall@20 [95 % CI]", "Δ recall@50 [95 % CI]", "per-seed Δ recall@50", "verdict"]
+    assert [line.split(" | ")[2] for line in table.splitlines()[2:]] == ["backbone", "eimf", "no-ma"]
+    eimf, no_ma, base = _cells(table, "eimf"), _cells(table, "no-ma"), _cells(table, "backbone")
+    assert eimf[3] == "3" and eimf[13] == "gain" and eimf[11].startswith("+0.05")
+    low, high = (float(x) for x in eimf[11].split("[")[1].rstrip("]").split(", "))
+    assert 0 < low < 0.05 < high
+    assert len(eimf[12].split(", ")) == 3 and all(float(d) > 0.04 for d in eimf[12].split(", "))
+    assert no_ma[13] == "no difference"
+    assert base[10:14] == ["-"] * 4  # no delta against itself
+
+
+def test_table_without_per_user_tables_falls_back_to_per_seed_differences():
     rows = [_row("backbone", s, v) for s, v in zip((1, 2, 3), (0.20, 0.22, 0.24))]
-    rows += [_row("eimf", s, v) for s, v in zip((1, 2, 3), (0.25, 0.27, 0.29))]  # +0.05 on every seed
-    rows += [_row("no-ma", s, v) for s, v in zip((1, 2, 3), (0.21, 0.23, 0.25))]  # +0.01: inside the spread
-    table = format_eimf_table(rows).splitlines()
-    by_variant = {line.split(" | ")[2]: line for line in table[2:]}
-    assert list(by_variant) == ["backbone", "eimf", "no-ma"]  # the VARIANTS order, backbone first
-    cells = [c.strip() for c in by_variant["eimf"].strip("| ").split(" | ")]
-    assert cells[3] == "3" and cells[7] == "0.2700 ± 0.0200"
-    assert cells[10] == "+0.0500 ± 0.0000" and cells[11] == "yes" and cells[12] == "20"
-    no_ma = [c.strip() for c in by_variant["no-ma"].strip("| ").split(" | ")]
-    assert no_ma[10] == "+0.0100 ± 0.0000" and no_ma[11] == "no"
-    assert by_variant["backbone"].count(" - ") >= 2  # no delta against itself
-    # a seed missing for the backbone is left out of the paired difference
-    partial = format_eimf_table(rows[:2] + rows[3:6])
-    line = [x for x in partial.splitlines() if " eimf " in x][0]
-    assert "+0.0500 ± 0.0000" in line
-    one_seed = format_eimf_table([rows[0], rows[3]])
-    assert [x for x in one_seed.splitlines() if " eimf " in x][0].split(" | ")[11] == "-"  # no verdict
+    rows += [_row("eimf", s, v) for s, v in zip((1, 2, 3), (0.25, 0.27, 0.29))]
+    cells = _cells(format_eimf_table(rows), "eimf")
+    assert cells[11] == "+0.0500 ± 0.0000 (per seed)" and cells[12] == "+0.0500, +0.0500, +0.0500"
+    assert cells[13] == "-"  # no verdict without the per-user interval
+    partial = _cells(format_eimf_table(rows[:2] + rows[3:6]), "eimf")  # seed 3 lacks its backbone: left out
+    assert partial[12] == "+0.0500, +0.0500"
 
 
 def test_unknown_variant_is_rejected(tmp_path):
@@ -96,6 +118,13 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
     assert [(r["variant"], r["seed"]) for r in rows] == [("backbone", 1), ("eimf", 1)]
     assert rows[1]["annotations"].startswith(str(tmp_path / "work" / "annotations"))
     assert all(np.isfinite(r["metrics"]["test/recall@50"]) for r in rows)
+    # each run's per-user tables (for the paired bootstrap) average to its logged test metrics
+    from eimf.experiments import load_per_user
+
+    for r in rows:
+        test = load_per_user(r, "test")
+        assert len(test) == r["metrics"]["test/n_users"] and load_per_user(r, "valid") is not None
+        assert abs(test["recall@50"].mean() - r["metrics"]["test/recall@50"]) < 1e-6
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("grid-test")

@@ -60,6 +60,7 @@ def evaluate(
     maxlen: int = 50,
     exclude_history: bool = False,
     index: Optional[ItemIndex] = None,
+    accumulator: Optional[MetricAccumulator] = None,
 ) -> Dict[str, float]:
     """Full-ranking metrics of a multi-interest model on the users of ``split_df``.
 
@@ -74,13 +75,16 @@ def evaluate(
 
     ``index``: a prebuilt :class:`ItemIndex` over the same table (saves rebuilding it for valid + test).
 
+    ``accumulator``: collect into this one, e.g. ``MetricAccumulator(topk, keep_users=True)`` for each user's
+    metrics (its ``topk`` is used).
+
     Returns ``{"recall@20": ..., "ndcg@20": ..., "hitrate@20": ..., "recall@50": ..., ..., "n_users": int}``.
     """
     ks = _check_topk(topk)
-    n = ks[-1]
     if index is None:
         index = ItemIndex(item_embeddings)
-    acc = MetricAccumulator(ks)
+    acc = accumulator if accumulator is not None else MetricAccumulator(ks)
+    n = acc.max_n
     for part in _iter_batches(split_df, batch_size):
         histories = list(part["history"])
         truth = pad_truth(list(part["truth"]))
@@ -91,7 +95,7 @@ def evaluate(
             raise ValueError(f"interest_fn returned {interests.shape[0]} rows for {len(part)} users")
         exclude = histories if exclude_history else None
         recs, _ = index.search_multi(interests, n, exclude=exclude)
-        acc.add(recs, truth)
+        acc.add(recs, truth, users=part["user"].to_numpy() if "user" in part else None)
     return acc.result()
 
 

@@ -1,11 +1,15 @@
 """Evaluate a model folder on the prepared data it was trained on (no Ray, no LLM)."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Optional, Sequence
 
 import torch
 
 from eimf.evaluation.evaluate import evaluate, most_popular
+from eimf.evaluation.metrics import MetricAccumulator
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def evaluate_exported(model_dir: str, split: str = "test", with_baseline: bool = True,
@@ -15,10 +19,12 @@ def evaluate_exported(model_dir: str, split: str = "test", with_baseline: bool =
 
 
 def evaluate_splits(model_dir: str, splits: Sequence[str] = ("valid", "test"), with_baseline: bool = True,
-                    data_path: Optional[str] = None) -> Dict[str, float]:
+                    data_path: Optional[str] = None,
+                    per_user: Optional[Dict[str, "pd.DataFrame"]] = None) -> Dict[str, float]:
     """``{"<split>/recall@50": ..., "<split>/mostpop/recall@50": ...}`` for each split, through the folder's own
     retrieval index (the ``retrieval`` setting it was exported with). The model and the data are read once.
-    ``data_path``: the prepared dataset, by default the one recorded in the folder."""
+    ``data_path``: the prepared dataset, by default the one recorded in the folder. ``per_user``: a dict that
+    receives each split's per-user metrics (``MetricAccumulator.per_user``), for paired comparisons."""
     from eimf.data.preprocess import load_prepared
     from eimf.serving.folder import ModelFolder, ModelFolderError
 
@@ -39,8 +45,12 @@ def evaluate_splits(model_dir: str, splits: Sequence[str] = ("valid", "test"), w
     out: Dict[str, float] = {}
     for split in splits:
         split_df = getattr(data, split)
+        acc = MetricAccumulator(topk, keep_users=per_user is not None)
         got = evaluate(interest_fn, None, split_df, topk=topk, batch_size=cfg.eval.batch_size,
-                       maxlen=cfg.model.maxlen, exclude_history=cfg.eval.exclude_history, index=folder.index)
+                       maxlen=cfg.model.maxlen, exclude_history=cfg.eval.exclude_history, index=folder.index,
+                       accumulator=acc)
+        if per_user is not None:
+            per_user[split] = acc.per_user()
         out.update({f"{split}/{k}": v for k, v in got.items()})
         if with_baseline:
             out.update({f"{split}/mostpop/{k}": v for k, v in most_popular(data.train, split_df, topk=topk).items()})

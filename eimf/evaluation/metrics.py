@@ -18,7 +18,7 @@ Conventions (docs/architecture.md, design notes section 3):
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -137,19 +137,22 @@ class MetricAccumulator:
     >>> acc.result()                  # {"recall@20": ..., "ndcg@20": ..., "hitrate@20": ..., ..., "n_users": 600}
     """
 
-    def __init__(self, topk: Iterable[int] = (20, 50)):
+    def __init__(self, topk: Iterable[int] = (20, 50), keep_users: bool = False):
         self.topk = tuple(sorted({int(n) for n in topk}))
         if not self.topk or self.topk[0] <= 0:
             raise ValueError(f"topk must hold positive cut-offs, got {topk!r}")
         self.sums = {f"{m}@{n}": 0.0 for n in self.topk for m in METRICS}
         self.n_users = 0
         self.n_skipped = 0  # users with an empty truth set
+        #: ``keep_users``: each user's metrics too (paired comparisons resample users), see :meth:`per_user`.
+        self._rows: Optional[List[Dict[str, np.ndarray]]] = [] if keep_users else None
 
     @property
     def max_n(self) -> int:
         return self.topk[-1]
 
-    def add(self, recs: np.ndarray, truth: TruthLike) -> None:
+    def add(self, recs: np.ndarray, truth: TruthLike, users: Optional[Sequence[int]] = None) -> None:
+        """``users``: the rows' user ids (needed with ``keep_users``)."""
         recs = np.asarray(recs, dtype=np.int64)
         if recs.ndim != 2:
             raise ValueError(f"recs must be [B, M], got shape {recs.shape}")
@@ -160,10 +163,30 @@ class MetricAccumulator:
         valid = sizes > 0
         self.n_skipped += int((~valid).sum())
         self.n_users += int(valid.sum())
+        kept = None
+        if self._rows is not None:
+            if users is None or len(users) != len(recs):
+                raise ValueError("MetricAccumulator(keep_users=True).add needs one user id per row of recs")
+            kept = {"user": np.asarray(users, dtype=np.int64)[valid]}
         for n in self.topk:
             per_user = metrics_from_hits(hits[valid], sizes[valid], n)
             for m in METRICS:
                 self.sums[f"{m}@{n}"] += float(per_user[m].sum())
+                if kept is not None:
+                    kept[f"{m}@{n}"] = np.asarray(per_user[m], dtype=np.float64)
+        if kept is not None:
+            self._rows.append(kept)
+
+    def per_user(self) -> "pd.DataFrame":
+        """One row per scored user: ``user`` and every ``metric@n`` (their means are :meth:`result`)."""
+        import pandas as pd
+
+        if self._rows is None:
+            raise RuntimeError("per_user() needs MetricAccumulator(keep_users=True)")
+        cols = ["user"] + [f"{m}@{n}" for n in self.topk for m in METRICS]
+        if not self._rows:
+            return pd.DataFrame({c: [] for c in cols})
+        return pd.DataFrame({c: np.concatenate([r[c] for r in self._rows]) for c in cols})
 
     def result(self) -> Dict[str, float]:
         denom = max(self.n_users, 1)

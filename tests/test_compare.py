@@ -1,0 +1,64 @@
+"""The per-user paired bootstrap (eimf.evaluation.compare) and the per-user metrics it reads."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from eimf.evaluation.compare import paired_bootstrap
+from eimf.evaluation.metrics import MetricAccumulator
+
+
+def _arm(values_by_seed):
+    return {s: pd.DataFrame({"user": np.arange(len(v)), "recall@50": v}) for s, v in values_by_seed.items()}
+
+
+def test_a_real_gain_has_an_interval_above_zero_and_noise_does_not():
+    rng = np.random.default_rng(0)
+    base = {s: rng.uniform(0, 1, 2000) for s in (1, 2, 3)}
+    gain = {s: np.clip(v + 0.05 + rng.normal(0, 0.1, v.size), 0, 1) for s, v in base.items()}
+    noise = {s: np.clip(v + rng.normal(0, 0.1, v.size), 0, 1) for s, v in base.items()}
+    up = paired_bootstrap(_arm(gain), _arm(base), "recall@50", n_boot=2000)
+    assert up.verdict == "gain" and 0.03 < up.delta < 0.06 and up.low > 0 and up.n_users == 2000
+    assert up.seeds == [1, 2, 3] and all(d > 0.02 for d in up.per_seed.values())
+    flat = paired_bootstrap(_arm(noise), _arm(base), "recall@50", n_boot=2000)
+    assert flat.low < 0 < flat.high and flat.verdict == "no difference"
+    down = paired_bootstrap(_arm(base), _arm(gain), "recall@50", n_boot=2000)
+    assert down.verdict == "loss"
+
+
+def test_users_and_seeds_are_paired_and_averaged_first():
+    # seed 3 ran only for the treated arm: it is left out; user 2 lacks seed 2 in control: left out
+    treated = {1: pd.DataFrame({"user": [0, 1, 2], "recall@50": [1.0, 0.0, 1.0]}),
+               2: pd.DataFrame({"user": [0, 1, 2], "recall@50": [0.0, 1.0, 1.0]}),
+               3: pd.DataFrame({"user": [0, 1, 2], "recall@50": [1.0, 1.0, 1.0]})}
+    control = {1: pd.DataFrame({"user": [0, 1, 2], "recall@50": [0.0, 0.0, 0.0]}),
+               2: pd.DataFrame({"user": [0, 1], "recall@50": [0.0, 0.0]})}
+    d = paired_bootstrap(treated, control, "recall@50", n_boot=200)
+    assert d.seeds == [1, 2] and d.n_users == 2
+    assert d.delta == pytest.approx(0.5)  # users 0 and 1 each average 0.5 over seeds 1-2, against 0
+    assert d.per_seed == {1: pytest.approx(2 / 3), 2: pytest.approx(0.5)}  # each seed on its own common users
+
+
+def test_bad_inputs_say_what_is_wrong():
+    one = {1: pd.DataFrame({"user": [0], "recall@50": [1.0]})}
+    with pytest.raises(ValueError, match="no seed in common"):
+        paired_bootstrap(one, {2: one[1]}, "recall@50")
+    with pytest.raises(KeyError, match="ndcg@50"):
+        paired_bootstrap(one, one, "ndcg@50")
+    with pytest.raises(ValueError, match="repeats users"):
+        paired_bootstrap({1: pd.DataFrame({"user": [0, 0], "recall@50": [1.0, 0.0]})}, one, "recall@50")
+
+
+def test_per_user_metrics_average_to_the_result():
+    acc = MetricAccumulator(topk=(2, 3), keep_users=True)
+    recs = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    acc.add(recs[:2], [[2], [9]], users=[10, 11])
+    acc.add(recs[2:], [[7, 1]], users=[12])
+    table, result = acc.per_user(), acc.result()
+    assert table["user"].tolist() == [10, 11, 12]
+    assert table["recall@2"].tolist() == [1.0, 0.0, 0.5]
+    for col in table.columns.drop("user"):
+        assert table[col].mean() == pytest.approx(result[col])
+    with pytest.raises(ValueError, match="one user id per row"):
+        acc.add(recs[:1], [[1]])
+    with pytest.raises(RuntimeError, match="keep_users"):
+        MetricAccumulator().per_user()
