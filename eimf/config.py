@@ -301,6 +301,19 @@ class EIMFConfig:
     typical_sampling: str = "oversample"
     #: Hidden width of the predictor g (d -> hidden -> semantic dim, GELU); 0: a linear map.
     predictor_hidden: int = 256
+    #: ``none``: the alignment's InfoNCE acts on the retrieval interests v themselves | ``mlp``: on h(v), a
+    #: behaviour-side MLP (as RLMRec aligns through projections), so v changes only through h.
+    ma_projection: str = "none"
+    #: Semantic interests of the batch at least this similar (cosine) to the positive are not its negatives.
+    duplicate_cos: float = 0.999999
+    #: The same row's other semantic interests are not negatives (they are the user's own).
+    mask_own_interests: bool = False
+    #: How interests are matched: ``model`` (through P and g, from their random start) | ``evidence`` (v_k
+    #: against the mean embedding of the items the annotator cited for each interest).
+    matching_space: str = "model"
+    #: A typical row's cut is drawn so that at least this share of its history lies in the part of the
+    #: sequence its prompt showed; 0: any cut, as the backbone draws. The share reached is logged either way.
+    window_overlap: float = 0.0
 
 
 @dataclass

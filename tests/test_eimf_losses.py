@@ -319,6 +319,100 @@ def test_gradients_reach_projection_predictor_and_backbone():
         assert model.item_emb.weight.grad[torch.as_tensor(batch.hist[batch.sem_rows])].abs().sum() > 0
 
 
+def test_alignment_through_a_behaviour_projection_trains_h_and_reaches_v_only_through_it():
+    """ma_projection=mlp: the InfoNCE acts on h(v); h is trained with P, and v still gets the gradient (via h)."""
+    torch.manual_seed(0)
+    head = EIMFHead(8, 5, predictor_hidden=4, ma_projection="mlp")
+    plain = EIMFHead(8, 5, predictor_hidden=4)
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("behaviour_projection")})
+    v = torch.randn(3, 3, 8, requires_grad=True)
+    sem = torch.as_tensor(_tiny_batch().sem)
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    out = head(v, sem, mask)
+    out["alignment"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.behaviour_projection.parameters())
+    assert v.grad.abs().sum() > 0
+    assert not torch.isclose(out["alignment"], plain(v, sem, mask)["alignment"])  # a different objective
+    assert out["semantic_prediction"].item() == pytest.approx(plain(v, sem, mask)["semantic_prediction"].item())
+    with pytest.raises(ValueError, match="ma_projection"):
+        EIMFHead(8, 5, ma_projection="deep")
+
+
+def test_own_interests_and_near_duplicates_are_not_negatives():
+    """One user with two interests: masking the row's own other interest leaves each positive alone (loss 0).
+    Two users whose interests are near-copies (cos 0.95) are each other's negative only above duplicate_cos."""
+    torch.manual_seed(0)
+    v = torch.randn(1, 2, 6)
+    sem = torch.as_tensor(_unit(np.random.default_rng(0).normal(size=(1, 2, 5))), dtype=torch.float32)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    assert EIMFHead(6, 5)(v, sem, mask)["alignment"].item() > 0
+    assert EIMFHead(6, 5, mask_own_interests=True)(v, sem, mask)["alignment"].item() == pytest.approx(0.0, abs=1e-6)
+
+    a = np.array([1.0, 0.0, 0.0, 0.0, 0.0])
+    b = np.array([0.95, np.sqrt(1 - 0.95 ** 2), 0.0, 0.0, 0.0])  # cos(a, b) = 0.95
+    two = torch.as_tensor(np.stack([a, b])[:, None, :], dtype=torch.float32)  # 2 users, 1 interest each
+    vv, one = torch.randn(2, 1, 6), torch.ones(2, 1, dtype=torch.bool)
+    assert EIMFHead(6, 5)(vv, two, one)["alignment"].item() > 0
+    assert EIMFHead(6, 5, duplicate_cos=0.9)(vv, two, one)["alignment"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evidence_matching_follows_the_cited_items_not_the_random_head():
+    """matching_space=evidence: semantic interest m goes to the behaviour interest nearest the mean embedding of
+    its cited items; an interest with no citation falls back to the head's similarity."""
+    v = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # [1, K=3, d=3]
+    sem = torch.as_tensor(_unit(np.random.default_rng(1).normal(size=(1, 2, 5))), dtype=torch.float32)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    grounding = torch.tensor([[[0.1, 0.0, 2.0], [0.0, 3.0, 0.2]]])  # interest 0 ~ v_2, interest 1 ~ v_1
+    for seed in range(3):  # whatever the head's random weights
+        torch.manual_seed(seed)
+        head = EIMFHead(3, 5, matching_space="evidence")
+        assert head.needs_evidence
+        m = head.match(v, sem, mask, grounding)
+        assert m.behaviour[0].tolist() == [2, 1] and m.matched.all()
+    with pytest.raises(ValueError, match="grounding"):
+        head.match(v, sem, mask)
+    uncited = grounding.clone()
+    uncited[0, 1] = 0  # interest 1 cites nothing: matched by the head, still one-to-one
+    m = head.match(v, sem, mask, uncited)
+    assert m.behaviour[0, 0].item() == 2 and m.behaviour[0, 1].item() != 2
+
+
+def test_sampler_carries_each_typical_rows_cited_items():
+    from eimf.semantic.annotate import semantic_evidence
+    import pandas as pd
+
+    ann = pd.DataFrame({"user": [7, 7, 9, 9], "interest_idx": [1, 0, 0, -1], "status": ["ok", "ok", "ok", "failed"],
+                        "evidence_items": [[5], [3, 4], [], []], "vector": [np.ones(2)] * 4})
+    ev = semantic_evidence(ann)
+    assert ev[7].tolist() == [[3, 4], [5, 0]] and ev[9].tolist() == [[0]]
+    seqs = [np.arange(1, 11), np.arange(1, 11), np.arange(1, 11)]
+    sem = {7: _unit(np.ones((2, 4))).astype(np.float32), 9: _unit(np.ones((1, 4))).astype(np.float32)}
+    s = SemanticTrainSampler(seqs, [7, 8, 9], sem, maxlen=5, batch_size=8, typical_share=0.5, seed=0, evidence=ev)
+    batch = s.sample()
+    assert batch.evidence.shape == (4, 2, 2)
+    for i in range(4):
+        typical = int(s.typical_users[np.flatnonzero(
+            [(s.sem[j] == batch.sem[i]).all() for j in range(len(s.sem))])[0]])
+        assert batch.evidence[i].tolist() == ([[3, 4], [5, 0]] if typical == 7 else [[0, 0], [0, 0]])
+    assert SemanticTrainSampler(seqs, [7, 8, 9], sem, maxlen=5, batch_size=8, typical_share=0.5).sample().evidence is None
+
+
+def test_trainer_step_with_evidence_matching_looks_up_the_cited_rows():
+    cfg = load_config(None, ["eimf.matching_space=evidence"])
+    model, loss_fn, runner = _tiny_setup()
+    runner.attach_head(EIMFHead.from_config(load_config(None, ["eimf.matching_space=evidence", "model.dim=8",
+                                                                "eimf.predictor_hidden=4"]), 5))
+    batch = _tiny_batch()
+    evidence = np.zeros((3, 2, 2), dtype=np.int64)
+    evidence[0, 0] = [4, 5]
+    trainer = _trainer(cfg, model, loss_fn, runner)
+    m = trainer.train_step(batch._replace(evidence=evidence))
+    assert math.isfinite(m["loss/alignment"]) and math.isfinite(m["loss/semantic_prediction"])
+    with pytest.raises(ValueError, match="no evidence items"):
+        trainer.train_step(batch)
+    assert runner.item_rows(torch.tensor([[4, 5]])).shape == (1, 2, 8)
+
+
 def test_trainer_step_with_semantics_reports_and_adds_aux_losses():
     cfg = load_config()
     model, loss_fn, runner = _tiny_setup(head=True)
@@ -565,3 +659,53 @@ def test_exported_eimf_model_serves_the_same_without_the_annotation_files(ml100k
     assert ids_before.shape == (len(hist), 50)
     np.testing.assert_array_equal(ids_before, ids_after)
     np.testing.assert_array_equal(scores_before, scores_after)
+
+
+def test_window_overlap_and_the_aligned_cut():
+    from eimf.data.sampling import aligned_cut_low, window_overlap
+
+    # a 100-item sequence whose prompt showed positions [80, 100); histories of up to 10 items
+    assert window_overlap(np.array([50, 85, 90, 95]), 10, 80, 100).tolist() == [0.0, 0.5, 1.0, 1.0]
+    assert aligned_cut_low(100, 10, 80, 100, 0.5, min_cut=4) == 85
+    assert aligned_cut_low(100, 10, 80, 100, 1.0, min_cut=4) == 90
+    assert aligned_cut_low(100, 10, 0, 100, 1.0, min_cut=4) == 4  # the whole sequence was annotated
+    assert aligned_cut_low(12, 10, 0, 5, 0.9, min_cut=4) == 4  # unreachable share: the best overlap there is
+
+
+def test_aligned_sampler_draws_typical_cuts_inside_the_annotated_window():
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 50, 100) for _ in range(3)]
+    sem = {7: _unit(np.ones((2, 4))).astype(np.float32)}
+    windows = {7: (80, 100)}
+    free = SemanticTrainSampler(seqs, [7, 8, 9], sem, maxlen=10, batch_size=40, typical_share=0.5, seed=0,
+                                windows=windows)
+    aligned = SemanticTrainSampler(seqs, [7, 8, 9], sem, maxlen=10, batch_size=40, typical_share=0.5, seed=0,
+                                   windows=windows, window_overlap_share=0.5)
+    assert free.overlap_share < 0.2 and aligned.overlap_share == pytest.approx(0.9)  # cuts 85..99
+    seq = seqs[0]
+    for _ in range(20):
+        b = aligned.sample()
+        for row in b.sem_rows:  # the target is seq[cut]: its position says where the cut fell
+            pos = [i for i in range(4, 100) if seq[i] == b.target[row]
+                   and list(seq[max(0, i - 10):i]) == list(b.hist[row][b.mask[row]])]
+            assert pos and min(pos) >= 85
+    with pytest.raises(ValueError, match="window_overlap"):
+        SemanticTrainSampler(seqs, [7, 8, 9], sem, maxlen=10, batch_size=8, typical_share=0.5, windows=windows,
+                             window_overlap_share=2.0)
+
+
+def test_annotations_record_the_prompted_window(tmp_path):
+    from eimf.semantic.annotate import annotations_frame, annotations_table, semantic_windows
+    from eimf.semantic.annotators.base import AnnotationRequest, AnnotationResult
+    import pandas as pd
+
+    req = AnnotationRequest(user=3, messages=[], history_hash="h", n_items=2, item_ids=[5, 6], window_start=8,
+                            window_end=10)
+    res = AnnotationResult(user=3, interests=[{"name": "a", "description": "b", "evidence": [1]}], raw_text=None,
+                           status="ok", attempts=1, model="m")
+    df = annotations_frame([req], [res], lambda texts: np.ones((len(texts), 4)))
+    table = annotations_table(df)
+    assert table.column("window_start").to_pylist() == [8] and table.column("window_end").to_pylist() == [10]
+    assert semantic_windows(table.to_pandas()) == {3: (8, 10)}
+    with pytest.raises(ValueError, match="re-run the annotation step"):
+        semantic_windows(pd.DataFrame({"user": [3], "status": ["ok"]}))

@@ -88,8 +88,9 @@ def test_two_sharded_workers_train_resume_export_and_serve(tmp_path, ray_session
 
 @pytest.mark.e2e
 def test_eimf_head_trains_beside_two_sharded_workers_and_resumes(tmp_path, ray_session, monkeypatch):
-    """EIMF on the sharded path: the replicated head (P, g) trains beside the row-sharded table, the auxiliary
-    losses fall, the checkpoint carries the head and a resume reloads it, and the export holds g."""
+    """EIMF on the sharded path: the replicated head (P, g, h) trains beside the row-sharded table with evidence
+    matching (cited items looked up across workers) and window-aligned cuts, the auxiliary losses fall, the
+    checkpoint carries the head and a resume reloads it, and the export holds g."""
     import os
 
     from eimf import tracking
@@ -108,7 +109,10 @@ def test_eimf_head_trains_beside_two_sharded_workers_and_resumes(tmp_path, ray_s
         f"data.output_dir={tmp_path / 'prepared'}", "model.dim=32", "train.max_steps=120", "train.eval_every=60",
         "train.log_every=20", "train.num_workers=2", "train.strategy=sharded", "train.run_name=eimf-sharded",
         f"train.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}",
-        "eimf.enabled=true", f"eimf.annotations={tmp_path / 'ann'}"]
+        "eimf.enabled=true", f"eimf.annotations={tmp_path / 'ann'}",
+        # the round-2 options too: the cited items' rows come from their owners (a collective lookup each step)
+        "eimf.matching_space=evidence", "eimf.ma_projection=mlp", "eimf.mask_own_interests=true",
+        "eimf.window_overlap=0.5"]
     cfg = load_config(None, overrides)
     data = prepare(cfg.data, engine="local")
     encoder = SemanticEncoder()

@@ -42,6 +42,25 @@ def _windows(flat: np.ndarray, ends: np.ndarray, n: np.ndarray, maxlen: int) -> 
     return hist.astype(np.int64, copy=False), mask
 
 
+def window_overlap(cuts: np.ndarray, maxlen: int, start: int, end: int) -> np.ndarray:
+    """Share of the history ``seq[cut - min(cut, maxlen) : cut]`` inside the annotated positions [start, end)."""
+    cuts = np.asarray(cuts, dtype=np.int64)
+    h = np.minimum(cuts, maxlen)
+    inside = np.clip(np.minimum(cuts, end) - np.maximum(cuts - h, start), 0, None)
+    return inside / np.maximum(h, 1)
+
+
+def aligned_cut_low(length: int, maxlen: int, start: int, end: int, share: float, min_cut: int) -> int:
+    """The smallest cut in [min_cut, length) whose history has at least ``share`` of its items inside the window
+    (the largest overlap there is, when no cut reaches ``share``)."""
+    cuts = np.arange(min_cut, length)
+    if len(cuts) == 0:
+        return min_cut
+    got = window_overlap(cuts, maxlen, start, end)
+    ok = np.flatnonzero(got >= share - 1e-12)
+    return int(cuts[ok[0]] if len(ok) else cuts[int(np.argmax(got))])
+
+
 class _Stream:
     """``iter()`` over ``sample(rng=...)``: endless or ``num_batches`` long, one RNG stream per DataLoader worker."""
 
@@ -81,7 +100,9 @@ class TrainSampler(_Stream):
     """
 
     def __init__(self, sequences: Sequence, maxlen: int, batch_size: int, min_cut: int = 4, seed: int = 0,
-                 num_batches: Optional[int] = None):
+                 num_batches: Optional[int] = None, cut_low: Optional[np.ndarray] = None):
+        """``cut_low`` (one per sequence, >= min_cut): the smallest cut drawn for that user (EIMF's window
+        alignment); default ``min_cut`` for everyone."""
         if maxlen < 1 or batch_size < 1:
             raise ValueError("maxlen and batch_size must be >= 1")
         if min_cut < 1:
@@ -99,6 +120,12 @@ class TrainSampler(_Stream):
             raise ValueError(f"no training sequence is longer than min_cut={min_cut}")
         self.flat, self.offsets, self.lengths = _flatten([s for s, e in zip(sequences, eligible) if e])
         self.n_users = int(len(self.lengths))
+        self.cut_low = None
+        if cut_low is not None:
+            cut_low = np.asarray(cut_low, dtype=np.int64)
+            if len(cut_low) != len(lens_all):
+                raise ValueError(f"cut_low has {len(cut_low)} entries for {len(lens_all)} sequences")
+            self.cut_low = np.clip(cut_low[eligible], min_cut, self.lengths - 1)
         self.rng = np.random.default_rng(seed)
 
     def sample(self, batch_size: Optional[int] = None, rng: Optional[np.random.Generator] = None) -> Batch:
@@ -109,7 +136,8 @@ class TrainSampler(_Stream):
         b = self.batch_size if batch_size is None else batch_size
         rng = rng or self.rng
         u = rng.integers(0, self.n_users, size=b)
-        k = rng.integers(self.min_cut, self.lengths[u])  # uniform in [min_cut, len)
+        low = self.min_cut if self.cut_low is None else self.cut_low[u]
+        k = rng.integers(low, self.lengths[u])  # uniform in [min_cut (or the user's cut_low), len)
         ends = self.offsets[u] + k
         target = self.flat[ends]
         hist, mask = _windows(self.flat, ends, np.minimum(k, self.maxlen), self.maxlen)
@@ -128,6 +156,8 @@ class SemanticBatch(NamedTuple):
     #: The first ``rec_rows`` rows feed the recommendation loss; -1: all rows. Rows after them (``extra``
     #: sampling) are typical users that feed the auxiliary losses only.
     rec_rows: int = -1
+    #: [b, M, E] int64: the item ids each semantic interest cites (0: padding), or None when not asked for.
+    evidence: Optional[np.ndarray] = None
 
 
 def pad_semantics(vectors: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
@@ -167,7 +197,9 @@ class SemanticTrainSampler(_Stream):
 
     def __init__(self, sequences: Sequence, users: Sequence[int], semantics: Mapping[int, np.ndarray], maxlen: int,
                  batch_size: int, typical_share: float, min_cut: int = 4, seed: int = 0,
-                 num_batches: Optional[int] = None, mode: str = "oversample", require_typical: bool = True):
+                 num_batches: Optional[int] = None, mode: str = "oversample", require_typical: bool = True,
+                 evidence: Optional[Mapping[int, np.ndarray]] = None,
+                 windows: Optional[Mapping[int, Tuple[int, int]]] = None, window_overlap_share: float = 0.0):
         if not 0.0 <= typical_share <= 1.0:
             raise ValueError(f"typical_share must be in [0, 1], got {typical_share}")
         if mode not in self.MODES:
@@ -201,13 +233,41 @@ class SemanticTrainSampler(_Stream):
         # Pre-filtered, so each sub-sampler's user index i is our i-th typical (other) user.
         sub = dict(maxlen=maxlen, batch_size=self.batch_size, min_cut=min_cut, seed=seed)
         idx_t, idx_o = np.flatnonzero(typical), np.flatnonzero(others)
-        self.typical = TrainSampler([sequences[i] for i in idx_t], **sub) if len(idx_t) else None
+        cut_low = None
+        #: Mean share of a typical row's history inside its annotated window, over the cuts drawn (None: unknown).
+        self.overlap_share = None
+        if windows is not None:
+            if not 0.0 <= window_overlap_share <= 1.0:
+                raise ValueError(f"eimf.window_overlap must be in [0, 1], got {window_overlap_share}")
+            spans = [windows.get(int(users[i])) for i in idx_t]
+            if any(w is None for w in spans):
+                raise ValueError("some typical users have no annotated window")
+            cut_low = np.array([aligned_cut_low(int(lens[i]), maxlen, a, b, window_overlap_share, min_cut)
+                                if window_overlap_share > 0 else min_cut
+                                for i, (a, b) in zip(idx_t, spans)], dtype=np.int64)
+            shares = [float(window_overlap(np.arange(lo, lens[i]), maxlen, a, b).mean())
+                      for i, lo, (a, b) in zip(idx_t, cut_low, spans)]
+            self.overlap_share = float(np.mean(shares)) if shares else None
+            log.info("SemanticTrainSampler: typical rows see their annotated window in %.1f %% of their history "
+                     "on average (window_overlap >= %g)", 100 * (self.overlap_share or 0.0), window_overlap_share)
+        self.typical = TrainSampler([sequences[i] for i in idx_t], cut_low=cut_low, **sub) if len(idx_t) else None
         self.others = TrainSampler([sequences[i] for i in idx_o], **sub) if len(idx_o) else None
         self.typical_users = users[idx_t]
         # extra: the recommendation rows come from every training user, as the backbone's batches do
         self.everyone = TrainSampler(sequences, **sub) if mode == "extra" else None
         self.sem, self.sem_mask = pad_semantics([np.asarray(semantics[int(u)], np.float32) for u in self.typical_users])
+        self.evidence = None
+        if evidence is not None:  # [n_typical, M, E], aligned with self.sem
+            tables = [np.asarray(evidence.get(int(u), np.zeros((0, 1), np.int64)), np.int64)
+                      for u in self.typical_users]
+            width = max([t.shape[1] for t in tables] + [1])
+            self.evidence = np.zeros((len(tables), self.sem.shape[1], width), dtype=np.int64)
+            for i, t in enumerate(tables):
+                self.evidence[i, :t.shape[0], :t.shape[1]] = t[:self.sem.shape[1]]
         self.rng = np.random.default_rng(seed)
+
+    def _evidence(self, u) -> Optional[np.ndarray]:
+        return None if self.evidence is None else self.evidence[u]
 
     def sample(self, batch_size=None, rng: Optional[np.random.Generator] = None) -> SemanticBatch:
         if batch_size is not None and batch_size != self.batch_size:
@@ -218,10 +278,12 @@ class SemanticTrainSampler(_Stream):
             hist, mask, target = self.everyone.sample(self.batch_size, rng)
             rows = np.arange(self.batch_size, self.batch_size + n_t, dtype=np.int64)
             if not n_t:
-                return SemanticBatch(hist, mask, target, rows, self.sem[:0], self.sem_mask[:0], self.batch_size)
+                return SemanticBatch(hist, mask, target, rows, self.sem[:0], self.sem_mask[:0], self.batch_size,
+                                     self._evidence(slice(0, 0)))
             u, *extra = self.typical.sample_users(n_t, rng)
             hist, mask, target = (np.concatenate([a, b]) for a, b in zip((hist, mask, target), extra))
-            return SemanticBatch(hist, mask, target, rows, self.sem[u], self.sem_mask[u], self.batch_size)
+            return SemanticBatch(hist, mask, target, rows, self.sem[u], self.sem_mask[u], self.batch_size,
+                                 self._evidence(u))
         parts = []
         if n_t:
             u, *batch_t = self.typical.sample_users(n_t, rng)
@@ -230,8 +292,10 @@ class SemanticTrainSampler(_Stream):
             parts.append(self.others.sample_users(self.batch_size - n_t, rng)[1:])
         hist, mask, target = (np.concatenate(x) for x in zip(*parts))
         if not n_t:
-            return SemanticBatch(hist, mask, target, np.zeros(0, np.int64), self.sem[:0], self.sem_mask[:0])
-        return SemanticBatch(hist, mask, target, np.arange(n_t, dtype=np.int64), self.sem[u], self.sem_mask[u])
+            return SemanticBatch(hist, mask, target, np.zeros(0, np.int64), self.sem[:0], self.sem_mask[:0],
+                                 evidence=self._evidence(slice(0, 0)))
+        return SemanticBatch(hist, mask, target, np.arange(n_t, dtype=np.int64), self.sem[u], self.sem_mask[u],
+                             evidence=self._evidence(u))
 
 
 def eval_batches(split_df, maxlen: int, batch_size: int):

@@ -3,14 +3,20 @@
 For a typical user with behaviour interests v_1..v_K (from the backbone, dim d) and frozen, unit-norm semantic
 interests s_1..s_M (text encoder, dim D):
 
-* **Matching** pi: a one-to-one assignment of semantic to behaviour interests maximising the summed similarity
-  cos(v_k, P(s_m)) + cos(g(v_k), s_m), i.e. the pairs both auxiliary losses already find closest. Discrete, so
-  computed without gradients. ``hungarian`` is optimal (scipy); ``greedy`` takes the best remaining pair first.
-  With M > K only K semantic interests are matched; the others take no part.
+* **Matching** pi: a one-to-one assignment of semantic to behaviour interests maximising a similarity.
+  ``matching_space="model"``: cos(v_k, P(s_m)) + cos(g(v_k), s_m), the pairs both auxiliary losses already find
+  closest (circular: from a random start the first assignments are arbitrary and then reinforce themselves).
+  ``"evidence"``: cos(v_k, e_m), with e_m the mean item embedding of the items the annotator cited for interest m
+  (grounded in the behaviour space from the first step; an interest without evidence falls back to "model").
+  Discrete, so computed without gradients. ``hungarian`` is optimal (scipy); ``greedy`` takes the best
+  remaining pair first. With M > K only K semantic interests are matched; the others take no part.
 * **Semantic prediction** L_sp = mean over matched pairs of 1 - cos(g(v_k), s_pi(k)).
 * **Modality alignment** L_ma: symmetric InfoNCE over the N matched pairs of the batch, logits
-  cos(v_i, P(s_j)) / tau; every other matched semantic interest of the batch is a negative, except copies of
-  the positive's own vector (the same user drawn twice, or the same phrase for two users), which are masked.
+  cos(h(v_i), P(s_j)) / tau, where h is the identity (``ma_projection="none"``) or a behaviour-side MLP
+  (``"mlp"``: the loss then shapes h(v), and v, which retrieval uses, only through h). Every other matched
+  semantic interest of the batch is a negative, except: near-copies of the positive's vector
+  (cos > ``duplicate_cos``: the same user drawn twice, the same phrase for two users, two names of one genre), and
+  with ``mask_own_interests`` the same row's other interests (they are the user's own, not another user's).
 
 P and g live in :class:`EIMFHead`, apart from the backbone: they are trained with it but never exported.
 """
@@ -99,52 +105,89 @@ def alignment_loss(behaviour: torch.Tensor, semantic: torch.Tensor, temperature:
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
+MA_PROJECTIONS = ("none", "mlp")
+MATCHING_SPACES = ("model", "evidence")
+
+
 class EIMFHead(nn.Module):
-    """P (semantic dim -> d) and g (d -> semantic dim) with the weighted auxiliary loss of a batch."""
+    """P (semantic dim -> d), g (d -> semantic dim) and optionally h (d -> d) with the weighted auxiliary loss of a
+    batch."""
 
     def __init__(self, dim: int, semantic_dim: int = 384, predictor_hidden: int = 256, temperature: float = 0.1,
-                 lambda_sp: float = 0.1, lambda_ma: float = 0.1, matching: str = "hungarian"):
+                 lambda_sp: float = 0.1, lambda_ma: float = 0.1, matching: str = "hungarian",
+                 ma_projection: str = "none", duplicate_cos: float = 1.0 - 1e-6, mask_own_interests: bool = False,
+                 matching_space: str = "model"):
         super().__init__()
         if temperature <= 0:
             raise ValueError("temperature must be > 0")
         if matching not in MATCHING_METHODS:
             raise ValueError(f"matching must be one of {MATCHING_METHODS}, got {matching!r}")
+        if ma_projection not in MA_PROJECTIONS:
+            raise ValueError(f"ma_projection must be one of {MA_PROJECTIONS}, got {ma_projection!r}")
+        if matching_space not in MATCHING_SPACES:
+            raise ValueError(f"matching_space must be one of {MATCHING_SPACES}, got {matching_space!r}")
+        if not -1.0 <= duplicate_cos <= 1.0:
+            raise ValueError(f"duplicate_cos must be in [-1, 1], got {duplicate_cos}")
         self.dim, self.semantic_dim = dim, semantic_dim
         self.temperature, self.lambda_sp, self.lambda_ma, self.matching = temperature, lambda_sp, lambda_ma, matching
+        self.duplicate_cos, self.mask_own_interests = float(duplicate_cos), bool(mask_own_interests)
+        self.matching_space = matching_space
         self.projection = nn.Linear(semantic_dim, dim)  # P
         if predictor_hidden > 0:  # g
             self.predictor = nn.Sequential(nn.Linear(dim, predictor_hidden), nn.GELU(),
                                            nn.Linear(predictor_hidden, semantic_dim))
         else:
             self.predictor = nn.Linear(dim, semantic_dim)
+        # h: the alignment acts on h(v); absent from old checkpoints' state, so only built when asked for
+        self.behaviour_projection = (nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+                                     if ma_projection == "mlp" else None)
+
+    @property
+    def needs_evidence(self) -> bool:
+        """True when :meth:`forward` wants ``grounding`` (the evidence items' mean embeddings)."""
+        return self.matching_space == "evidence"
 
     @classmethod
     def from_config(cls, cfg, semantic_dim: int) -> "EIMFHead":
         """From a :class:`eimf.config.Config` (``model.dim`` and ``eimf.*``)."""
         e = cfg.eimf
         return cls(cfg.model.dim, semantic_dim, e.predictor_hidden, e.temperature, e.lambda_sp, e.lambda_ma,
-                   e.matching)
+                   e.matching, e.ma_projection, e.duplicate_cos, e.mask_own_interests, e.matching_space)
 
-    def match(self, interests: torch.Tensor, sem: torch.Tensor, sem_mask: torch.Tensor) -> Matching:
+    def match(self, interests: torch.Tensor, sem: torch.Tensor, sem_mask: torch.Tensor,
+              grounding: Optional[torch.Tensor] = None) -> Matching:
+        """``grounding`` [b, M, d]: mean embedding of each semantic interest's evidence items (zero: none)."""
         with torch.no_grad():
             v = F.normalize(interests.float(), dim=-1)
             proj = F.normalize(self.projection(sem), dim=-1)
             pred = F.normalize(self.predictor(interests.float()), dim=-1)
             sim = torch.einsum("bkd,bmd->bkm", v, proj) + torch.einsum("bkd,bmd->bkm", pred, F.normalize(sem, dim=-1))
+            if self.matching_space == "evidence":
+                if grounding is None:
+                    raise ValueError("matching_space='evidence' needs the evidence items' embeddings (grounding)")
+                grounding = grounding.float()
+                grounded = torch.einsum("bkd,bmd->bkm", v, F.normalize(grounding, dim=-1))
+                has = grounding.abs().sum(-1) > 0  # [b, M]
+                sim = torch.where(has[:, None, :], grounded, sim)
         return match_interests(sim, sem_mask, self.matching)
 
-    def forward(self, interests: torch.Tensor, sem: torch.Tensor, sem_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """interests [b, K, d] of the typical rows, sem [b, M, D] unit vectors, sem_mask [b, M] ->
-        {"semantic_prediction", "alignment" (unweighted), "loss" (weighted sum)}."""
+    def forward(self, interests: torch.Tensor, sem: torch.Tensor, sem_mask: torch.Tensor,
+                grounding: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """interests [b, K, d] of the typical rows, sem [b, M, D] unit vectors, sem_mask [b, M] (and ``grounding``
+        [b, M, d] for evidence matching) -> {"semantic_prediction", "alignment" (unweighted), "loss" (weighted
+        sum)}."""
         sem = sem.to(self.projection.weight.dtype)
-        m = self.match(interests, sem, sem_mask)
+        m = self.match(interests, sem, sem_mask, grounding)
         u, j = m.matched.nonzero(as_tuple=True)
         v = interests[u, m.behaviour[u, j]].float()  # [N, d] matched behaviour interests
         s = sem[u, j]  # [N, D] their semantic interests
         sp = semantic_prediction_loss(self.predictor(v), s)
         s_unit = F.normalize(s, dim=-1)
-        duplicate = (s_unit @ s_unit.t()) > 1.0 - 1e-6
-        ma = alignment_loss(v, self.projection(s), self.temperature, not_negative=duplicate)
+        not_negative = (s_unit @ s_unit.t()) > self.duplicate_cos
+        if self.mask_own_interests:
+            not_negative = not_negative | (u[:, None] == u[None, :])
+        behaviour = self.behaviour_projection(v) if self.behaviour_projection is not None else v
+        ma = alignment_loss(behaviour, self.projection(s), self.temperature, not_negative=not_negative)
         return {"semantic_prediction": sp, "alignment": ma, "loss": self.lambda_sp * sp + self.lambda_ma * ma}
 
     @torch.no_grad()

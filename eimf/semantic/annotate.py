@@ -81,7 +81,8 @@ def build_requests(prepared, users: Sequence[int], max_interests: int, token_bud
         prompts.append(p)
         requests.append(AnnotationRequest(user=int(u), messages=p.messages, history_hash=p.history_hash,
                                           n_items=p.n_items, max_interests=p.max_interests,
-                                          item_texts=p.item_texts, item_ids=p.item_ids))
+                                          item_texts=p.item_texts, item_ids=p.item_ids,
+                                          window_start=c - p.n_items, window_end=c))
     return requests, prompts
 
 
@@ -101,7 +102,8 @@ def annotations_frame(requests: Sequence[AnnotationRequest], results: Sequence[A
     rows, texts = [], []
     for req, res in zip(requests, results):
         common = dict(user=int(req.user), cached=bool(res.cached), history_hash=req.history_hash,
-                      model=res.model, prompt_version=res.prompt_version)
+                      model=res.model, prompt_version=res.prompt_version, window_start=req.window_start,
+                      window_end=req.window_end)
         if res.ok and res.interests:
             for k, it in enumerate(res.interests):
                 ids = req.item_ids or []
@@ -118,7 +120,7 @@ def annotations_frame(requests: Sequence[AnnotationRequest], results: Sequence[A
     for r in rows:
         r["vector"] = next(it) if r["status"] == STATUS_OK else None
     cols = ["user", "interest_idx", "name", "description", "evidence", "evidence_items", "vector", "status",
-            "error", "raw_text", "cached", "history_hash", "model", "prompt_version"]
+            "error", "raw_text", "cached", "history_hash", "model", "prompt_version", "window_start", "window_end"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -128,12 +130,14 @@ def annotations_table(df: pd.DataFrame) -> pa.Table:
         ("evidence", pa.list_(pa.int64())), ("evidence_items", pa.list_(pa.int64())),
         ("vector", pa.list_(pa.float32())), ("status", pa.string()), ("error", pa.string()),
         ("raw_text", pa.string()), ("cached", pa.bool_()), ("history_hash", pa.string()), ("model", pa.string()),
-        ("prompt_version", pa.string()),
+        ("prompt_version", pa.string()), ("window_start", pa.int64()), ("window_end", pa.int64()),
     ])
     def clean(v):
         return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
 
-    data = {c: [clean(v) for v in df[c].tolist()] for c in schema.names}
+    data = {c: [clean(v) for v in df[c].tolist()] if c in df.columns else [None] * len(df) for c in schema.names}
+    for c in ("window_start", "window_end"):  # pandas turns an int column with a gap into floats
+        data[c] = [None if v is None else int(v) for v in data[c]]
     data["vector"] = [None if v is None else np.asarray(v, dtype=np.float32) for v in data["vector"]]
     return pa.Table.from_pydict(data, schema=schema)
 
@@ -158,6 +162,31 @@ def semantic_vectors(annotations: pd.DataFrame) -> Dict[int, np.ndarray]:
     ok = annotations[annotations["status"] == STATUS_OK].sort_values(["user", "interest_idx"])
     return {int(u): np.stack([np.asarray(v, dtype=np.float32) for v in g["vector"]])
             for u, g in ok.groupby("user", sort=True)}
+
+
+def semantic_windows(annotations: pd.DataFrame) -> Dict[int, Tuple[int, int]]:
+    """``{user: (start, end)}``: the positions of the training sequence each user's prompt listed. Raises for an
+    annotation set written before the windows were recorded."""
+    ok = annotations[annotations["status"] == STATUS_OK]
+    if "window_start" not in ok.columns or ok["window_start"].isna().any():
+        raise ValueError("these annotations do not record which part of each sequence the prompt showed "
+                         "(window_start/window_end): re-run the annotation step")
+    first = ok.groupby("user", sort=True)[["window_start", "window_end"]].first()
+    return {int(u): (int(r.window_start), int(r.window_end)) for u, r in first.iterrows()}
+
+
+def semantic_evidence(annotations: pd.DataFrame) -> Dict[int, np.ndarray]:
+    """``{user: [M, E] int64}``: the item ids each interest cites (``evidence_items``), right-padded with 0, in
+    the interest order of :func:`semantic_vectors`."""
+    ok = annotations[annotations["status"] == STATUS_OK].sort_values(["user", "interest_idx"])
+    out = {}
+    for u, g in ok.groupby("user", sort=True):
+        lists = [np.asarray(x if x is not None else [], dtype=np.int64) for x in g["evidence_items"]]
+        table = np.zeros((len(lists), max([len(x) for x in lists] + [1])), dtype=np.int64)
+        for i, x in enumerate(lists):
+            table[i, :len(x)] = x
+        out[int(u)] = table
+    return out
 
 
 def annotate_users(prepared, selected_users: Union[pd.DataFrame, Sequence[int]], annotator: Annotator,

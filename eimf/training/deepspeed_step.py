@@ -65,6 +65,15 @@ class DeepSpeedStepRunner(ReplicatedHead, StepRunner):
     def broadcast(self, obj):
         return broadcast_object(obj)
 
+    def item_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.zero_stage < 3:
+            return super().item_rows(ids)
+        import deepspeed
+
+        weight = self.model.item_emb.weight  # partitioned: gathered for the lookup (collective, every rank)
+        with torch.no_grad(), deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            return torch.nn.functional.embedding(ids, weight).clone()
+
     def save(self, folder: Path) -> None:
         # Every rank writes its own shard files (distinct names), so Ray merges them into one checkpoint.
         self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG)

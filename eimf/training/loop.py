@@ -97,6 +97,11 @@ class StepRunner:
     def full_params(self):
         return contextlib.nullcontext()
 
+    def item_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The item table's rows of ``ids`` (any shape) -> ``[*ids.shape, d]``, outside the loss's graph."""
+        with torch.no_grad():
+            return self.model.item_emb(ids)
+
     def broadcast(self, obj):
         return obj
 
@@ -211,10 +216,19 @@ class Trainer:
         # call on every rank, also with no such rows, so that their lookups stay in step)
         if n_rec < len(target) or self.runner.collective_eval:
             interests = torch.cat([interests, self.runner.forward(hist[n_rec:], mask[n_rec:])])
+        grounding = None
+        if head.needs_evidence:  # before the row check: on the sharded path the lookup is collective
+            if batch.evidence is None:
+                raise ValueError("eimf.matching_space=evidence, but the batches carry no evidence items")
+            evidence = torch.as_tensor(batch.evidence, device=self.device)
+            with torch.no_grad():
+                cited = self.runner.item_rows(evidence)  # [b, M, E, d]
+            weight = (evidence > 0).unsqueeze(-1).to(cited.dtype)
+            grounding = (cited * weight).sum(2) / weight.sum(2).clamp(min=1.0)  # zero where nothing is cited
         if len(batch.sem_rows):
             rows = torch.as_tensor(batch.sem_rows, device=self.device)
             aux = head(interests[rows], torch.as_tensor(batch.sem, device=self.device),
-                       torch.as_tensor(batch.sem_mask, device=self.device))
+                       torch.as_tensor(batch.sem_mask, device=self.device), grounding)
         else:
             zero = out["loss"].new_zeros(())
             aux = {"semantic_prediction": zero, "alignment": zero, "loss": zero}

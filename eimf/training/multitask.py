@@ -49,6 +49,23 @@ def eimf_batches(cfg, users: Sequence[int], sequences: Sequence, semantics: Dict
     """Batches with ``eimf.typical_share`` typical rows carrying their semantic interests, drawn as
     ``eimf.typical_sampling`` says (see :class:`SemanticTrainSampler`). Under N workers ``users`` is one
     worker's shard, which may hold no typical user at a small budget: it then trains without typical rows."""
+    from eimf.semantic.annotate import read_annotations, semantic_evidence, semantic_windows
+
+    needs = cfg.eimf.matching_space == "evidence" or cfg.eimf.window_overlap > 0
+    if needs and not cfg.eimf.annotations:
+        raise ValueError("eimf.matching_space=evidence and eimf.window_overlap > 0 read eimf.annotations")
+    annotations = read_annotations(cfg.eimf.annotations) if cfg.eimf.annotations else None
+    # the cited items ground the matching (EIMFHead.match)
+    evidence = semantic_evidence(annotations) if cfg.eimf.matching_space == "evidence" else None
+    windows = None
+    if cfg.eimf.window_overlap > 0:
+        windows = semantic_windows(annotations)
+    elif annotations is not None:  # only measured (logged): older annotation sets do not record it
+        try:
+            windows = semantic_windows(annotations)
+        except ValueError:
+            pass
     return SemanticTrainSampler(sequences, users, semantics, maxlen=cfg.model.maxlen, batch_size=batch_size,
                                 typical_share=cfg.eimf.typical_share, min_cut=cfg.train.min_cut, seed=seed,
-                                mode=cfg.eimf.typical_sampling, require_typical=cfg.train.num_workers == 1)
+                                mode=cfg.eimf.typical_sampling, require_typical=cfg.train.num_workers == 1,
+                                evidence=evidence, windows=windows, window_overlap_share=cfg.eimf.window_overlap)

@@ -244,6 +244,14 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
     def broadcast(self, obj):
         return broadcast_object(obj)
 
+    def item_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids`` from their owners (collective: every worker calls it, with its own ids)."""
+        flat = torch.cat([torch.zeros(1, dtype=torch.int64, device=ids.device), ids.reshape(-1)])
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        with torch.no_grad():
+            rows = self.model.lookup(uniq)
+        return rows[inverse[1:]].reshape(*ids.shape, rows.shape[-1])
+
     # -- evaluation -----------------------------------------------------------------------------
     def item_index(self, retrieval) -> "ShardedItemIndex":
         rows, offset = self.model.local_rows()

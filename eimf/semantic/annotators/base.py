@@ -41,6 +41,9 @@ class AnnotationRequest:
     item_texts: Optional[List[str]] = None
     item_ids: Optional[List[int]] = None
     prompt_version: str = PROMPT_VERSION
+    #: Positions [window_start, window_end) of the training sequence that the prompt lists.
+    window_start: Optional[int] = None
+    window_end: Optional[int] = None
 
 
 @dataclass
