@@ -80,6 +80,9 @@ class ModelConfig:
     beta: float = 0.0
     #: REMI routing regularisation weight (0 = off).
     reg_lambda: float = 0.0
+    #: The item table's initial rows: ``random`` (Glorot uniform) | ``text`` (the item texts through
+    #: ``semantic.encoder``, PCA to ``dim``, scaled to the random init's spread; eimf.models.text_init).
+    item_init: str = "random"
 
 
 @dataclass

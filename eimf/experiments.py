@@ -169,6 +169,19 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in [
             _META + ("semantic.budget=0.01",), ("eimf.typical_sampling=extra",)),
     *[Variant(f"budget-{p}%", f"EIMF, metadata, {p} % of training users annotated",
               _META + (f"semantic.budget={p / 100:g}",)) for p in (1, 5, 20, 100)],
+    # round 2: each change alone, then together (eimf-r2); text-init is the no-EIMF way to use the same text
+    Variant("eimf-proj", "EIMF, alignment through a behaviour projection h(v)", _META, ("eimf.ma_projection=mlp",)),
+    Variant("eimf-mask", "EIMF, own interests and near-duplicates (cos > 0.9) are not negatives", _META,
+            ("eimf.mask_own_interests=true", "eimf.duplicate_cos=0.9")),
+    Variant("eimf-ground", "EIMF, matching against the cited items' embeddings", _META,
+            ("eimf.matching_space=evidence",)),
+    Variant("eimf-window", "EIMF, typical cuts with >= 50 % of the history in the prompted window", _META,
+            ("eimf.window_overlap=0.5",)),
+    Variant("eimf-r2", "EIMF with all four round-2 changes", _META,
+            ("eimf.ma_projection=mlp", "eimf.mask_own_interests=true", "eimf.duplicate_cos=0.9",
+             "eimf.matching_space=evidence", "eimf.window_overlap=0.5")),
+    Variant("text-init", "the backbone, item table initialised from the item texts (no EIMF)",
+            train=("model.item_init=text",)),
 ]}
 
 
@@ -259,6 +272,8 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
                             ann_dir = annotations[key]
                             cfg = _apply(cfg_a, ["eimf.enabled=true", f"eimf.annotations={ann_dir}",
                                                  *variant.train])
+                        else:  # a baseline variant (e.g. text-init): its own overrides, no annotation
+                            cfg = _apply(cfg, variant.train)
                         result = train(cfg, data_path=data_path,
                                        tags={**child, "variant": name, "seed": str(seed)})
                         per_user = save_per_user(result.export_dir, data_path, Path(out_dir) / "per_user",

@@ -193,6 +193,9 @@ def _train_worker(loop_config: dict) -> None:
         model, loss_fn, step_runner, lr = build_sharded_components(cfg, n_items, micro_batch, device)
     else:
         model, loss_fn, step_runner, lr = build_components(cfg, n_items, micro_batch)
+    if loop_config.get("item_init") is not None:  # model.item_init=text; a resume overwrites it from the checkpoint
+        load_item_init(step_runner.model, ray.get(loop_config["item_init"]))
+    if not sharded:
         model.to(device)
     loss_fn.to(device)
     if use_deepspeed(cfg):
@@ -279,6 +282,22 @@ def _train_worker(loop_config: dict) -> None:
         if is_chief:
             (Path(tmp) / "metrics.json").write_text(json.dumps(final, indent=2))
         ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def load_item_init(model, table) -> None:
+    """Copy the ``model.item_init=text`` table ``[N + 1, d]`` into the model: the whole table, or this worker's
+    rows."""
+    import numpy as np
+
+    with torch.no_grad():
+        if hasattr(model, "local_rows"):  # the row-sharded table: only this worker's slice is read
+            rows, offset = model.local_rows()
+            rows.copy_(torch.from_numpy(np.ascontiguousarray(table[offset:offset + rows.shape[0]])))
+        else:
+            weight = model.item_emb.weight
+            if tuple(weight.shape) != table.shape:
+                raise ValueError(f"model.item_init: a {table.shape} table for a {tuple(weight.shape)} item table")
+            weight.copy_(torch.from_numpy(np.ascontiguousarray(table)))
 
 
 def default_cpus_per_worker(n_workers: int) -> float:
@@ -380,11 +399,21 @@ def train(cfg: Config, data_path: Optional[str] = None, tags: Optional[Dict[str,
     uri = tracking.tracking_uri(cfg)
     n_workers = cfg.train.num_workers
     cpus_per_worker = cfg.train.cpus_per_worker or default_cpus_per_worker(n_workers)
+    item_init = None
+    if cfg.model.item_init == "text":
+        import numpy as np
+
+        from eimf.models.text_init import text_init_table
+
+        # through the object store: workers on other nodes cannot read this machine's cache
+        item_init = ray.put(np.load(text_init_table(data_path, cfg.model.dim, cfg.semantic.encoder)))
+    elif cfg.model.item_init != "random":
+        raise ValueError(f"model.item_init must be random or text, got {cfg.model.item_init!r}")
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
             "config": to_dict(cfg), "data_path": data_path,
-            "mlflow_run_id": run_id, "mlflow_uri": uri,
+            "mlflow_run_id": run_id, "mlflow_uri": uri, "item_init": item_init,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         datasets={"train": _cut_dataset(data_path, cfg)},
