@@ -346,3 +346,39 @@ def format_eimf_table(rows: List[dict], split: str = "test", metrics: Sequence[s
                 cells.append(fmt.format(float(np.mean(vals))) if vals else "-")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_where_table(rows: List[dict], split: str = "test", metric: str = "recall@50",
+                       n_boot: int = 10_000) -> str:
+    """Markdown: each variant's Δ ``metric`` against the backbone by quartile of history length and of target
+    popularity (per-user paired bootstrap within each quartile). Variants without per-user tables are left out."""
+    from eimf.data.preprocess import load_prepared
+    from eimf.evaluation.compare import delta_by_quartile, user_features
+    from eimf.serving.folder import ModelFolder
+
+    groups: Dict[Tuple[str, str], Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        groups[(r["dataset"], r["model"])][r.get("variant", "backbone")][r["seed"]] = r
+    head = ["dataset", "model", "variant", "by"] + [f"Q{k} Δ [95 % CI] (range)" for k in range(1, 5)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = list(VARIANTS)
+    for (dataset, model), by_variant in sorted(groups.items()):
+        base = by_variant.get("backbone", {})
+        base_tables = {s: load_per_user(r, split) for s, r in base.items()}
+        features = None
+        for name in sorted(by_variant, key=lambda n: order.index(n) if n in order else len(order)):
+            runs = by_variant[name]
+            paired = [s for s in runs if s in base and base_tables[s] is not None]
+            tables = {s: load_per_user(runs[s], split) for s in paired}
+            if name == "backbone" or not paired or any(t is None for t in tables.values()):
+                continue
+            if features is None:
+                path = ModelFolder.read_manifest(runs[paired[0]]["export_dir"]).get("data_path")
+                data = load_prepared(path)
+                features = user_features(getattr(data, split), data.train).set_index("user")
+            for col in ("history_length", "target_popularity"):
+                quart = delta_by_quartile(tables, {s: base_tables[s] for s in paired}, metric, features[col],
+                                          n_boot=n_boot)
+                cells = [f"{q['delta']:+.4f} [{q['low']:+.4f}, {q['high']:+.4f}] ({q['range']})" for q in quart]
+                lines.append("| " + " | ".join([dataset, model, name, col.replace("_", " ")] + cells) + " |")
+    return "\n".join(lines)

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from eimf.config import eimf_home, load_config
-from eimf.experiments import VARIANTS, format_eimf_table, format_table, run_eimf_grid, run_grid
+from eimf.experiments import (VARIANTS, format_eimf_table, format_table, format_where_table, run_eimf_grid,
+                              run_grid)
 
 
 def main(argv=None) -> int:
@@ -53,6 +54,10 @@ def main(argv=None) -> int:
         rows = run_eimf_grid(base, args.datasets, args.backbones, args.seeds, args.variants, raw_path=raw,
                              grid_name=args.name, out_dir=work)
         table = format_eimf_table(rows)
+        where = format_where_table(rows)
+        if where.count("\n") > 1:
+            table += "\n\nWhere the change lies: Δ test recall@50 by quartile of the user's history length and of " \
+                     "the popularity of the held-out items (per-user paired bootstrap within each quartile).\n\n" + where
     else:
         base = load_config(args.config, args.overrides)
         per_user = Path(args.work_dir or Path(eimf_home()) / "experiments" / Path(args.output).stem) / "per_user"

@@ -62,3 +62,24 @@ def test_per_user_metrics_average_to_the_result():
         acc.add(recs[:1], [[1]])
     with pytest.raises(RuntimeError, match="keep_users"):
         MetricAccumulator().per_user()
+
+
+def test_delta_by_quartile_finds_where_the_gain_is():
+    from eimf.evaluation.compare import delta_by_quartile, user_features
+
+    rng = np.random.default_rng(1)
+    n = 2000
+    length = pd.Series(rng.integers(1, 100, n), index=np.arange(n))
+    base = {s: rng.uniform(0, 0.5, n) for s in (1, 2)}
+    # a gain only for the shortest histories
+    gain = {s: v + np.where(length.to_numpy() <= length.quantile(0.25), 0.1, 0.0) + rng.normal(0, 0.02, n)
+            for s, v in base.items()}
+    rows = delta_by_quartile(_arm(gain), _arm(base), "recall@50", length, n_boot=500)
+    assert [r["quartile"] for r in rows] == [1, 2, 3, 4] and sum(r["users"] for r in rows) == n
+    assert rows[0]["verdict"] == "gain" and rows[0]["delta"] > 0.08
+    assert all(r["verdict"] == "no difference" for r in rows[2:])
+
+    split = pd.DataFrame({"user": [1, 2], "history": [[1, 2, 3], [4]], "truth": [[1], [2, 9]]})
+    train = pd.DataFrame({"items": [[1, 1, 2], [1, 3]]})
+    f = user_features(split, train)
+    assert f["history_length"].tolist() == [3, 1] and f["target_popularity"].tolist() == [3.0, 0.5]

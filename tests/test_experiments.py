@@ -125,6 +125,11 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
         test = load_per_user(r, "test")
         assert len(test) == r["metrics"]["test/n_users"] and load_per_user(r, "valid") is not None
         assert abs(test["recall@50"].mean() - r["metrics"]["test/recall@50"]) < 1e-6
+    from eimf.experiments import format_where_table
+
+    where = format_where_table(rows, n_boot=200).splitlines()
+    assert [line.split(" | ")[2:4] for line in where[2:]] == [["eimf", "history length"],
+                                                              ["eimf", "target popularity"]]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("grid-test")

@@ -79,3 +79,32 @@ def paired_bootstrap(treated: Mapping[int, pd.DataFrame], control: Mapping[int, 
         common = a.index.intersection(b.index)
         per_seed[s] = float(a.loc[common].mean() - b.loc[common].mean())
     return PairedDelta(metric, float(diff.mean()), float(low), float(high), n, seeds, per_seed)
+
+
+def user_features(split_df: pd.DataFrame, train_df: pd.DataFrame) -> pd.DataFrame:
+    """Per user of a split: ``history_length`` (items before the cut) and ``target_popularity`` (the mean number
+    of training interactions of the user's held-out items): where a method's gain lies."""
+    counts = pd.Series(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_df["items"]])).value_counts()
+    truth_pop = [float(counts.reindex(np.asarray(t, dtype=np.int64)).fillna(0).mean()) if len(t) else np.nan
+                 for t in split_df["truth"]]
+    return pd.DataFrame({"user": split_df["user"].to_numpy(),
+                         "history_length": split_df["history"].map(len).to_numpy(),
+                         "target_popularity": truth_pop})
+
+
+def delta_by_quartile(treated: Mapping[int, pd.DataFrame], control: Mapping[int, pd.DataFrame], metric: str,
+                      feature: pd.Series, n_boot: int = 10_000, seed: int = 0) -> List[dict]:
+    """:func:`paired_bootstrap` within each quartile of ``feature`` (a Series indexed by user): rows of
+    ``{"quartile", "range", "users", "delta", "low", "high", "verdict"}``, lowest quartile first."""
+    feature = feature.dropna()
+    # ranks first: ties (many users of one history length) must not empty a quartile
+    q = pd.qcut(feature.rank(method="first"), 4, labels=False)
+    out = []
+    for k in range(4):
+        users = set(feature.index[q == k])
+        sub = lambda arm: {s: df[df["user"].isin(users)] for s, df in arm.items()}  # noqa: E731
+        d = paired_bootstrap(sub(treated), sub(control), metric, n_boot=n_boot, seed=seed)
+        vals = feature[q == k]
+        out.append({"quartile": k + 1, "range": f"{vals.min():g}-{vals.max():g}", "users": d.n_users,
+                    "delta": d.delta, "low": d.low, "high": d.high, "verdict": d.verdict})
+    return out
