@@ -105,6 +105,6 @@ def delta_by_quartile(treated: Mapping[int, pd.DataFrame], control: Mapping[int,
         sub = lambda arm: {s: df[df["user"].isin(users)] for s, df in arm.items()}  # noqa: E731
         d = paired_bootstrap(sub(treated), sub(control), metric, n_boot=n_boot, seed=seed)
         vals = feature[q == k]
-        out.append({"quartile": k + 1, "range": f"{vals.min():g}-{vals.max():g}", "users": d.n_users,
+        out.append({"quartile": k + 1, "range": f"{vals.min():.4g}-{vals.max():.4g}", "users": d.n_users,
                     "delta": d.delta, "low": d.low, "high": d.high, "verdict": d.verdict})
     return out
