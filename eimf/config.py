@@ -317,6 +317,9 @@ class EIMFConfig:
     #: A typical row's cut is drawn so that at least this share of its history lies in the part of the
     #: sequence its prompt showed; 0: any cut, as the backbone draws. The share reached is logged either way.
     window_overlap: float = 0.0
+    #: Item-level alignment weight: InfoNCE between the batch's target item embeddings and an MLP of their text
+    #: embeddings (``semantic.encoder``), other targets as negatives, on every batch; 0: off.
+    lambda_item: float = 0.0
 
 
 @dataclass

@@ -182,6 +182,8 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in [
              "eimf.matching_space=evidence", "eimf.window_overlap=0.5")),
     Variant("text-init", "the backbone, item table initialised from the item texts (no EIMF)",
             train=("model.item_init=text",)),
+    Variant("item-align", "item-level alignment only (item rows <-> MLP of their text), the backbone's batches",
+            _META, ("eimf.lambda_sp=0", "eimf.lambda_ma=0", "eimf.lambda_item=0.1", "eimf.typical_sampling=extra")),
 ]}
 
 

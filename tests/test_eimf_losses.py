@@ -709,3 +709,31 @@ def test_annotations_record_the_prompted_window(tmp_path):
     assert semantic_windows(table.to_pandas()) == {3: (8, 10)}
     with pytest.raises(ValueError, match="re-run the annotation step"):
         semantic_windows(pd.DataFrame({"user": [3], "status": ["ok"]}))
+
+
+def test_item_alignment_pulls_the_target_rows_toward_their_texts():
+    """lambda_item > 0: every EIMF step adds InfoNCE(item rows of the distinct targets, q(their texts)); the
+    table's target rows and q get its gradient, items without text take no part."""
+    cfg = load_config(None, ["eimf.lambda_item=0.5"])
+    model, loss_fn, runner = _tiny_setup()
+    head = EIMFHead(8, 5, predictor_hidden=4, lambda_sp=1.0, lambda_ma=1.0, lambda_item=0.5)
+    runner.attach_head(head)
+    text = _unit(np.random.default_rng(3).normal(size=(31, 5))).astype(np.float32)
+    text[0] = 0
+    text[7] = 0  # item 7 has no text
+    with pytest.raises(RuntimeError, match="set_item_text"):
+        head.item_alignment(torch.zeros(2, 8), torch.tensor([1, 2]))
+    head.set_item_text(text)
+    assert not any(k.startswith("item_text") for k in head.state_dict())  # frozen, never saved
+    ids = torch.tensor([1, 2, 7, 9])
+    rows = model.item_emb(ids)
+    loss = head.item_alignment(rows, ids)
+    loss.backward()
+    assert loss.item() > 0 and all(p.grad.abs().sum() > 0 for p in head.item_projection.parameters())
+    grad = model.item_emb.weight.grad
+    assert grad[[1, 2, 9]].abs().sum(1).min() > 0 and grad[7].abs().sum() == 0
+
+    model.zero_grad(set_to_none=True)
+    m = _trainer(cfg, model, loss_fn, runner).train_step(_tiny_batch())
+    assert m["loss"] == pytest.approx(m["loss/main"] + m["loss/semantic_prediction"] + m["loss/alignment"]
+                                      + 0.5 * m["loss/item_alignment"], rel=1e-5)

@@ -112,7 +112,7 @@ def test_eimf_head_trains_beside_two_sharded_workers_and_resumes(tmp_path, ray_s
         "eimf.enabled=true", f"eimf.annotations={tmp_path / 'ann'}",
         # the round-2 options too: the cited items' rows come from their owners (a collective lookup each step)
         "eimf.matching_space=evidence", "eimf.ma_projection=mlp", "eimf.mask_own_interests=true",
-        "eimf.window_overlap=0.5"]
+        "eimf.window_overlap=0.5", "eimf.lambda_item=0.1"]
     cfg = load_config(None, overrides)
     data = prepare(cfg.data, engine="local")
     encoder = SemanticEncoder()
@@ -125,6 +125,8 @@ def test_eimf_head_trains_beside_two_sharded_workers_and_resumes(tmp_path, ray_s
     client = tracking.client(uri)
     sp = [x.value for x in client.get_metric_history(result.mlflow_run_id, "train/loss/semantic_prediction")]
     assert len(sp) >= 5 and all(np.isfinite(sp)) and np.mean(sp[-2:]) < np.mean(sp[:2])
+    item = [x.value for x in client.get_metric_history(result.mlflow_run_id, "train/loss/item_alignment")]
+    assert len(item) == len(sp) and np.mean(item[-2:]) < np.mean(item[:2])  # the target rows gathered per step
 
     # resume under the same name: the head and its optimizer come back from the checkpoint (every rank)
     cfg.train.max_steps = 160

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -21,57 +20,78 @@ log = logging.getLogger(__name__)
 ITEM_INITS = ("random", "text")
 
 
-def text_init_path(data_path: str, dim: int, encoder: str, home: Optional[str] = None) -> Path:
+def _cache_path(data_path: str, encoder: str, suffix: str) -> Path:
     from eimf.config import eimf_home
     from eimf.data.preprocess import read_manifest
 
     fingerprint = str(read_manifest(data_path).get("fingerprint", "unknown"))
-    safe = encoder.replace("/", "_")
-    return Path(home or eimf_home()) / "cache" / "text_init" / f"{fingerprint}-{safe}-d{dim}.npy"
+    return Path(eimf_home()) / "cache" / "text_init" / f"{fingerprint}-{encoder.replace('/', '_')}-{suffix}.npy"
 
 
-def text_init_table(data_path: str, dim: int, encoder: str, seed: int = 0, fit_sample: int = 100_000,
-                    chunk: int = 4096) -> str:
-    """The ``[N + 1, dim]`` float32 table for ``model.item_init=text`` (see module doc); returns its path.
-    Memory: the encoder's embeddings in chunks, and the PCA fitted on at most ``fit_sample`` items."""
-    from eimf.data.preprocess import _read_parquet, read_manifest
+def item_text_embeddings(data_path: str, encoder: str, chunk: int = 4096) -> str:
+    """``[N + 1, D]`` float32: each item's text through the sentence encoder (unit rows; zero for the padding row
+    and for items without text), cached; returns the path. Encoded in chunks into a memory-mapped file."""
     from eimf import fs
+    from eimf.data.preprocess import _read_parquet, read_manifest
     from eimf.semantic.encoder import SemanticEncoder
 
-    path = text_init_path(data_path, dim, encoder)
+    path = _cache_path(data_path, encoder, "raw")
     if path.exists():
         return str(path)
     n_items = int(read_manifest(data_path)["n_items"])
     items = _read_parquet(fs.join(data_path, "items.parquet"))
     if "text" not in items.columns:
-        raise ValueError(f"{data_path}/items.parquet has no text column: model.item_init=text needs item texts "
-                         f"(data.text_cols)")
+        raise ValueError(f"{data_path}/items.parquet has no text column: item texts are needed (data.text_cols)")
     texts = np.full(n_items + 1, "", dtype=object)
     texts[np.asarray(items["item"], dtype=np.int64)] = items["text"].fillna("").astype(str).to_numpy()
-    has_text = np.array([bool(t.strip()) for t in texts])
-    has_text[0] = False
+    ids = np.array([i for i in range(1, n_items + 1) if texts[i].strip()], dtype=np.int64)
+    if len(ids) == 0:
+        raise ValueError(f"{data_path}: no item has text")
+    enc = SemanticEncoder(encoder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_items + 1, enc.dim))
+    table[:] = 0.0
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
+        table[part] = enc.encode(list(texts[part]))
+    table.flush()
+    del table
+    os.replace(tmp, path)
+    log.info("item texts: %d of %d items encoded with %s, cached at %s", len(ids), n_items, encoder, path)
+    return str(path)
+
+
+def text_init_table(data_path: str, dim: int, encoder: str, seed: int = 0, fit_sample: int = 100_000,
+                    chunk: int = 65_536) -> str:
+    """The ``[N + 1, dim]`` float32 table for ``model.item_init=text`` (see module doc); returns its path.
+    Reads :func:`item_text_embeddings` memory-mapped; the PCA is fitted on at most ``fit_sample`` items."""
+    path = _cache_path(data_path, encoder, f"d{dim}")
+    if path.exists():
+        return str(path)
+    raw = np.load(item_text_embeddings(data_path, encoder), mmap_mode="r")
+    n_items = raw.shape[0] - 1
+    has_text = np.zeros(n_items + 1, dtype=bool)
+    for start in range(1, n_items + 1, chunk):
+        has_text[start:start + chunk] = np.abs(raw[start:start + chunk]).sum(axis=1) > 0
     ids = np.flatnonzero(has_text)
     if len(ids) < dim:
         raise ValueError(f"{data_path}: only {len(ids)} items have text, fewer than model.dim={dim}")
-    enc = SemanticEncoder(encoder)
     rng = np.random.default_rng(seed)
-    fit_ids = np.sort(rng.choice(ids, size=min(fit_sample, len(ids)), replace=False))
-    fit = enc.encode(list(texts[fit_ids]))
+    fit = np.asarray(raw[np.sort(rng.choice(ids, size=min(fit_sample, len(ids)), replace=False))])
     mean = fit.mean(axis=0)
-    # the top-dim principal directions of the sample
-    _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)
+    _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)  # the top-dim principal directions of the sample
     basis = vt[:dim].T.astype(np.float32)  # [D, dim]
     projected_std = float(((fit - mean) @ basis).std())
     # Glorot-uniform's std for an [N + 1, dim] table (the backbones' init)
     target_std = math.sqrt(6.0 / (n_items + 1 + dim)) / math.sqrt(3.0)
     scale = target_std / max(projected_std, 1e-12)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
     table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_items + 1, dim))
     table[:] = 0.0
     for start in range(0, len(ids), chunk):
         part = ids[start:start + chunk]
-        table[part] = ((enc.encode(list(texts[part])) - mean) @ basis) * scale
+        table[part] = (np.asarray(raw[part]) - mean) @ basis * scale
     missing = np.flatnonzero(~has_text[1:]) + 1
     if len(missing):  # no text to place them by: the random init's rows, so they stay distinct
         bound = math.sqrt(3.0) * target_std
@@ -80,5 +100,5 @@ def text_init_table(data_path: str, dim: int, encoder: str, seed: int = 0, fit_s
     del table
     os.replace(tmp, path)
     log.info("item_init=text: %d of %d items have text; PCA %d -> %d, scaled to std %.4g; cached at %s",
-             len(ids), n_items, fit.shape[1], dim, target_std, path)
+             len(ids), n_items, raw.shape[1], dim, target_std, path)
     return str(path)

@@ -18,6 +18,10 @@ interests s_1..s_M (text encoder, dim D):
   (cos > ``duplicate_cos``: the same user drawn twice, the same phrase for two users, two names of one genre), and
   with ``mask_own_interests`` the same row's other interests (they are the user's own, not another user's).
 
+* **Item-level alignment** (``lambda_item > 0``): InfoNCE between the embeddings e_i of the batch's distinct
+  target items and q(t_i), an MLP of their frozen text embeddings, the other targets as negatives: the item table
+  itself is pulled toward the text geometry, on every batch, with no interest or matching involved.
+
 P and g live in :class:`EIMFHead`, apart from the backbone: they are trained with it but never exported.
 """
 from __future__ import annotations
@@ -116,7 +120,7 @@ class EIMFHead(nn.Module):
     def __init__(self, dim: int, semantic_dim: int = 384, predictor_hidden: int = 256, temperature: float = 0.1,
                  lambda_sp: float = 0.1, lambda_ma: float = 0.1, matching: str = "hungarian",
                  ma_projection: str = "none", duplicate_cos: float = 1.0 - 1e-6, mask_own_interests: bool = False,
-                 matching_space: str = "model"):
+                 matching_space: str = "model", lambda_item: float = 0.0):
         super().__init__()
         if temperature <= 0:
             raise ValueError("temperature must be > 0")
@@ -141,6 +145,23 @@ class EIMFHead(nn.Module):
         # h: the alignment acts on h(v); absent from old checkpoints' state, so only built when asked for
         self.behaviour_projection = (nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
                                      if ma_projection == "mlp" else None)
+        self.lambda_item = float(lambda_item)
+        # q: item text embedding -> d, for the item-level alignment
+        self.item_projection = (nn.Sequential(nn.Linear(semantic_dim, predictor_hidden or dim), nn.GELU(),
+                                              nn.Linear(predictor_hidden or dim, dim)) if lambda_item > 0 else None)
+        #: [N + 1, D] frozen item text embeddings (not a buffer: never saved); :meth:`set_item_text`.
+        self.item_text: Optional[torch.Tensor] = None
+
+    def set_item_text(self, table) -> None:
+        self.item_text = torch.as_tensor(np.asarray(table), dtype=torch.float32)
+
+    def item_alignment(self, item_rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """InfoNCE between ``item_rows`` [n, d] (the table's rows of distinct ``ids``) and q(text of ids)."""
+        if self.item_projection is None or self.item_text is None:
+            raise RuntimeError("item alignment needs lambda_item > 0 and set_item_text(table)")
+        text = self.item_text[ids.cpu()].to(item_rows.device)
+        has_text = text.abs().sum(-1) > 0  # items without text take no part
+        return alignment_loss(item_rows[has_text].float(), self.item_projection(text[has_text]), self.temperature)
 
     @property
     def needs_evidence(self) -> bool:
@@ -152,7 +173,8 @@ class EIMFHead(nn.Module):
         """From a :class:`eimf.config.Config` (``model.dim`` and ``eimf.*``)."""
         e = cfg.eimf
         return cls(cfg.model.dim, semantic_dim, e.predictor_hidden, e.temperature, e.lambda_sp, e.lambda_ma,
-                   e.matching, e.ma_projection, e.duplicate_cos, e.mask_own_interests, e.matching_space)
+                   e.matching, e.ma_projection, e.duplicate_cos, e.mask_own_interests, e.matching_space,
+                   e.lambda_item)
 
     def match(self, interests: torch.Tensor, sem: torch.Tensor, sem_mask: torch.Tensor,
               grounding: Optional[torch.Tensor] = None) -> Matching:

@@ -102,6 +102,11 @@ class StepRunner:
         with torch.no_grad():
             return self.model.item_emb(ids)
 
+    def batch_item_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids`` inside the graph (their gradient trains the table); on the sharded path only ids of the
+        step's last training forward are there."""
+        return self.model.item_emb(ids)
+
     def broadcast(self, obj):
         return obj
 
@@ -212,6 +217,10 @@ class Trainer:
         n_rec = batch.rec_rows if batch.rec_rows >= 0 else len(target)
         out = self.runner.forward(hist[:n_rec], mask[:n_rec], target[:n_rec], self.loss_fn, True)
         interests = out.pop("interests")
+        item_loss = None
+        if head.lambda_item > 0:  # right after the forward: on the sharded path its gathered rows are the targets'
+            ids = torch.unique(target[:n_rec])
+            item_loss = head.item_alignment(self.runner.batch_item_rows(ids), ids)
         # rows for the auxiliary losses only: interests, no recommendation loss (a collective runner makes the
         # call on every rank, also with no such rows, so that their lookups stay in step)
         if n_rec < len(target) or self.runner.collective_eval:
@@ -233,12 +242,16 @@ class Trainer:
             zero = out["loss"].new_zeros(())
             aux = {"semantic_prediction": zero, "alignment": zero, "loss": zero}
         loss = out["loss"] + aux["loss"]
+        if item_loss is not None:
+            loss = loss + head.lambda_item * item_loss
         self.runner.backward_and_step(loss)
         metrics = {k: float(v.detach()) for k, v in out.items()}
         metrics["loss/main"] = metrics["loss"]
         metrics["loss"] = float(loss.detach())
         metrics["loss/semantic_prediction"] = float(aux["semantic_prediction"].detach())
         metrics["loss/alignment"] = float(aux["alignment"].detach())
+        if item_loss is not None:
+            metrics["loss/item_alignment"] = float(item_loss.detach())
         return metrics
 
     def fit(

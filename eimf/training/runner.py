@@ -211,6 +211,8 @@ def _train_worker(loop_config: dict) -> None:
 
         # Before the checkpoint load: the head's parameters are in the optimizer state restored there.
         semantics = build_eimf(cfg, step_runner)
+        if loop_config.get("item_text") is not None:  # eimf.lambda_item > 0
+            step_runner.head.set_item_text(ray.get(loop_config["item_text"]))
 
     state, best_state, best_head_state = None, None, None
     checkpoint = ray.train.get_checkpoint()
@@ -409,11 +411,18 @@ def train(cfg: Config, data_path: Optional[str] = None, tags: Optional[Dict[str,
         item_init = ray.put(np.load(text_init_table(data_path, cfg.model.dim, cfg.semantic.encoder)))
     elif cfg.model.item_init != "random":
         raise ValueError(f"model.item_init must be random or text, got {cfg.model.item_init!r}")
+    item_text = None
+    if cfg.eimf.enabled and cfg.eimf.lambda_item > 0:
+        import numpy as np
+
+        from eimf.models.text_init import item_text_embeddings
+
+        item_text = ray.put(np.load(item_text_embeddings(data_path, cfg.semantic.encoder)))
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
             "config": to_dict(cfg), "data_path": data_path,
-            "mlflow_run_id": run_id, "mlflow_uri": uri, "item_init": item_init,
+            "mlflow_run_id": run_id, "mlflow_uri": uri, "item_init": item_init, "item_text": item_text,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         datasets={"train": _cut_dataset(data_path, cfg)},

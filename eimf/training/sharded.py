@@ -244,6 +244,12 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
     def broadcast(self, obj):
         return broadcast_object(obj)
 
+    def batch_item_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        gathered = self.model.rows.ids
+        if gathered is None or not bool(torch.isin(ids, gathered).all()):
+            raise RuntimeError("batch_item_rows: some ids were not gathered by this step's training forward")
+        return self.model.rows(ids)
+
     def item_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ``ids`` from their owners (collective: every worker calls it, with its own ids)."""
         flat = torch.cat([torch.zeros(1, dtype=torch.int64, device=ids.device), ids.reshape(-1)])
