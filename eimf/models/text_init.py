@@ -31,15 +31,14 @@ def _cache_path(data_path: str, encoder: str, suffix: str) -> Path:
 def item_text_embeddings(data_path: str, encoder: str, chunk: int = 4096) -> str:
     """``[N + 1, D]`` float32: each item's text through the sentence encoder (unit rows; zero for the padding row
     and for items without text), cached; returns the path. Encoded in chunks into a memory-mapped file."""
-    from eimf import fs
-    from eimf.data.preprocess import _read_parquet, read_manifest
+    from eimf.data.preprocess import read_manifest, read_split
     from eimf.semantic.encoder import SemanticEncoder
 
     path = _cache_path(data_path, encoder, "raw")
     if path.exists():
         return str(path)
     n_items = int(read_manifest(data_path)["n_items"])
-    items = _read_parquet(fs.join(data_path, "items.parquet"))
+    items = read_split(data_path, "items")
     if "text" not in items.columns:
         raise ValueError(f"{data_path}/items.parquet has no text column: item texts are needed (data.text_cols)")
     texts = np.full(n_items + 1, "", dtype=object)
