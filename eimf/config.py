@@ -191,7 +191,7 @@ class TrackingConfig:
 
 @dataclass
 class SemanticConfig:
-    """ESIM (design.md section 4): typical users, prompts, annotators, cache, text encoder."""
+    """ESIM (docs/design.md section 4): typical users, prompts, annotators, cache, text encoder."""
 
     # -- typical-sample selection --------------------------------------------------------------
     #: ``typical`` (k-means over warm-up interests, nearest to centroid, long histories) | ``random`` (ablation).
@@ -279,7 +279,7 @@ class SemanticConfig:
 
 @dataclass
 class EIMFConfig:
-    """EIMF multi-task training (design.md section 5): L = L_rec + lambda_sp * L_sp + lambda_ma * L_ma,
+    """EIMF multi-task training (docs/design.md section 5): L = L_rec + lambda_sp * L_sp + lambda_ma * L_ma,
     auxiliary terms on the typical users of a batch only. Ablations: ``lambda_sp=0`` (no SP), ``lambda_ma=0``
     (no MA); random samples, budget and annotator are ``semantic.*`` switches of the annotation step."""
 

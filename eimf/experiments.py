@@ -1,5 +1,5 @@
 """Grids of runs and their mean +- std tables: backbones alone (datasets x models x seeds), and EIMF against its
-backbone with the ablations of design.md section 5 (datasets x models x seeds x variants, one MLflow parent run)."""
+backbone with the ablations of docs/design.md section 5 (datasets x models x seeds x variants, one MLflow parent run)."""
 from __future__ import annotations
 
 import copy
@@ -148,7 +148,7 @@ class Variant:
 
 
 _META = ("semantic.annotator=metadata",)
-#: The named variants of ``jobs/experiments.py --variants`` (design.md section 5's ablations).
+#: The named variants of ``jobs/experiments.py --variants`` (docs/design.md section 5's ablations).
 VARIANTS: Dict[str, Variant] = {v.name: v for v in [
     Variant("backbone", "IBIM alone (also the warm-up model that picks the typical users)"),
     Variant("eimf", "EIMF, metadata annotator, typical users", _META),

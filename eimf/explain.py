@@ -1,4 +1,4 @@
-"""Label behaviour interests with annotated interest phrases, no LLM (design.md section 5, last point).
+"""Label behaviour interests with annotated interest phrases, no LLM (docs/design.md section 5, last point).
 
 Each behaviour interest v is mapped by the trained predictor g into the text-encoder space and named by the
 annotated phrase whose vector is nearest (cosine). The phrase table is every distinct annotated interest.

@@ -175,7 +175,7 @@ def pad_semantics(vectors: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray
 
 
 class SemanticTrainSampler(_Stream):
-    """EIMF batches (design.md section 5), each part drawn as :class:`TrainSampler` draws (uniform user, random cut).
+    """EIMF batches (docs/design.md section 5), each part drawn as :class:`TrainSampler` draws (uniform user, random cut).
 
     ``oversample`` (the paper's): ``round(typical_share * batch_size)`` rows from the typical users (those with
     semantic interests), the rest from the other training users; typical rows come first; every row feeds the

@@ -1,6 +1,6 @@
 """Per-user top-N metrics: Recall@N, HitRate@N and standard NDCG@N, vectorised over a batch of users.
 
-Conventions (docs/architecture.md, design notes section 3):
+Conventions (docs/architecture.md, docs/design.md section 3):
 
 * ``recs`` is a ``[B, M]`` integer array of recommended item ids, best first, ``M >= N``. Id 0 is padding
   (a list with fewer than ``M`` real items is right-padded with 0) and is never a hit. A repeated id in one

@@ -1,4 +1,4 @@
-"""EIMF auxiliary tasks (design.md section 5): projection P, predictor g, interest matching and the two losses.
+"""EIMF auxiliary tasks (docs/design.md section 5): projection P, predictor g, interest matching and the two losses.
 
 For a typical user with behaviour interests v_1..v_K (from the backbone, dim d) and frozen, unit-norm semantic
 interests s_1..s_M (text encoder, dim D):

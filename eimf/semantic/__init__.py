@@ -1,4 +1,4 @@
-"""ESIM: explicit semantic interests (design.md section 4).
+"""ESIM: explicit semantic interests (docs/design.md section 4).
 
 Pipeline: warm-up IBIM -> :func:`typical.user_representations` -> :func:`typical.select_typical_users`
 -> :func:`prompts.build_prompt` -> an :class:`annotators.base.Annotator` behind an

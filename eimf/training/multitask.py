@@ -1,4 +1,4 @@
-"""EIMF multi-task training set-up (design.md section 5): annotations -> semantic vectors -> head and batches.
+"""EIMF multi-task training set-up (docs/design.md section 5): annotations -> semantic vectors -> head and batches.
 
 The runner calls :func:`build_eimf` after building the step runner and *before* loading a checkpoint (the head's
 parameters must be in the optimizer whose state is restored), then :func:`eimf_batches` for its users.

@@ -135,7 +135,7 @@ def _shard_batches(cfg: Config, micro_batch: int, seed: int, semantics=None):
 
 
 def _cut_dataset(data_path: str, cfg: Config):
-    """Ray Dataset of training users with one random cut per user per epoch (design.md section 3)."""
+    """Ray Dataset of training users with one random cut per user per epoch (docs/design.md section 3)."""
     import ray
     import numpy as np
 
