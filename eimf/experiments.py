@@ -141,6 +141,9 @@ class Variant:
     description: str
     annotation: Optional[Tuple[str, ...]] = None
     train: Tuple[str, ...] = ()
+    #: A second annotation set whose answered users replace theirs in the first (``coverage``: metadata for
+    #: everyone, the LLM's for the typical users); None: one set.
+    overlay: Optional[Tuple[str, ...]] = None
 
     @property
     def eimf(self) -> bool:
@@ -182,6 +185,8 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in [
              "eimf.matching_space=evidence", "eimf.window_overlap=0.5")),
     Variant("text-init", "the backbone, item table initialised from the item texts (no EIMF)",
             train=("model.item_init=text",)),
+    Variant("coverage", "every training user's metadata interests, the LLM's for the typical users",
+            _META + ("semantic.budget=1.0",), overlay=("semantic.annotator=vllm",)),
     Variant("item-align", "item-level alignment only (item rows <-> MLP of their text), the backbone's batches",
             _META, ("eimf.lambda_sp=0", "eimf.lambda_ma=0", "eimf.lambda_item=0.1", "eimf.typical_sampling=extra")),
 ]}
@@ -259,19 +264,32 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
                         ann_dir = None
                         if variant.eimf:
                             warmup = have[(dataset, backbone, "backbone", seeds[0])]["export_dir"]
+
+                            def annotation_set(cfg_x: Config) -> str:
+                                key = _annotation_key(cfg_x)
+                                if key not in annotations:
+                                    path = fs.join(out_dir, "annotations", f"{dataset}-{backbone}-{key}")
+                                    # stats.json is written last: its presence means a resumed grid's set is whole
+                                    if fs.exists(fs.join(path, STATS_FILE)):
+                                        log.info("annotation set %s is complete: reused", path)
+                                    else:
+                                        run_annotation(cfg_x, model_dir=warmup, out_dir=path,
+                                                       run_name=f"{grid_name}-annotate-{dataset}-{backbone}-{key}",
+                                                       tags={**child, "variant": name})
+                                    annotations[key] = path
+                                return annotations[key]
+
                             cfg_a = _apply(cfg, variant.annotation)
-                            key = _annotation_key(cfg_a)
-                            if key not in annotations:
-                                ann_dir = fs.join(out_dir, "annotations", f"{dataset}-{backbone}-{key}")
-                                # stats.json is written last: its presence means a resumed grid's set is whole.
-                                if fs.exists(fs.join(ann_dir, STATS_FILE)):
-                                    log.info("annotation set %s is complete: reused", ann_dir)
-                                else:
-                                    run_annotation(cfg_a, model_dir=warmup, out_dir=ann_dir,
-                                                   run_name=f"{grid_name}-annotate-{dataset}-{backbone}-{key}",
-                                                   tags={**child, "variant": name})
-                                annotations[key] = ann_dir
-                            ann_dir = annotations[key]
+                            ann_dir = annotation_set(cfg_a)
+                            if variant.overlay is not None:
+                                from eimf.semantic.annotate import merge_annotations
+
+                                top = annotation_set(_apply(cfg, variant.overlay))
+                                merged = fs.join(out_dir, "annotations",
+                                                 f"{Path(ann_dir).name}+{Path(top).name}")
+                                if not fs.exists(fs.join(merged, STATS_FILE)):
+                                    merge_annotations(ann_dir, top, merged)
+                                ann_dir = merged
                             cfg = _apply(cfg_a, ["eimf.enabled=true", f"eimf.annotations={ann_dir}",
                                                  *variant.train])
                         else:  # a baseline variant (e.g. text-init): its own overrides, no annotation

@@ -224,3 +224,41 @@ def test_annotate_from_config_selects_and_annotates(tmp_path):
     assert len(sel) == 6 and set(df["user"]) == set(sel["user"]) and stats["selected"] == 6
     assert stats["selection"] == "typical" and stats["max_interests"] == 3
     assert json.loads((tmp_path / "run" / STATS_FILE).read_text())["selected"] == 6
+
+
+def test_merged_annotations_take_the_overlay_where_it_answered(tmp_path):
+    """coverage: metadata interests for everyone, the LLM's where it answered; a failed LLM answer keeps the
+    metadata interests, and stats.json (written last) says what was merged."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from eimf.semantic.annotate import (annotations_table, merge_annotations, read_annotations, semantic_vectors,
+                                        write_parquet)
+
+    def ann(rows):
+        df = pd.DataFrame(rows)
+        for col, default in (("description", "d"), ("evidence", None), ("evidence_items", None), ("error", None),
+                             ("raw_text", None), ("cached", False), ("history_hash", "h"), ("model", "m"),
+                             ("prompt_version", "v"), ("window_start", 0), ("window_end", 5)):
+            df[col] = [default if not isinstance(default, list) else list(default)] * len(df)
+        df["evidence"] = [[] for _ in range(len(df))]
+        df["evidence_items"] = [[] for _ in range(len(df))]
+        return df
+
+    v = lambda x: np.full(4, x, dtype=np.float32)  # noqa: E731
+    base = ann([{"user": u, "interest_idx": 0, "name": f"meta{u}", "vector": v(u), "status": "ok"}
+                for u in (1, 2, 3)])
+    llm = ann([{"user": 2, "interest_idx": 0, "name": "llm2a", "vector": v(20), "status": "ok"},
+               {"user": 2, "interest_idx": 1, "name": "llm2b", "vector": v(21), "status": "ok"},
+               {"user": 3, "interest_idx": -1, "name": None, "vector": None, "status": "failed"}])
+    write_parquet(annotations_table(base), str(tmp_path / "a" / "annotations.parquet"))
+    write_parquet(annotations_table(llm), str(tmp_path / "b" / "annotations.parquet"))
+    stats = merge_annotations(str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "m"))
+    merged = read_annotations(str(tmp_path / "m"))
+    assert merged.groupby("user")["name"].apply(list).to_dict() == {1: ["meta1"], 2: ["llm2a", "llm2b"],
+                                                                   3: ["meta3"]}
+    assert sorted(semantic_vectors(merged)) == [1, 2, 3]
+    assert stats["overlay_users"] == 1 and stats["users"] == 3
+    assert json.loads((tmp_path / "m" / "stats.json").read_text())["base_users"] == 3

@@ -344,3 +344,21 @@ def annotate_from_config(cfg, prepared, model, out_dir: str, annotator: Optional
     stats["selected"] = int(len(selection))
     efs.write_json(efs.join(out_dir, STATS_FILE), stats)
     return df, stats
+
+
+def merge_annotations(base: str, overlay: str, out_dir: str) -> dict:
+    """One annotation set from two: every user of ``base`` (e.g. the metadata annotator on all training users),
+    with the users that ``overlay`` answered (e.g. the LLM on the typical users) taking the overlay's interests.
+    An overlay user whose annotation failed keeps the base's. Writes ``annotations.parquet`` and ``stats.json``
+    (written last, as the annotation step does) under ``out_dir``; returns the stats."""
+    a, b = read_annotations(base), read_annotations(overlay)
+    answered = set(b.loc[b["status"] == STATUS_OK, "user"].astype(int))
+    merged = pd.concat([a[~a["user"].isin(answered)], b[b["user"].isin(answered)]], ignore_index=True)
+    merged = merged.sort_values(["user", "interest_idx"], kind="stable").reset_index(drop=True)
+    write_parquet(annotations_table(merged), efs.join(out_dir, ANNOTATIONS_FILE))
+    stats = {"merged_from": {"base": str(base), "overlay": str(overlay)},
+             "users": int(merged["user"].nunique()), "overlay_users": len(answered),
+             "base_users": int(a["user"].nunique()),
+             "ok_users": int(merged.loc[merged["status"] == STATUS_OK, "user"].nunique())}
+    efs.write_json(efs.join(out_dir, STATS_FILE), stats)
+    return stats
