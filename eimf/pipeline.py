@@ -399,7 +399,7 @@ class Pipeline:
         log.info("pipeline %s in %s: %s", self.run_name, self.root,
                  ", ".join(f"{p.name}={'skip' if p.skip else 'run'}" for p in plans))
         if any(not p.skip and p.name in RAY_STAGES for p in plans):
-            from eimf.training.runner import init_ray
+            from eimf.ray_init import init_ray
 
             init_ray()  # RAY_ADDRESS (ray job submit) joins the cluster; otherwise a local Ray
         self.parent_run_id = tracking.start_run(

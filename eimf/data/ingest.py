@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from eimf import fs
+from eimf.ray_init import init_ray
 from eimf.data.formats import (
     CatalogueSpec, DataError, Drops, EmptyFileError, InteractionSpec, MAX_EXAMPLES, parse_catalogue,
     parse_interactions,
@@ -91,20 +91,11 @@ def parse_file(display_path: str, raw: bytes, role: str, spec) -> dict:
     return out
 
 
-def ensure_ray() -> None:
-    """Start a local Ray (or join ``RAY_ADDRESS``) unless one is running."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True)
-
-
 def _parse_all_ray(jobs: List[tuple]) -> List[dict]:
     """jobs: (display path, role, spec). Files are grouped by file system (local, s3)."""
     import ray
 
-    ensure_ray()
+    init_ray(log_to_driver=False)
     groups: Dict[bool, List[tuple]] = defaultdict(list)
     for job in jobs:
         groups[fs.is_s3(job[0])].append(job)

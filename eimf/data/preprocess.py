@@ -372,12 +372,13 @@ def prepare(cfg, *, force: bool = False, engine: str = "ray") -> PreparedDataset
         return load_prepared(out)
     log.info("%s: reading source %r (%s)", inputs.dataset, inputs.source,
              ", ".join(f["path"] for f in infos))
-    from eimf.data.ingest import ensure_ray, ingest
+    from eimf.data.ingest import ingest
+    from eimf.ray_init import init_ray
 
     timing = {}
     if engine == "ray":
         t = time.perf_counter()
-        ensure_ray()
+        init_ray(log_to_driver=False)
         timing["ray_start"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     ing = ingest(inputs.interaction_files, inputs.interaction_spec, inputs.catalogue_files,

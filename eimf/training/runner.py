@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from eimf import fs, tracking
 from eimf.config import Config, eimf_home, to_dict
+from eimf.ray_init import init_ray
 from eimf.training.loop import BEST_HEAD_FILE
 
 log = logging.getLogger(__name__)
@@ -312,14 +313,6 @@ def default_cpus_per_worker(n_workers: int) -> float:
         return 1.0
     # Logical CPUs only (torch threads are set separately): a fraction keeps one whole CPU for Ray Data.
     return max(0.01, int(100 * (total - 1) / n_workers) / 100)
-
-
-def init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`) joins the cluster; otherwise Ray starts locally.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
 def export_model(checkpoint_dir: Path, export_dir: str, cfg: Config, data_path: str) -> str:
