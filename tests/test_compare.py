@@ -83,3 +83,33 @@ def test_delta_by_quartile_finds_where_the_gain_is():
     train = pd.DataFrame({"items": [[1, 1, 2], [1, 3]]})
     f = user_features(split, train)
     assert f["history_length"].tolist() == [3, 1] and f["target_popularity"].tolist() == [3.0, 0.5]
+
+
+def test_compare_job_pairs_two_grids_by_seed(tmp_path, capsys):
+    """jobs/compare.py: two .jsonl grids, paired by (dataset, model, seed), from their per-user tables."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import compare
+
+    rng = np.random.default_rng(2)
+    files = {}
+    for arm, shift in (("a", 0.05), ("b", 0.0)):
+        rows = []
+        for seed in (1, 2):
+            r50 = rng.uniform(0, 0.5, 500) + shift
+            path = tmp_path / f"{arm}{seed}.test.parquet"
+            pd.DataFrame({"user": np.arange(500), "recall@50": r50}).to_parquet(path)
+            rows.append({"dataset": "d", "model": "m", "seed": seed, "run": f"{arm}{seed}",
+                         "metrics": {"test/recall@50": float(r50.mean())}, "per_user": {"test": str(path)}})
+        rows.append({"dataset": "d", "model": "m", "seed": 3, "run": f"{arm}3", "metrics": {}}) if arm == "a" else None
+        files[arm] = tmp_path / f"{arm}.jsonl"
+        files[arm].write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "cmp.md"
+    assert compare.main(["--treated", str(files["a"]), "--control", str(files["b"]), "--metrics", "recall@50",
+                         "--n-boot", "300", "--work-dir", str(tmp_path / "w"), "--output", str(out)]) == 0
+    line = [x for x in out.read_text().splitlines() if "| recall@50 |" in x][0]
+    cells = [c.strip() for c in line.strip("| ").split(" | ")]
+    assert cells[2] == "1 2" and cells[8] == "gain"  # seed 3 has no control: left out
