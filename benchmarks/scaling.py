@@ -173,14 +173,6 @@ def render(rows: list) -> str:
                if not any(r["config"] == c and r["requested_items"] == n for r in rows)]
     if missing:
         out += ["", "Not run yet: " + ", ".join(missing) + "."]
-        if any(n >= 10_000_000 for c in CONFIGS for n in SIZES if f"{c} at {n:,}" in missing):
-            out += ["", "Why the 10M rows are missing: a catalogue where ~10M items occur needs a log of about 20M "
-                    "interactions, and today's preparation (validation, k-core, re-index and split) holds the whole "
-                    "log in one pandas process: 2.5 GB of peak RSS at 2M interactions, about 1.2 KB per interaction, so "
-                    "about 25 GB at 20M by linear extrapolation (not run), more than this machine's 24 GB. Training itself is not the limit: "
-                    "`benchmarks/sharded_step.py` (docs/distributed.md) steps a 10M-row sharded table at 50 ms "
-                    "per step with 1.86 GB per worker. These rows will run once preparation streams through Ray "
-                    "Data instead of one process."]
     out += ["", "Bytes per item per worker is the whole peak divided by the rows a worker holds, so at small "
             "catalogues it is dominated by the constant (Python, torch, Ray, the data); the fit below separates them.",
             "", "## Memory model", ""]
