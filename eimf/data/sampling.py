@@ -298,6 +298,13 @@ class SemanticTrainSampler(_Stream):
                              evidence=self._evidence(u))
 
 
+def last_items(histories: Sequence[Sequence[int]], maxlen: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The last ``maxlen`` items of each history, right-padded with 0 (oldest kept item first) ->
+    ``(hist int64 [B, maxlen], mask bool [B, maxlen])``: what a model reads for a valid/test/serving user."""
+    flat, offsets, lens = _flatten(histories)
+    return _windows(flat, offsets[1:], np.minimum(lens, maxlen), maxlen)
+
+
 def eval_batches(split_df, maxlen: int, batch_size: int):
     """Yield ``(users [b] int64, hist [b, L] int64, mask [b, L] bool, truth: list of arrays, history: list of arrays)``.
 
@@ -309,9 +316,7 @@ def eval_batches(split_df, maxlen: int, batch_size: int):
     truths = [np.asarray(t, dtype=np.int64) for t in split_df["truth"]]
     for s in range(0, len(users), batch_size):
         hs = histories[s:s + batch_size]
-        flat, offsets, lens = _flatten(hs)
-        n = np.minimum(lens, maxlen)
-        hist, mask = _windows(flat, offsets[1:], n, maxlen)
+        hist, mask = last_items(hs, maxlen)
         yield users[s:s + batch_size], hist, mask, truths[s:s + batch_size], hs
 
 

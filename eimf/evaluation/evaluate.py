@@ -21,16 +21,10 @@ InterestFn = Callable[[torch.Tensor, torch.Tensor], "np.ndarray | torch.Tensor"]
 
 
 def history_batch(histories: Sequence[Sequence[int]], maxlen: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Last ``maxlen`` items of each history, right-padded with 0 (oldest kept item first).
+    """Last ``maxlen`` items of each history, right-padded with 0: :func:`eimf.data.sampling.last_items`."""
+    from eimf.data.sampling import last_items
 
-    Returns ``hist`` int64 ``[B, maxlen]`` and ``mask`` bool ``[B, maxlen]`` (True on real items).
-    """
-    b = len(histories)
-    hist = np.zeros((b, maxlen), dtype=np.int64)
-    for i, h in enumerate(histories):
-        h = np.asarray(h, dtype=np.int64)[-maxlen:] if len(h) else np.zeros(0, dtype=np.int64)
-        hist[i, : len(h)] = h
-    return hist, hist != 0
+    return last_items(histories, maxlen)
 
 
 def _iter_batches(split_df: pd.DataFrame, batch_size: int) -> Iterator[pd.DataFrame]:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from eimf.data.sampling import last_items
 from eimf.serving.folder import ModelFolder
 
 DEFAULT_K = 10
@@ -119,12 +120,8 @@ class Recommender:
     def answer(self, queries: List[Query]) -> List[Dict[str, Any]]:
         if not queries:
             return []
-        b = len(queries)
-        hist = np.zeros((b, self.maxlen), dtype=np.int64)
-        for i, q in enumerate(queries):
-            last = q.ids[-self.maxlen:]
-            hist[i, : len(last)] = last
-        interests = self.model.interests(torch.from_numpy(hist), torch.from_numpy(hist != 0))
+        hist, mask = last_items([q.ids for q in queries], self.maxlen)  # the window training and evaluation use
+        interests = self.model.interests(torch.from_numpy(hist), torch.from_numpy(mask))
         x = interests.float().numpy()
         exclude = [q.ids if q.exclude_seen else np.zeros(0, np.int64) for q in queries]
         any_exclude = any(q.exclude_seen for q in queries)
