@@ -21,12 +21,12 @@ import torch
 from eimf.config import load_config
 from eimf.data.preprocess import load_prepared, prepare
 from eimf.data.sampling import TrainSampler, eval_batches
-from eimf.training.loop import Trainer, seed_everything
+from eimf.training.loop import seed_everything
 from eimf.training.runner import build_components
 
 
 def train_step_cost(cfg, data, annotations, steps: int, warmup: int) -> dict:
-    from eimf.training.multitask import build_eimf, eimf_batches
+    from eimf.training.multitask import EIMFTrainer, build_eimf, eimf_batches
 
     out = {}
     for mode in ("backbone", "eimf"):
@@ -41,7 +41,7 @@ def train_step_cost(cfg, data, annotations, steps: int, warmup: int) -> dict:
             sampler = TrainSampler(seqs, maxlen=cfg.model.maxlen, batch_size=cfg.train.batch_size,
                                    min_cut=cfg.train.min_cut, seed=0)
         it = iter(sampler)
-        trainer = Trainer(cfg, model, loss_fn, runner, it, data.valid, data.test)
+        trainer = EIMFTrainer(cfg, model, loss_fn, runner, it, data.valid, data.test)
         head_s = [0.0]
         if runner.head is not None:  # time the head's forward (matching + both losses)
             fwd = runner.head.forward

@@ -292,9 +292,9 @@ def _tiny_batch(seed=0, B=8, b=3, M=2, D=5, n_items=30):
 
 
 def _trainer(cfg, model, loss_fn, runner, batches=None):
-    from eimf.training.loop import Trainer
+    from eimf.training.multitask import EIMFTrainer
 
-    return Trainer(cfg, model, loss_fn, runner, batches, None, None)
+    return EIMFTrainer(cfg, model, loss_fn, runner, batches, None, None)
 
 
 def test_gradients_reach_projection_predictor_and_backbone():
@@ -566,8 +566,8 @@ def ml100k_annotated(tmp_path_factory):
 @needs_ml100k
 def test_eimf_trains_on_ml100k_and_aux_losses_decrease(ml100k_annotated):
     from eimf.explain import PhraseTable, label_interests
-    from eimf.training.loop import Trainer, seed_everything
-    from eimf.training.multitask import build_eimf, eimf_batches
+    from eimf.training.loop import seed_everything
+    from eimf.training.multitask import EIMFTrainer, build_eimf, eimf_batches
     from eimf.training.runner import build_components
 
     base, data, ann_dir, df = ml100k_annotated
@@ -582,7 +582,7 @@ def test_eimf_trains_on_ml100k_and_aux_losses_decrease(ml100k_annotated):
     batches = eimf_batches(cfg, data.train["user"], list(data.train["items"]), semantics, 64, seed=0)
     assert batches.n_typical_rows == 16
     reports = []
-    trainer = Trainer(cfg, model, loss_fn, runner, iter(batches), data.valid, data.test)
+    trainer = EIMFTrainer(cfg, model, loss_fn, runner, iter(batches), data.valid, data.test)
     state = trainer.fit(report=lambda m, s, e: reports.append(dict(m)))
     assert state.step == 120 and len(reports) == 6
     # (the main loss is logged but barely moves in 120 steps; seen: SP 0.42 -> 0.24, MA 4.3 -> 2.3)
@@ -616,8 +616,8 @@ def test_exported_eimf_model_serves_the_same_without_the_annotation_files(ml100k
 
     from eimf.data.sampling import eval_batches
     from eimf.serving.folder import ModelFolder
-    from eimf.training.loop import Trainer, save_training_state, seed_everything
-    from eimf.training.multitask import build_eimf, eimf_batches
+    from eimf.training.loop import save_training_state, seed_everything
+    from eimf.training.multitask import EIMFTrainer, build_eimf, eimf_batches
     from eimf.training.runner import build_components, export_model
 
     base, data, shared_ann, _ = ml100k_annotated
@@ -629,7 +629,7 @@ def test_exported_eimf_model_serves_the_same_without_the_annotation_files(ml100k
     model, loss_fn, runner, _ = build_components(cfg, data.n_items)
     semantics = build_eimf(cfg, runner)
     batches = eimf_batches(cfg, data.train["user"], list(data.train["items"]), semantics, 64, seed=0)
-    trainer = Trainer(cfg, model, loss_fn, runner, iter(batches), data.valid.iloc[:50], data.test)
+    trainer = EIMFTrainer(cfg, model, loss_fn, runner, iter(batches), data.valid.iloc[:50], data.test)
     state = trainer.fit()
     ckpt = tmp_path / "ckpt"
     save_training_state(ckpt, runner, state, trainer.best_state, best_head_state=trainer.best_head_state)

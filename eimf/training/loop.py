@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from eimf.config import Config
-from eimf.data.sampling import SemanticBatch
 from eimf.evaluation import evaluate
 from eimf.evaluation.retrieval import ItemIndex
 
@@ -171,7 +170,6 @@ class Trainer:
         self.best_state: Optional[dict] = None
         #: The EIMF head's weights at the best evaluation (they label that model's interests).
         self.best_head_state: Optional[dict] = None
-        self._warned_no_semantics = False
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, split_df, max_users: Optional[int] = None, model=None) -> Dict[str, float]:
@@ -202,57 +200,13 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------
     def train_step(self, batch) -> Dict[str, float]:
         hist, mask, target = to_tensors(batch[:3], self.device)
-        head = self.runner.head
-        if head is not None and isinstance(batch, SemanticBatch):
-            return self._eimf_step(hist, mask, target, batch, head)
-        if head is not None and not self._warned_no_semantics:
-            log.warning("an EIMF head is attached but the batches carry no semantic interests: no auxiliary loss")
-            self._warned_no_semantics = True
         out = self.runner.forward(hist, mask, target, self.loss_fn)
         self.runner.backward_and_step(out["loss"])
         return {k: float(v.detach()) for k, v in out.items()}
 
-    def _eimf_step(self, hist, mask, target, batch: SemanticBatch, head) -> Dict[str, float]:
-        """L = L_main + lambda_sp * L_sp + lambda_ma * L_ma, the auxiliary terms on the typical rows only."""
-        n_rec = batch.rec_rows if batch.rec_rows >= 0 else len(target)
-        out = self.runner.forward(hist[:n_rec], mask[:n_rec], target[:n_rec], self.loss_fn, True)
-        interests = out.pop("interests")
-        item_loss = None
-        if head.lambda_item > 0:  # right after the forward: on the sharded path its gathered rows are the targets'
-            ids = torch.unique(target[:n_rec])
-            item_loss = head.item_alignment(self.runner.batch_item_rows(ids), ids)
-        # rows for the auxiliary losses only: interests, no recommendation loss (a collective runner makes the
-        # call on every rank, also with no such rows, so that their lookups stay in step)
-        if n_rec < len(target) or self.runner.collective_eval:
-            interests = torch.cat([interests, self.runner.forward(hist[n_rec:], mask[n_rec:])])
-        grounding = None
-        if head.needs_evidence:  # before the row check: on the sharded path the lookup is collective
-            if batch.evidence is None:
-                raise ValueError("eimf.matching_space=evidence, but the batches carry no evidence items")
-            evidence = torch.as_tensor(batch.evidence, device=self.device)
-            with torch.no_grad():
-                cited = self.runner.item_rows(evidence)  # [b, M, E, d]
-            weight = (evidence > 0).unsqueeze(-1).to(cited.dtype)
-            grounding = (cited * weight).sum(2) / weight.sum(2).clamp(min=1.0)  # zero where nothing is cited
-        if len(batch.sem_rows):
-            rows = torch.as_tensor(batch.sem_rows, device=self.device)
-            aux = head(interests[rows], torch.as_tensor(batch.sem, device=self.device),
-                       torch.as_tensor(batch.sem_mask, device=self.device), grounding)
-        else:
-            zero = out["loss"].new_zeros(())
-            aux = {"semantic_prediction": zero, "alignment": zero, "loss": zero}
-        loss = out["loss"] + aux["loss"]
-        if item_loss is not None:
-            loss = loss + head.lambda_item * item_loss
-        self.runner.backward_and_step(loss)
-        metrics = {k: float(v.detach()) for k, v in out.items()}
-        metrics["loss/main"] = metrics["loss"]
-        metrics["loss"] = float(loss.detach())
-        metrics["loss/semantic_prediction"] = float(aux["semantic_prediction"].detach())
-        metrics["loss/alignment"] = float(aux["alignment"].detach())
-        if item_loss is not None:
-            metrics["loss/item_alignment"] = float(item_loss.detach())
-        return metrics
+    def examples_in(self, batch) -> int:
+        """The batch's training examples of the recommender (what examples/s counts)."""
+        return len(batch[2])
 
     def fit(
         self,
@@ -273,8 +227,7 @@ class Trainer:
             t_model = time.perf_counter()
             losses = self.train_step(batch)
             t_end = time.perf_counter()
-            # recommendation examples (EIMF's aux-only rows are not training examples of the recommender)
-            n = batch.rec_rows if isinstance(batch, SemanticBatch) and batch.rec_rows >= 0 else len(batch[2])
+            n = self.examples_in(batch)
             state.step += 1
             state.examples += n
             state.data_seconds += t_model - t_data

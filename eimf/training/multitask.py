@@ -1,7 +1,9 @@
 """EIMF multi-task training set-up (docs/design.md section 5): annotations -> semantic vectors -> head and batches.
 
 The runner calls :func:`build_eimf` after building the step runner and *before* loading a checkpoint (the head's
-parameters must be in the optimizer whose state is restored), then :func:`eimf_batches` for its users.
+parameters must be in the optimizer whose state is restored), then :func:`eimf_batches` for its users, and trains
+with :class:`EIMFTrainer`: the generic loop (``eimf.training.loop``) with the EIMF step, so the loop itself knows
+nothing of semantics.
 """
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import logging
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+import torch
 
-from eimf.data.sampling import SemanticTrainSampler
+from eimf.data.sampling import SemanticBatch, SemanticTrainSampler
 from eimf.modules.alignment import EIMFHead
+from eimf.training.loop import Trainer, to_tensors
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +73,68 @@ def eimf_batches(cfg, users: Sequence[int], sequences: Sequence, semantics: Dict
                                 typical_share=cfg.eimf.typical_share, min_cut=cfg.train.min_cut, seed=seed,
                                 mode=cfg.eimf.typical_sampling, require_typical=cfg.train.num_workers == 1,
                                 evidence=evidence, windows=windows, window_overlap_share=cfg.eimf.window_overlap)
+
+
+class EIMFTrainer(Trainer):
+    """:class:`~eimf.training.loop.Trainer` whose step on a :class:`SemanticBatch` adds the auxiliary losses of the
+    attached :class:`EIMFHead` (docs/design.md section 5); any other batch trains as the backbone's."""
+
+    _warned_no_semantics = False
+
+    def train_step(self, batch) -> Dict[str, float]:
+        head = self.runner.head
+        if head is not None and isinstance(batch, SemanticBatch):
+            hist, mask, target = to_tensors(batch[:3], self.device)
+            return self._eimf_step(hist, mask, target, batch, head)
+        if head is not None and not self._warned_no_semantics:
+            log.warning("an EIMF head is attached but the batches carry no semantic interests: no auxiliary loss")
+            self._warned_no_semantics = True
+        return super().train_step(batch)
+
+    def examples_in(self, batch) -> int:
+        # rows after rec_rows (extra sampling) feed the auxiliary losses only: not examples of the recommender
+        if isinstance(batch, SemanticBatch) and batch.rec_rows >= 0:
+            return batch.rec_rows
+        return super().examples_in(batch)
+
+    def _eimf_step(self, hist, mask, target, batch: SemanticBatch, head) -> Dict[str, float]:
+        """L = L_main + lambda_sp * L_sp + lambda_ma * L_ma, the auxiliary terms on the typical rows only."""
+        n_rec = batch.rec_rows if batch.rec_rows >= 0 else len(target)
+        out = self.runner.forward(hist[:n_rec], mask[:n_rec], target[:n_rec], self.loss_fn, True)
+        interests = out.pop("interests")
+        item_loss = None
+        if head.lambda_item > 0:  # right after the forward: on the sharded path its gathered rows are the targets'
+            ids = torch.unique(target[:n_rec])
+            item_loss = head.item_alignment(self.runner.batch_item_rows(ids), ids)
+        # rows for the auxiliary losses only: interests, no recommendation loss (a collective runner makes the
+        # call on every rank, also with no such rows, so that their lookups stay in step)
+        if n_rec < len(target) or self.runner.collective_eval:
+            interests = torch.cat([interests, self.runner.forward(hist[n_rec:], mask[n_rec:])])
+        grounding = None
+        if head.needs_evidence:  # before the row check: on the sharded path the lookup is collective
+            if batch.evidence is None:
+                raise ValueError("eimf.matching_space=evidence, but the batches carry no evidence items")
+            evidence = torch.as_tensor(batch.evidence, device=self.device)
+            with torch.no_grad():
+                cited = self.runner.item_rows(evidence)  # [b, M, E, d]
+            weight = (evidence > 0).unsqueeze(-1).to(cited.dtype)
+            grounding = (cited * weight).sum(2) / weight.sum(2).clamp(min=1.0)  # zero where nothing is cited
+        if len(batch.sem_rows):
+            rows = torch.as_tensor(batch.sem_rows, device=self.device)
+            aux = head(interests[rows], torch.as_tensor(batch.sem, device=self.device),
+                       torch.as_tensor(batch.sem_mask, device=self.device), grounding)
+        else:
+            zero = out["loss"].new_zeros(())
+            aux = {"semantic_prediction": zero, "alignment": zero, "loss": zero}
+        loss = out["loss"] + aux["loss"]
+        if item_loss is not None:
+            loss = loss + head.lambda_item * item_loss
+        self.runner.backward_and_step(loss)
+        metrics = {k: float(v.detach()) for k, v in out.items()}
+        metrics["loss/main"] = metrics["loss"]
+        metrics["loss"] = float(loss.detach())
+        metrics["loss/semantic_prediction"] = float(aux["semantic_prediction"].detach())
+        metrics["loss/alignment"] = float(aux["alignment"].detach())
+        if item_loss is not None:
+            metrics["loss/item_alignment"] = float(item_loss.detach())
+        return metrics

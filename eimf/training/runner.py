@@ -230,7 +230,10 @@ def _train_worker(loop_config: dict) -> None:
     loss_fn.generator = torch.Generator().manual_seed(stream_seed + 1)
     batches = _shard_batches(cfg, micro_batch, stream_seed, semantics)
 
-    trainer = Trainer(cfg, step_runner.model, loss_fn, step_runner, batches, valid, test, device=device,
+    trainer_cls = Trainer
+    if semantics is not None:
+        from eimf.training.multitask import EIMFTrainer as trainer_cls  # the loop with the EIMF step
+    trainer = trainer_cls(cfg, step_runner.model, loss_fn, step_runner, batches, valid, test, device=device,
                       is_chief=is_chief)
     trainer.best_state, trainer.best_head_state = best_state, best_head_state
     run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("mlflow_uri")
