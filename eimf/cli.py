@@ -61,12 +61,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_annotate(args) -> int:
-    from eimf.semantic.run import run_annotation
+    from eimf.steps import annotate
 
     cfg = load_config(args.config, args.overrides)
-    res = run_annotation(cfg, model_dir=args.model_dir, out_dir=args.out, run_name=args.run_name)
-    st = res.stats
-    print(f"run {res.run_name}: annotations in {res.out_dir}")
+    res = annotate.run(cfg, {"model_dir": args.model_dir} if args.model_dir else {}, args.out,
+                       run_name=args.run_name)
+    st = res.info["stats"]
+    print(f"run {res.info['run_name']}: annotations in {res.info['out_dir']}")
     for k in ("users", "prompts", "cache_hits", "failures", "valid_share", "tokens_in", "tokens_out", "wall_s",
               "tokens_per_s", "prompts_per_s"):
         v = st.get(k)

@@ -39,18 +39,13 @@ PER_USER_SPLITS = ("valid", "test")
 
 
 def save_per_user(export_dir: str, data_path: str, out_dir: Path, name: str) -> Dict[str, str]:
-    """Each user's metrics of an exported model on valid and test, as ``<out_dir>/<name>.<split>.parquet``
-    (read back by :func:`load_per_user`); returns ``{split: path}``."""
-    from eimf.evaluation.exported import evaluate_splits
+    """Each user's metrics of an exported model on valid and test, through the evaluate step, as
+    ``<out_dir>/<name>/per_user.<split>.parquet`` (read back by :func:`load_per_user`); returns ``{split: path}``."""
+    from eimf.steps import evaluate
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    frames: Dict[str, object] = {}
-    evaluate_splits(export_dir, PER_USER_SPLITS, with_baseline=False, data_path=data_path, per_user=frames)
-    paths = {}
-    for split, df in frames.items():
-        paths[split] = str(out_dir / f"{name}.{split}.parquet")
-        df.to_parquet(paths[split], index=False)
-    return paths
+    got = evaluate.run(None, {"model_dir": export_dir, "data_path": data_path}, str(Path(out_dir) / name),
+                       splits=PER_USER_SPLITS, with_baseline=False, per_user=True, log_to_mlflow=False)
+    return {split: got.outputs[f"per_user_{split}"] for split in PER_USER_SPLITS}
 
 
 def load_per_user(row: dict, split: str):
@@ -67,7 +62,7 @@ def run_grid(base: Config, datasets: Iterable[str], models: Iterable[str], seeds
     ``per_user_dir``, each run's per-user valid and test metrics go there (:func:`save_per_user`)."""
     from eimf.data.preprocess import load_prepared, prepare
     from eimf.evaluation import most_popular
-    from eimf.training.runner import train
+    from eimf.steps import train
 
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     rows = _done(raw_path)
@@ -97,12 +92,12 @@ def run_grid(base: Config, datasets: Iterable[str], models: Iterable[str], seeds
                 cfg.train.seed = seed
                 cfg.train.run_name = None
                 _log_only(cfg)
-                result = train(cfg, data_path=data_paths[dataset])
-                row = {"dataset": dataset, "model": model, "seed": seed, "run": result.run_name,
-                       "overrides": overrides or [], "metrics": result.metrics, "export_dir": result.export_dir}
+                result = train.run(cfg, {"data_path": data_paths[dataset]})
+                export_dir, run_name = result.outputs["model_dir"], result.info["train_run_name"]
+                row = {"dataset": dataset, "model": model, "seed": seed, "run": run_name,
+                       "overrides": overrides or [], "metrics": result.metrics, "export_dir": export_dir}
                 if per_user_dir is not None:
-                    row["per_user"] = save_per_user(result.export_dir, data_paths[dataset], Path(per_user_dir),
-                                                    result.run_name)
+                    row["per_user"] = save_per_user(export_dir, data_paths[dataset], Path(per_user_dir), run_name)
                 rows.append(row)
                 with raw_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -201,11 +196,23 @@ def _apply(cfg: Config, overrides: Sequence[str]) -> Config:
     return OmegaConf.to_object(merged)
 
 
-def _annotation_key(cfg: Config) -> str:
-    """Short hash of everything that decides an annotation set (the data, the warm-up backbone, ``semantic.*``)."""
-    blob = json.dumps({"data": asdict(cfg.data), "backbone": cfg.model.backbone,
-                       "semantic": asdict(cfg.semantic)}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+def warmup_fingerprint(cfg: Config, data_fp: str) -> str:
+    """The fingerprint of a grid's warm-up (its backbone run on the first seed): what its typical users
+    depend on. Same function as the pipeline's stages (eimf.pipeline), so the two share one reuse rule."""
+    from eimf.pipeline import fingerprint, training_config
+
+    return fingerprint("warmup", training_config(cfg), {"prepare": data_fp})
+
+
+def annotation_plan(cfg: Config, warmup_fp: str, folder_of: "callable"):
+    """The plan of one annotation set: its fingerprint (``semantic.*`` + the warm-up's), its folder
+    ``folder_of(fingerprint)``, and whether a complete manifest there lets a resumed grid reuse it."""
+    from eimf.pipeline import annotation_config, fingerprint, plan_stage
+
+    config, versions = annotation_config(cfg)
+    inputs = {"warmup": warmup_fp}
+    return plan_stage("annotate", config, inputs, versions, folder_of(fingerprint("annotate", config, inputs,
+                                                                                    versions)))
 
 
 def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str], seeds: Sequence[int],
@@ -219,9 +226,9 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
     """
     from eimf import fs, tracking
     from eimf.data.preprocess import prepare
+    from eimf.pipeline import run_planned
     from eimf.semantic.annotate import STATS_FILE
-    from eimf.semantic.run import run_annotation
-    from eimf.training.runner import train
+    from eimf.steps import annotate, train
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -244,10 +251,14 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
         for dataset in datasets:
             cfg_d = copy.deepcopy(base)
             cfg_d.data.dataset = dataset
-            data_path = str(prepare(cfg_d.data).path)
+            prepared = prepare(cfg_d.data)
+            data_path, data_fp = str(prepared.path), prepared.manifest["fingerprint"]
             for backbone in backbones:
                 cfg_b = copy.deepcopy(cfg_d)
                 cfg_b.model.backbone = backbone
+                cfg_w = copy.deepcopy(cfg_b)
+                cfg_w.train.seed = seeds[0]
+                warm_fp = warmup_fingerprint(cfg_w, data_fp)
                 annotations: Dict[str, str] = {}
                 # Seeds outermost: a grid cut short still has every variant on its first seeds.
                 for seed in seeds:
@@ -266,18 +277,18 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
                             warmup = have[(dataset, backbone, "backbone", seeds[0])]["export_dir"]
 
                             def annotation_set(cfg_x: Config) -> str:
-                                key = _annotation_key(cfg_x)
-                                if key not in annotations:
-                                    path = fs.join(out_dir, "annotations", f"{dataset}-{backbone}-{key}")
-                                    # stats.json is written last: its presence means a resumed grid's set is whole
-                                    if fs.exists(fs.join(path, STATS_FILE)):
-                                        log.info("annotation set %s is complete: reused", path)
-                                    else:
-                                        run_annotation(cfg_x, model_dir=warmup, out_dir=path,
-                                                       run_name=f"{grid_name}-annotate-{dataset}-{backbone}-{key}",
-                                                       tags={**child, "variant": name})
-                                    annotations[key] = path
-                                return annotations[key]
+                                sp = annotation_plan(cfg_x, warm_fp, lambda fp: fs.join(
+                                    out_dir, "annotations", f"{dataset}-{backbone}-{fp[:10]}"))
+                                if sp.fingerprint not in annotations:
+                                    # the pipeline's rule: a completed manifest with its outputs present is reused
+                                    if sp.skip:
+                                        log.info("annotation set %s is complete: reused", sp.dir)
+                                    run_planned(sp, lambda: annotate.run(
+                                        cfg_x, {"model_dir": warmup}, sp.dir, {**child, "variant": name},
+                                        f"{grid_name}-annotate-{dataset}-{backbone}-{sp.fingerprint[:10]}"),
+                                        owner=grid_name)
+                                    annotations[sp.fingerprint] = sp.dir
+                                return annotations[sp.fingerprint]
 
                             cfg_a = _apply(cfg, variant.annotation)
                             ann_dir = annotation_set(cfg_a)
@@ -290,17 +301,18 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
                                 if not fs.exists(fs.join(merged, STATS_FILE)):
                                     merge_annotations(ann_dir, top, merged)
                                 ann_dir = merged
-                            cfg = _apply(cfg_a, ["eimf.enabled=true", f"eimf.annotations={ann_dir}",
-                                                 *variant.train])
+                            cfg = _apply(cfg_a, variant.train)
                         else:  # a baseline variant (e.g. text-init): its own overrides, no annotation
                             cfg = _apply(cfg, variant.train)
-                        result = train(cfg, data_path=data_path,
-                                       tags={**child, "variant": name, "seed": str(seed)})
-                        per_user = save_per_user(result.export_dir, data_path, Path(out_dir) / "per_user",
-                                                 result.run_name) if not fs.is_s3(out_dir) else {}
+                        inputs = {"data_path": data_path, **({"annotations": ann_dir} if ann_dir else {})}
+                        result = train.run(cfg, inputs,
+                                           tags={**child, "variant": name, "seed": str(seed)})
+                        export_dir, run_name = result.outputs["model_dir"], result.info["train_run_name"]
+                        per_user = save_per_user(export_dir, data_path, Path(out_dir) / "per_user", run_name) \
+                            if not fs.is_s3(out_dir) else {}
                         record({"dataset": dataset, "model": backbone, "variant": name, "seed": seed,
-                                "run": result.run_name, "mlflow_run_id": result.mlflow_run_id,
-                                "export_dir": result.export_dir, "annotations": ann_dir,
+                                "run": run_name, "mlflow_run_id": result.mlflow_run_id,
+                                "export_dir": export_dir, "annotations": ann_dir,
                                 "overrides": list(variant.annotation or ()) + list(variant.train),
                                 "metrics": result.metrics, "per_user": per_user})
                         log.info("%s %s %s seed %d: test recall@50 %.4f", dataset, backbone, name, seed,

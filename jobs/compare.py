@@ -40,10 +40,10 @@ def _per_user(row: dict, split: str, work: Path):
     if table is not None:
         return table
     export = row.get("export_dir") or os.path.join(eimf_home(), "runs", row["run"], "export")
-    cached = work / f"{row['run']}.{split}.parquet"
+    cached = work / row["run"] / f"per_user.{split}.parquet"
     if not cached.exists():
         data_path = ModelFolder.read_manifest(export).get("data_path")
-        save_per_user(export, data_path, work, row["run"])
+        cached = Path(save_per_user(export, data_path, work, row["run"])[split])
     import pandas as pd
 
     return pd.read_parquet(cached)

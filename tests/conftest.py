@@ -115,3 +115,14 @@ def mlflow_server(tmp_path_factory, free_port):
     yield url
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """``data.*`` overrides of a tiny synthetic ``custom`` dataset (300 users, 200 items), for the tests where
+    licensed data is not the point: plans, fingerprints, configs. Written through the normal ingestion layout."""
+    from eimf.data.synthetic import custom_overrides, synthesize
+
+    out = tmp_path_factory.mktemp("tiny_dataset")
+    synthesize(str(out), users=300, items=200, interactions=6000, seed=7)
+    return custom_overrides(str(out))

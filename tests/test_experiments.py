@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from eimf.config import load_config
-from eimf.experiments import VARIANTS, _annotation_key, _apply, format_eimf_table
+from eimf.experiments import VARIANTS, _apply, annotation_plan, format_eimf_table, warmup_fingerprint
 
 DATA_DIR = os.environ.get("EIMF_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -31,14 +31,24 @@ def test_variants_are_one_switch_each():
     assert base.semantic.budget == 0.2 and base.eimf.lambda_sp > 0  # _apply copies, never mutates
 
 
-def test_annotation_key_separates_what_changes_the_annotations():
+def test_annotation_sets_are_keyed_by_the_pipelines_fingerprints(tmp_path):
+    """One reuse rule for grids and the pipeline: a set's fingerprint is its semantic settings plus the warm-up's."""
     base = load_config(None, [])
-    same = _annotation_key(_apply(base, VARIANTS["eimf"].annotation))
-    assert same == _annotation_key(_apply(base, VARIANTS["no-sp"].annotation))  # one annotation set, two runs
-    assert same != _annotation_key(_apply(base, VARIANTS["random"].annotation))
-    assert same != _annotation_key(_apply(base, VARIANTS["budget-1%"].annotation))
-    other_backbone = _apply(base, ["model.backbone=comirec_dr", *VARIANTS["eimf"].annotation])
-    assert same != _annotation_key(other_backbone)  # typical users come from that backbone's warm-up
+
+    def fp(cfg, data_fp="d1"):
+        return annotation_plan(cfg, warmup_fingerprint(cfg, data_fp), lambda f: str(tmp_path / f[:10])).fingerprint
+
+    same = fp(_apply(base, VARIANTS["eimf"].annotation))
+    assert same == fp(_apply(base, VARIANTS["no-sp"].annotation))  # one annotation set, two runs
+    assert same != fp(_apply(base, VARIANTS["random"].annotation))
+    assert same != fp(_apply(base, VARIANTS["budget-1%"].annotation))
+    assert same != fp(_apply(base, ["model.backbone=comirec_dr", *VARIANTS["eimf"].annotation]))  # another warm-up
+    assert same != fp(_apply(base, VARIANTS["eimf"].annotation), data_fp="d2")  # other data
+    # where the cache lives or how many prompts go per chunk does not change the answers
+    assert same == fp(_apply(base, [*VARIANTS["eimf"].annotation, "semantic.chunk_size=7",
+                                    "semantic.cache_dir=/elsewhere"]))
+    sp = annotation_plan(base, "w", lambda f: str(tmp_path / f[:10]))
+    assert not sp.skip and sp.reason == "not run yet" and sp.dir.startswith(str(tmp_path))
 
 
 def _row(variant, seed, r50, r20=0.1, per_user=None):

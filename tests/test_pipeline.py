@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from eimf.config import load_config
-from eimf.pipeline import STAGES, Pipeline, PipelineError
+from eimf.pipeline import STAGES, Pipeline, PipelineError, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("EIMF_DATA_DIR", str(REPO.parent / "shared" / "data"))
@@ -38,25 +38,24 @@ SMALL = ["data.dataset=ml-100k", "pipeline.warmup_steps=100", "train.max_steps=1
          "train.patience=100", "semantic.n_clusters=2"]
 
 
-def _cfg(tmp_path, *overrides):
-    return load_config(None, ["data.dataset=ml-100k", f"data.data_dir={DATA_DIR}", "pipeline.run_name=unit",
-                              f"pipeline.storage_path={tmp_path / 'pipelines'}",
+def _cfg(data, tmp_path, *overrides):
+    """A pipeline config on ``data`` (the ``tiny_dataset`` fixture's overrides: no licensed files needed)."""
+    return load_config(None, [*data, "pipeline.run_name=unit", f"pipeline.storage_path={tmp_path / 'pipelines'}",
                               f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}", *overrides])
 
 
-def _fps(tmp_path, *overrides):
-    return {p.name: p.fingerprint for p in Pipeline(_cfg(tmp_path, *overrides)).plan()}
+def _fps(data, tmp_path, *overrides):
+    return {p.name: p.fingerprint for p in Pipeline(_cfg(data, tmp_path, *overrides)).plan()}
 
 
 # ------------------------------------------------------------------------------------------------- fast
-@needs_ml100k
-def test_fingerprints_change_with_their_stage_config_and_everything_downstream(tmp_path):
-    base = _fps(tmp_path)
+def test_fingerprints_change_with_their_stage_config_and_everything_downstream(tiny_dataset, tmp_path):
+    base = _fps(tiny_dataset, tmp_path)
     assert list(base) == list(STAGES) and len(set(base.values())) == len(STAGES)
-    assert _fps(tmp_path) == base  # deterministic
+    assert _fps(tiny_dataset, tmp_path) == base  # deterministic
 
     def changed(*overrides):
-        now = _fps(tmp_path, *overrides)
+        now = _fps(tiny_dataset, tmp_path, *overrides)
         return [s for s in STAGES if now[s] != base[s]]
 
     assert changed("data.min_count=10") == list(STAGES)
@@ -76,57 +75,104 @@ def test_fingerprints_change_with_their_stage_config_and_everything_downstream(t
                    f"tracking.tracking_uri=sqlite:///{tmp_path / 'other.db'}") == []
 
 
-@needs_ml100k
-def test_plan_skips_only_completed_stages_with_the_same_fingerprint_and_present_outputs(tmp_path):
-    p = Pipeline(_cfg(tmp_path))
+def test_plan_skips_only_completed_stages_with_the_same_fingerprint_and_present_outputs(tiny_dataset, tmp_path):
+    p = Pipeline(_cfg(tiny_dataset, tmp_path))
     plans = {sp.name: sp for sp in p.plan()}
     assert all(not sp.skip and sp.reason == "not run yet" for sp in plans.values())
     out = tmp_path / "some_output"
     out.write_text("x")
     for name in ("prepare", "warmup", "annotate"):
-        p._write_manifest(plans[name], "completed", 1, "t", outputs={"file": str(out)})
-    p._write_manifest(plans["train"], "running", 1, "t")
-    p._write_manifest(plans["evaluate"], "completed", 1, "t", outputs={"file": str(tmp_path / "gone")})
-    again = {sp.name: sp for sp in Pipeline(_cfg(tmp_path)).plan()}
+        write_manifest(plans[name], "completed", 1, "t", outputs={"file": str(out)})
+    write_manifest(plans["train"], "running", 1, "t")
+    write_manifest(plans["evaluate"], "completed", 1, "t", outputs={"file": str(tmp_path / "gone")})
+    again = {sp.name: sp for sp in Pipeline(_cfg(tiny_dataset, tmp_path)).plan()}
     assert [s for s in STAGES if again[s].skip] == ["prepare", "warmup", "annotate"]
     assert again["train"].reason.startswith("interrupted (running)")
     assert again["evaluate"].reason.startswith("outputs missing") and str(tmp_path / "gone") in again["evaluate"].reason
     assert again["export"].reason == "not run yet"
     # a changed semantic setting: annotate and everything after it run again, prepare and warmup stay
-    changed = {sp.name: sp for sp in Pipeline(_cfg(tmp_path, "semantic.budget=3")).plan()}
+    changed = {sp.name: sp for sp in Pipeline(_cfg(tiny_dataset, tmp_path, "semantic.budget=3")).plan()}
     assert [s for s in STAGES if changed[s].skip] == ["prepare", "warmup"]
     assert changed["annotate"].reason == "config or inputs changed"
     # an output deleted after the fact: that stage runs again (its fingerprint is the same, so nothing else does)
     out.unlink()
-    assert not any(sp.skip for sp in Pipeline(_cfg(tmp_path)).plan())
+    assert not any(sp.skip for sp in Pipeline(_cfg(tiny_dataset, tmp_path)).plan())
     # an unreadable manifest is not trusted
     out.write_text("x")
-    Path(p.manifest_path("prepare")).write_text("{not json")
-    assert [sp.name for sp in Pipeline(_cfg(tmp_path)).plan() if sp.skip] == ["warmup", "annotate"]
+    Path(p.stage_dir("prepare"), "manifest.json").write_text("{not json")
+    assert [sp.name for sp in Pipeline(_cfg(tiny_dataset, tmp_path)).plan() if sp.skip] == ["warmup", "annotate"]
 
 
-@needs_ml100k
-def test_stage_names_and_layout(tmp_path):
-    p = Pipeline(_cfg(tmp_path))
+def test_stage_names_and_layout(tiny_dataset, tmp_path):
+    p = Pipeline(_cfg(tiny_dataset, tmp_path))
     assert p.root == str(tmp_path / "pipelines" / "unit")
     plans = p.plan()
     assert [sp.dir for sp in plans] == [str(tmp_path / "pipelines" / "unit" / s) for s in STAGES]
     # the training stages' Ray Train run name carries the fingerprint: a changed config never resumes another's
     assert p.stage_run_name("train", plans[3].fingerprint) == f"unit-train-{plans[3].fingerprint[:8]}"
-    assert p.data_cfg().output_dir == str(tmp_path / "pipelines" / "unit" / "prepare")
-    s3 = Pipeline(_cfg(tmp_path, "pipeline.storage_path=s3://bucket/runs/"))
+    s3 = Pipeline(_cfg(tiny_dataset, tmp_path, "pipeline.storage_path=s3://bucket/runs/"))
     assert s3.root == "s3://bucket/runs/unit" and s3.stage_dir("annotate") == "s3://bucket/runs/unit/annotate"
     # storage defaults to train.storage_path, then <EIMF_HOME>/pipelines
-    assert Pipeline(_cfg(tmp_path, "pipeline.storage_path=null", "train.storage_path=/r")).root == "/r/unit"
+    assert Pipeline(_cfg(tiny_dataset, tmp_path, "pipeline.storage_path=null", "train.storage_path=/r")).root == "/r/unit"
     generated = Pipeline(load_config(None, ["data.dataset=ml-100k"])).run_name
     assert generated.startswith("pipeline-ml-100k-comirec_sa-")
+
+
+def test_run_calls_the_steps_in_order_with_their_inputs_and_skips_them_on_rerun(tiny_dataset, tmp_path, monkeypatch):
+    """Pipeline.run on stand-in steps (no data, Ray or MLflow): what each step gets, and the skip on a rerun."""
+    from eimf.steps import StepOutput
+
+    calls = []
+
+    def fake(name, outputs):
+        def run(cfg, inputs, out_dir, tags, run_name, **kwargs):
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            files = {k: str(Path(out_dir) / v) for k, v in outputs.items()}
+            for f in files.values():
+                Path(f).write_text("x")
+            calls.append((name, cfg, dict(inputs), out_dir, tags, run_name, kwargs))
+            return StepOutput(files, {"n": 1.0})
+        return run
+
+    for module, name, outputs in [("prepare", "prepare", {"data_path": "data"}),
+                                  ("annotate", "annotate", {"annotations": "annotations.parquet"}),
+                                  ("evaluate", "evaluate", {"metrics": "metrics.json"}),
+                                  ("export", "export", {"model_dir": "model"})]:
+        monkeypatch.setattr(f"eimf.steps.{module}.run", fake(name, outputs))
+    monkeypatch.setattr("eimf.steps.train.run", fake("train", {"model_dir": "export"}))
+    monkeypatch.setattr("eimf.pipeline.data_fingerprint", lambda data_cfg: "fixed")
+    monkeypatch.setattr("eimf.ray_init.init_ray", lambda **kw: None)
+    cfg = _cfg(tiny_dataset, tmp_path, "tracking.enabled=false", "pipeline.warmup_steps=7", "train.max_steps=9")
+    results = Pipeline(cfg).run()
+    root = tmp_path / "pipelines" / "unit"
+    assert [r.status for r in results] == ["ran"] * len(STAGES)
+    assert [c[0] for c in calls] == ["prepare", "train", "annotate", "train", "evaluate", "export"]
+    prep, warm, ann, train, ev, exp = calls
+    assert prep[3] == str(root / "prepare")
+    assert warm[2] == {"data_path": str(root / "prepare" / "data")} and warm[1].train.max_steps == 7
+    assert ann[2] == {"model_dir": str(root / "warmup" / "export")} and ann[3] == str(root / "annotate" / "annotations")
+    assert ann[1].semantic.cache_dir == str(root / "annotate" / "cache")
+    assert train[2] == {"data_path": str(root / "prepare" / "data"),
+                        "annotations": str(root / "annotate" / "annotations" / "annotations.parquet")}
+    assert train[1].train.max_steps == 9 and train[1].tracking.registered_model == ""  # export registers
+    assert ev[2] == {"model_dir": str(root / "train" / "export")} and ev[6] == {"splits": ("valid", "test")}
+    assert exp[2]["metrics"] == str(root / "evaluate" / "metrics.json")
+    assert set(exp[6]["lineage"]["stages"]) == set(STAGES)
+    assert all(c[5].startswith("unit-") for c in calls)
+    assert (root / "summary.md").exists()
+    calls.clear()
+    assert [r.status for r in Pipeline(cfg).run()] == ["skipped"] * len(STAGES) and calls == []
+    Pipeline(_cfg(tiny_dataset, tmp_path, "tracking.enabled=false", "pipeline.warmup_steps=7", "train.max_steps=9",
+                  "semantic.budget=3")).run()
+    assert [c[0] for c in calls] == ["annotate", "train", "evaluate", "export"]
 
 
 def test_eimf_stage_keeps_the_distributed_setup_and_reads_memory_input(tmp_path):
     """cluster/gpu.yaml trains with DeepSpeed on 4 GPU workers and the Ray Data cut: the EIMF stage keeps the
     workers, strategy and ZeRO stage (the DeepSpeed runner trains the head) and only switches to memory input,
     which carries the typical users' semantic vectors."""
-    from eimf.pipeline import eimf_train_config, stage_config
+    from eimf.pipeline import stage_config
+    from eimf.steps.train import eimf_train_config
 
     gpu = load_config(None, ["train.num_workers=4", "train.strategy=deepspeed", "train.zero_stage=2",
                              "train.input=ray_data", "train.use_gpu=true", "train.batch_size=512"])
@@ -145,12 +191,13 @@ def test_eimf_stage_keeps_the_distributed_setup_and_reads_memory_input(tmp_path)
 
 
 def test_bad_settings_fail_naming_the_field(tmp_path):
+    # the config's own checks (eimf/config.py __post_init__) fail before a Pipeline exists
     with pytest.raises(PipelineError, match="pipeline.warmup_steps"):
-        Pipeline(load_config(None, ["pipeline.warmup_steps=0"]))
+        load_config(None, ["pipeline.warmup_steps=0"])
     with pytest.raises(PipelineError, match="pipeline.eval_splits"):
-        Pipeline(load_config(None, ["pipeline.eval_splits=[train]"]))
+        load_config(None, ["pipeline.eval_splits=[train]"])
     with pytest.raises(PipelineError, match="pipeline.run_name"):
-        Pipeline(load_config(None, ["pipeline.run_name=a/b"]))
+        load_config(None, ["pipeline.run_name=a/b"])
 
 
 def _script(*args, env=None, timeout=120):
@@ -158,10 +205,8 @@ def _script(*args, env=None, timeout=120):
                           text=True, cwd=REPO, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-@needs_ml100k
-def test_cli_plan_and_errors(tmp_path):
-    r = _script("--plan", "data.dataset=ml-100k", f"data.data_dir={DATA_DIR}", "pipeline.run_name=cli",
-                f"pipeline.storage_path={tmp_path}")
+def test_cli_plan_and_errors(tiny_dataset, tmp_path):
+    r = _script("--plan", *tiny_dataset, "pipeline.run_name=cli", f"pipeline.storage_path={tmp_path}")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(STAGES) and all(" run " in line for line in lines)

@@ -312,15 +312,15 @@ def test_hostile_titles_give_valid_prompts_and_valid_json(vllm_server):
 def test_annotation_job_logs_stats_and_artifacts_to_mlflow(ml100k, tmp_path, monkeypatch):
     """The job path without an LLM (metadata annotator, random users): MLflow gets the stats and the files."""
     from eimf import tracking
-    from eimf.semantic.run import run_annotation
+    from eimf.steps import annotate
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr("eimf.data.preprocess.prepare", lambda cfg, **kw: ml100k)
     cfg = load_config(None, ["data.dataset=ml-100k", "semantic.annotator=metadata", "semantic.budget=5",
                              f"semantic.cache_dir={tmp_path / 'cache'}"])
-    res = run_annotation(cfg, run_name="annotate-test")
-    assert res.stats["selected"] == 5 and res.stats["selection"] == "random" and res.stats["failures"] == 0
+    res = annotate.run(cfg, run_name="annotate-test")
+    assert res.info["stats"]["selected"] == 5 and res.info["stats"]["selection"] == "random" and res.info["stats"]["failures"] == 0
     c = tracking.client(tracking.tracking_uri(cfg))
     run = c.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "annotate"
@@ -334,7 +334,7 @@ def test_annotation_job_logs_stats_and_artifacts_to_mlflow(ml100k, tmp_path, mon
     from eimf.serving.folder import ModelFolderError
 
     with pytest.raises(ModelFolderError, match="not a model folder"):
-        run_annotation(cfg, model_dir=str(tmp_path))
+        annotate.run(cfg, {"model_dir": str(tmp_path)})
 
     # with a warm-up model folder (as `eimf train` exports it): typical users, the model's data and config
     import torch
@@ -350,9 +350,10 @@ def test_annotation_job_logs_stats_and_artifacts_to_mlflow(ml100k, tmp_path, mon
                 data_path=str(ml100k.path)).write(str(export))
     cfg2 = load_config(None, ["semantic.annotator=metadata", "semantic.budget=6", "semantic.n_clusters=3",
                               f"semantic.cache_dir={tmp_path / 'cache'}"])
-    res2 = run_annotation(cfg2, model_dir=str(export), run_name="annotate-typical")
-    assert res2.stats["selection"] == "typical" and res2.stats["selected"] == 6
-    assert res2.stats["max_interests"] == 3  # K from the warm-up model's config
-    sel = pd.read_parquet(Path(res2.out_dir) / "selection.parquet")
+    res2 = annotate.run(cfg2, {"model_dir": str(export)}, run_name="annotate-typical")
+    st2 = res2.info["stats"]
+    assert st2["selection"] == "typical" and st2["selected"] == 6
+    assert st2["max_interests"] == 3  # K from the warm-up model's config
+    sel = pd.read_parquet(res2.outputs["selection"])
     assert (sel["cluster"] >= 0).all() and sel["cluster"].nunique() == 3
     assert c.get_run(res2.mlflow_run_id).data.tags["selection"] == "typical"

@@ -194,10 +194,12 @@ def annotate_users(prepared, selected_users: Union[pd.DataFrame, Sequence[int]],
                    out_dir: Optional[str] = None, chunk_size: int = 64, retry_failed: bool = False,
                    tokenizer_or_counter=None, max_item_chars: int = 160,
                    cut: Optional[Callable[[Sequence[int]], int]] = None,
-                   on_chunk: Optional[Callable[[int, int], None]] = None) -> Tuple[pd.DataFrame, dict]:
+                   on_chunk: Optional[Callable[[int, int], None]] = None,
+                   extra_stats: Optional[dict] = None) -> Tuple[pd.DataFrame, dict]:
     """Annotate ``selected_users`` (ids or the selection DataFrame) -> ``(annotations, stats)``; see module doc.
 
     ``cache`` may be None (nothing is reused or stored). ``on_chunk(done, total)`` is called after each batch.
+    ``extra_stats`` join the stats before ``stats.json`` is written (once, last: its presence marks a whole set).
     """
     t_start = time.perf_counter()
     if chunk_size < 1:
@@ -232,16 +234,23 @@ def annotate_users(prepared, selected_users: Union[pd.DataFrame, Sequence[int]],
 
     t0 = time.perf_counter()
     new_results: List[AnnotationResult] = []
-    for s in range(0, len(to_send), chunk_size):
-        chunk = to_send[s:s + chunk_size]
-        out = annotator.annotate(chunk)
-        if len(out) != len(chunk):
-            raise RuntimeError(f"annotator returned {len(out)} results for {len(chunk)} requests")
-        if cache is not None:
-            cache.put(out)
-        new_results.extend(out)
-        if on_chunk is not None:
-            on_chunk(min(s + chunk_size, len(to_send)), len(to_send))
+    from eimf.progress import progress
+
+    bar = progress(len(to_send), "annotate", "prompt", enabled=bool(to_send))
+    try:
+        for s in range(0, len(to_send), chunk_size):
+            chunk = to_send[s:s + chunk_size]
+            out = annotator.annotate(chunk)
+            if len(out) != len(chunk):
+                raise RuntimeError(f"annotator returned {len(out)} results for {len(chunk)} requests")
+            if cache is not None:
+                cache.put(out)
+            new_results.extend(out)
+            bar.update(len(chunk))
+            if on_chunk is not None:
+                on_chunk(min(s + chunk_size, len(to_send)), len(to_send))
+    finally:
+        bar.close()
     annotate_s = time.perf_counter() - t0
     for req, res in zip(to_send, new_results):
         results[req.user] = res
@@ -286,6 +295,7 @@ def annotate_users(prepared, selected_users: Union[pd.DataFrame, Sequence[int]],
         "encoder": getattr(encoder, "name", type(encoder).__name__),
         "max_interests": int(K),
         "token_budget": int(token_budget),
+        **(extra_stats or {}),
     }
     log.info("annotated %d users: %d prompts sent, %d cache hits, %d failed, %.1f tokens/s", stats["users"],
              stats["prompts"], stats["cache_hits"], failures, stats["tokens_per_s"])
@@ -336,13 +346,11 @@ def annotate_from_config(cfg, prepared, model, out_dir: str, annotator: Optional
     try:
         df, stats = annotate_users(prepared, selection, annotator, cache, encoder, k, sem.token_budget,
                                    out_dir=out_dir, chunk_size=sem.chunk_size, retry_failed=sem.retry_failed,
-                                   max_item_chars=sem.max_item_chars)
+                                   max_item_chars=sem.max_item_chars,
+                                   extra_stats={"selection": sem.selection, "selected": int(len(selection))})
     finally:
         if own:
             annotator.close()
-    stats["selection"] = sem.selection
-    stats["selected"] = int(len(selection))
-    efs.write_json(efs.join(out_dir, STATS_FILE), stats)
     return df, stats
 
 
