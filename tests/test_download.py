@@ -95,8 +95,14 @@ TINY_FILES = {"ratings.dat": b"1::10::5::978300760\n1::20::3::978302109\n", "mov
 
 
 def _register(monkeypatch, *files: dl.RemoteFile, required=(("ratings.dat",), ("movies.dat",))) -> dl.DownloadSpec:
+    from eimf.data.datasets import DATASETS, DatasetSpec, Source
+    from eimf.data.formats import CatalogueSpec, InteractionSpec
+
     spec = dl.DownloadSpec(name="tiny", description="test", files=tuple(files), required=tuple(required))
-    monkeypatch.setitem(dl.DATASETS, "tiny", spec)
+    source = Source("ratings", "ratings.dat + movies.dat", ("ratings.dat",),
+                    InteractionSpec(format="dat", header=False, names=["user_id", "item_id", "rating", "timestamp"]),
+                    ("movies.dat",), CatalogueSpec(format="ml1m-movies"))
+    monkeypatch.setitem(DATASETS, "tiny", DatasetSpec("tiny", "test", (source,), download=spec))
     return spec
 
 
@@ -293,18 +299,22 @@ def test_unknown_name_and_missing_data_dir():
 
 
 def test_registry():
-    assert dl.list_datasets() == ["amazon-beauty", "amazon-sports", "amazon-toys", "ml-100k", "ml-1m"]
+    from eimf.data.datasets import DATASETS
+
+    assert sorted(n for n, s in DATASETS.items() if s.download) == ["amazon-beauty", "amazon-sports", "amazon-toys",
+                                                                      "ml-100k", "ml-1m"]
+    assert all(s.download is None or s.download.name == n for n, s in DATASETS.items())  # one registry, one name
     for name in ("ml-100k", "ml-1m"):
-        (f,) = dl.DATASETS[name].files
+        (f,) = dl.get_spec(name).files
         assert f.url() == f"https://files.grouplens.org/datasets/movielens/{name}.zip"
         assert len(f.sha256) == 64 and len(f.md5) == 32 and f.size and f.extract and f.published
-    beauty = [f.url() for f in dl.DATASETS["amazon-beauty"].files]
+    beauty = [f.url() for f in dl.get_spec("amazon-beauty").files]
     assert beauty == ["https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_Beauty_5.json.gz",
                       "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/meta_Beauty.json.gz"]
     for name in ("amazon-beauty", "amazon-sports", "amazon-toys"):
-        assert all(not f.published and "trust on first use" in f.checksum_source for f in dl.DATASETS[name].files)
-    assert dl.DATASETS["amazon-toys"].files[0].filename == "reviews_Toys_and_Games_5.json.gz"
-    assert dl.DATASETS["amazon-sports"].files[1].filename == "meta_Sports_and_Outdoors.json.gz"
+        assert all(not f.published and "trust on first use" in f.checksum_source for f in dl.get_spec(name).files)
+    assert dl.get_spec("amazon-toys").files[0].filename == "reviews_Toys_and_Games_5.json.gz"
+    assert dl.get_spec("amazon-sports").files[1].filename == "meta_Sports_and_Outdoors.json.gz"
 
 
 # ------------------------------------------------------------------------------------------- verify
@@ -345,3 +355,31 @@ def test_verify_shared_data_folder(name):
     res = dl.verify(name, SHARED_DATA)
     assert res.status == "ok", res.summary()
     assert len(res.ok_files) >= 4
+
+
+# ----------------------------------------------------------------------------------- data.download=auto
+def test_a_missing_dataset_is_downloaded_on_first_use_and_offline_the_error_stays(server, tmp_path, monkeypatch):
+    from eimf.config import load_config
+    from eimf.data.datasets import DatasetNotFoundError, ensure_dataset, resolve_inputs
+
+    payload = _zip(TINY_FILES)
+    server.routes["/tiny.zip"] = payload
+    _register(monkeypatch, dl.RemoteFile("tiny.zip", server.url, sha256=hashlib.sha256(payload).hexdigest(),
+                                         extract=True))
+    cfg = load_config(None, ["data.dataset=tiny", f"data.data_dir={tmp_path / 'data'}"]).data
+    with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "data" / "tiny")):
+        resolve_inputs(cfg)  # resolving never downloads (a --plan writes nothing)
+    ensure_dataset(cfg)
+    assert server.hits["/tiny.zip"] == 1 and resolve_inputs(cfg).interaction_files[0].endswith("ratings.dat")
+    ensure_dataset(cfg)  # present now: nothing fetched again
+    assert server.hits["/tiny.zip"] == 1
+    # never: no request, resolving fails as before
+    off = load_config(None, ["data.dataset=tiny", f"data.data_dir={tmp_path / 'none'}", "data.download=never"]).data
+    ensure_dataset(off)
+    assert server.hits["/tiny.zip"] == 1 and not (tmp_path / "none").exists()
+    # no network (a closed port): the error names the folder and the reason, and leaves no folder behind
+    _register(monkeypatch, dl.RemoteFile("tiny.zip", "http://127.0.0.1:9", extract=True))
+    gone = load_config(None, ["data.dataset=tiny", f"data.data_dir={tmp_path / 'offline'}"]).data
+    with pytest.raises(DatasetNotFoundError, match="downloading it failed") as e:
+        ensure_dataset(gone)
+    assert str(tmp_path / "offline" / "tiny") in str(e.value) and not (tmp_path / "offline" / "tiny").exists()

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from eimf import fs
+from eimf.data import download as dl
 from eimf.data.formats import CatalogueSpec, DataError, InteractionSpec, parse_ml100k_genres
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class DatasetSpec:
     description: str
     sources: Tuple[Source, ...]
     homepage: str = ""
+    #: What ``eimf data download`` (and ``data.download=auto``) fetches; None: not downloadable.
+    download: Optional[dl.DownloadSpec] = None
 
     def source(self, name: str) -> Source:
         for s in self.sources:
@@ -97,7 +100,7 @@ DATASETS: Dict[str, DatasetSpec] = {
         (Source("ratings", "u.data (tab, unix timestamps) + u.item/u.genre", ("u.data", "u.data.gz"),
                 InteractionSpec(format="tsv", header=False, names=_ML_NAMES_RATINGS),
                 ("u.item",), CatalogueSpec(format="ml100k-items")),),
-        "https://grouplens.org/datasets/movielens/100k/",
+        "https://grouplens.org/datasets/movielens/100k/", dl.ML_100K,
     ),
     "ml-1m": DatasetSpec(
         "ml-1m", "MovieLens 1M: 1,000,209 ratings; titles + genres",
@@ -109,7 +112,7 @@ DATASETS: Dict[str, DatasetSpec] = {
                    ("sequences_chronological.txt.gz", "sequences_chronological.txt"), _SEQ,
                    ("movies.dat",), CatalogueSpec(format="ml1m-movies")),
         ),
-        "https://grouplens.org/datasets/movielens/1m/",
+        "https://grouplens.org/datasets/movielens/1m/", dl.ML_1M,
     ),
     "amazon-beauty": DatasetSpec(
         "amazon-beauty", "Amazon Beauty 5-core (2014): 198,502 reviews; product titles",
@@ -122,7 +125,7 @@ DATASETS: Dict[str, DatasetSpec] = {
                    ("Beauty.txt.gz", "Beauty.txt"), _SEQ,
                    ("items.tsv.gz", "items.tsv"), CatalogueSpec(format="tsv", item_col="item_id", text_cols=["title"])),
         ),
-        "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html",
+        "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html", dl.AMAZON_BEAUTY,
     ),
     "amazon-sports": DatasetSpec(
         "amazon-sports", "Amazon Sports_and_Outdoors 5-core (2014): 296,337 reviews; ASIN only",
@@ -135,7 +138,7 @@ DATASETS: Dict[str, DatasetSpec] = {
                    ("Sports_and_Outdoors.txt.gz", "Sports_and_Outdoors.txt"), _SEQ,
                    ("p5_datamaps.json.gz",), _P5_ASIN),
         ),
-        "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html",
+        "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html", dl.AMAZON_SPORTS,
     ),
     "amazon-toys": DatasetSpec(
         "amazon-toys", "Amazon Toys_and_Games 5-core (2014): 167,597 reviews; ASIN only",
@@ -146,7 +149,7 @@ DATASETS: Dict[str, DatasetSpec] = {
             Source("s3rec", "S3-Rec Toys_and_Games.txt.gz (S3-Rec ids; no item text)",
                    ("Toys_and_Games.txt.gz", "Toys_and_Games.txt"), _SEQ),
         ),
-        "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html",
+        "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html", dl.AMAZON_TOYS,
     ),
     "custom": DatasetSpec(
         "custom", "your own files: data.interactions (+ data.items), format and column names from data.*",
@@ -181,6 +184,34 @@ def _not_found(name: str, folder: str) -> DatasetNotFoundError:
         f"datasets with data.data_dir=/path/to/datasets or the environment variable {DATA_DIR_ENV}, "
         f"or download it with `eimf data download {name}` (it writes to $EIMF_DATA_DIR or --data-dir)."
     )
+
+
+def _present(root: str) -> set:
+    if not fs.is_dir(root) or not _has_files(root):
+        return set()
+    return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.expand(root)}
+
+
+def ensure_dataset(cfg) -> None:
+    """Download a built-in dataset whose folder holds none of its sources, when ``data.download=auto`` and the
+    dataset is downloadable (checksums checked, eimf.data.download). Without a network the error names the
+    folder it looked in, how to fetch it by hand, and why the download failed. Local data folders only."""
+    spec = DATASETS.get(cfg.dataset)
+    if spec is None or spec.download is None or getattr(cfg, "download", "auto") != "auto":
+        return
+    folder = data_dir(cfg)
+    root = fs.join(folder, spec.name)
+    present = _present(root)
+    if any(_first_present(s.interactions, present) for s in spec.sources) or fs.is_s3(folder):
+        return
+    log.info("%s: not in %s; downloading it (data.download=auto)", spec.name, root)
+    try:
+        dl.download(spec.name, folder, retries=2, backoff=0.5, timeout=30.0)
+    except dl.DownloadError as e:
+        raise DatasetNotFoundError(
+            f"dataset {spec.name!r} not found in {root}, and downloading it failed: {e}. Point eimf at the folder "
+            f"that holds the datasets with data.data_dir=/path/to/datasets or {DATA_DIR_ENV}, or set "
+            f"data.download=never to skip the download.") from e
 
 
 def _first_present(names: Tuple[str, ...], present: set) -> Optional[str]:

@@ -7,7 +7,7 @@ Files land in ``<data_dir>/<name>/`` in the layout the readers expect (``eimf.da
 * ``amazon-beauty`` / ``amazon-sports`` / ``amazon-toys``: the McAuley lab's 2014 5-core review file and the
   category's metadata file, kept gzipped exactly as downloaded.
 
-Checksums (recorded next to each file in :data:`DATASETS`, with their source):
+Checksums (recorded next to each file in the specs below, with their source):
 
 =============================================  ==========================================================
 file                                           checksum and where it comes from
@@ -127,67 +127,66 @@ def _amazon(name: str, category: str, label: str) -> DownloadSpec:
     )
 
 
-#: name -> what to fetch. Tests register their own specs here (``monkeypatch.setitem``).
-DATASETS: Dict[str, DownloadSpec] = {
-    "ml-100k": DownloadSpec(
-        name="ml-100k",
-        description="MovieLens 100K (GroupLens): 100,000 ratings, 943 users, 1,682 movies, with timestamps",
-        files=(
-            RemoteFile(
-                "ml-100k.zip",
-                _GROUPLENS,
-                # SHA256 + size: tensorflow/datasets tensorflow_datasets/url_checksums/movielens.txt
-                # (commit 1c076ac3). MD5: GroupLens sidecar files.grouplens.org/.../ml-100k.zip.md5
-                # ("MD5 (ml-100k.zip) = 0e33842e24a9c977be4e0107933c0723"), also used by torchtext.
-                sha256="50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
-                md5="0e33842e24a9c977be4e0107933c0723",
-                size=4924029,
-                checksum_source="MD5: GroupLens ml-100k.zip.md5; SHA256+size: tensorflow_datasets url_checksums",
-                extract=True,
-            ),
+#: What to fetch for each built-in dataset; the one registry (eimf.data.datasets.DATASETS) points to these.
+ML_100K = DownloadSpec(
+    name="ml-100k",
+    description="MovieLens 100K (GroupLens): 100,000 ratings, 943 users, 1,682 movies, with timestamps",
+    files=(
+        RemoteFile(
+            "ml-100k.zip",
+            _GROUPLENS,
+            # SHA256 + size: tensorflow/datasets tensorflow_datasets/url_checksums/movielens.txt
+            # (commit 1c076ac3). MD5: GroupLens sidecar files.grouplens.org/.../ml-100k.zip.md5
+            # ("MD5 (ml-100k.zip) = 0e33842e24a9c977be4e0107933c0723"), also used by torchtext.
+            sha256="50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
+            md5="0e33842e24a9c977be4e0107933c0723",
+            size=4924029,
+            checksum_source="MD5: GroupLens ml-100k.zip.md5; SHA256+size: tensorflow_datasets url_checksums",
+            extract=True,
         ),
-        required=(("u.data", "u.data.gz"), ("u.item",), ("u.genre",), ("u.user",)),
-        homepage="https://grouplens.org/datasets/movielens/100k/",
-        terms=_ML_TERMS,
     ),
-    "ml-1m": DownloadSpec(
-        name="ml-1m",
-        description="MovieLens 1M (GroupLens): 1,000,209 ratings, 6,040 users, 3,706 movies, with timestamps",
-        files=(
-            RemoteFile(
-                "ml-1m.zip",
-                _GROUPLENS,
-                # SHA256 + size: tensorflow/datasets url_checksums/movielens.txt (commit 1c076ac3).
-                # MD5: GroupLens sidecar ml-1m.zip.md5 ("MD5 (ml-1m.zip) = c4d9eecfca2ab87c1945afe126590906"),
-                # copy in GitHub AKSW/frankgraphbench datasets/ml-1m.zip.md5 (commit 47eac0c7).
-                sha256="a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
-                md5="c4d9eecfca2ab87c1945afe126590906",
-                size=5917549,
-                checksum_source="MD5: GroupLens ml-1m.zip.md5; SHA256+size: tensorflow_datasets url_checksums",
-                extract=True,
-            ),
+    required=(("u.data", "u.data.gz"), ("u.item",), ("u.genre",), ("u.user",)),
+    homepage="https://grouplens.org/datasets/movielens/100k/",
+    terms=_ML_TERMS,
+)
+
+ML_1M = DownloadSpec(
+    name="ml-1m",
+    description="MovieLens 1M (GroupLens): 1,000,209 ratings, 6,040 users, 3,706 movies, with timestamps",
+    files=(
+        RemoteFile(
+            "ml-1m.zip",
+            _GROUPLENS,
+            # SHA256 + size: tensorflow/datasets url_checksums/movielens.txt (commit 1c076ac3).
+            # MD5: GroupLens sidecar ml-1m.zip.md5 ("MD5 (ml-1m.zip) = c4d9eecfca2ab87c1945afe126590906"),
+            # copy in GitHub AKSW/frankgraphbench datasets/ml-1m.zip.md5 (commit 47eac0c7).
+            sha256="a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
+            md5="c4d9eecfca2ab87c1945afe126590906",
+            size=5917549,
+            checksum_source="MD5: GroupLens ml-1m.zip.md5; SHA256+size: tensorflow_datasets url_checksums",
+            extract=True,
         ),
-        required=(("ratings.dat",), ("movies.dat",), ("users.dat",)),
-        homepage="https://grouplens.org/datasets/movielens/1m/",
-        terms=_ML_TERMS,
     ),
-    # The McAuley lab publishes no checksums for the 2014 files: trust on first use (CHECKSUMS).
-    "amazon-beauty": _amazon("amazon-beauty", "Beauty", "Beauty"),
-    "amazon-sports": _amazon("amazon-sports", "Sports_and_Outdoors", "Sports and Outdoors"),
-    "amazon-toys": _amazon("amazon-toys", "Toys_and_Games", "Toys and Games"),
-}
+    required=(("ratings.dat",), ("movies.dat",), ("users.dat",)),
+    homepage="https://grouplens.org/datasets/movielens/1m/",
+    terms=_ML_TERMS,
+)
 
-
-def list_datasets() -> List[str]:
-    """Names :func:`download` knows (details in ``DATASETS[name]``)."""
-    return sorted(DATASETS)
+# The McAuley lab publishes no checksums for the 2014 files: trust on first use (CHECKSUMS).
+AMAZON_BEAUTY = _amazon("amazon-beauty", "Beauty", "Beauty")
+AMAZON_SPORTS = _amazon("amazon-sports", "Sports_and_Outdoors", "Sports and Outdoors")
+AMAZON_TOYS = _amazon("amazon-toys", "Toys_and_Games", "Toys and Games")
 
 
 def get_spec(name: str) -> DownloadSpec:
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; downloadable: {', '.join(list_datasets())}") from None
+    """What to fetch for ``name``, from the dataset registry (:data:`eimf.data.datasets.DATASETS`)."""
+    from eimf.data.datasets import DATASETS
+
+    spec = DATASETS.get(name)
+    if spec is None or spec.download is None:
+        known = ", ".join(sorted(n for n, s in DATASETS.items() if s.download is not None))
+        raise ValueError(f"unknown dataset {name!r}; downloadable: {known}")
+    return spec.download
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -602,7 +601,7 @@ def verify(name: Optional[str], data_dir: Optional[str | Path] = None) -> Verify
 
 
 __all__ = [
-    "DATASETS", "DownloadSpec", "RemoteFile", "DownloadError", "ChecksumError", "VerifyError", "VerifyResult",
-    "download", "verify", "list_datasets", "get_spec", "read_sums", "sha256_file",
+    "ML_100K", "ML_1M", "AMAZON_BEAUTY", "AMAZON_SPORTS", "AMAZON_TOYS", "DownloadSpec", "RemoteFile", "DownloadError", "ChecksumError", "VerifyError", "VerifyResult",
+    "download", "verify", "get_spec", "read_sums", "sha256_file",
     "MIRROR_ENV", "DATA_DIR_ENV", "CHECKSUMS_FILE",
 ]

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from eimf import fs
-from eimf.data.datasets import Inputs, resolve_inputs
+from eimf.data.datasets import Inputs, ensure_dataset, resolve_inputs
 from eimf.data.formats import DataError
 
 log = logging.getLogger(__name__)
@@ -363,6 +363,7 @@ def _read_parquet(path: str) -> pd.DataFrame:
 def prepare(cfg, *, force: bool = False, engine: str = "ray") -> PreparedDataset:
     """Prepare ``cfg`` (a ``DataConfig``) or reuse the folder of the same fingerprint. See the module doc."""
     t0 = time.perf_counter()
+    ensure_dataset(cfg)
     inputs = resolve_inputs(cfg)
     infos = input_infos(inputs)
     fp = fingerprint(cfg, inputs, infos)
