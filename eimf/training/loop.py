@@ -22,6 +22,8 @@ from eimf.config import Config
 from eimf.evaluation import evaluate
 from eimf.evaluation.retrieval import ItemIndex
 
+from eimf.progress import progress
+
 log = logging.getLogger(__name__)
 
 
@@ -220,6 +222,14 @@ class Trainer:
         metric_name = cfg.eval.early_stop_metric
         self.model.train()
         window = {"loss": 0.0, "n": 0, "examples": 0, "t0": time.perf_counter(), "data": 0.0}
+        bar = progress(cfg.train.max_steps, "train", "step", initial=state.step, enabled=self.is_chief)
+        try:
+            return self._fit_loop(state, report, metric_name, window, bar)
+        finally:
+            bar.close()
+
+    def _fit_loop(self, state: LoopState, report, metric_name: str, window: dict, bar) -> LoopState:
+        cfg = self.cfg
         # A resumed run that had already stopped early (or finished) does no more steps.
         while state.step < cfg.train.max_steps and not state.stopped_early:
             t_data = time.perf_counter()
@@ -229,6 +239,7 @@ class Trainer:
             t_end = time.perf_counter()
             n = self.examples_in(batch)
             state.step += 1
+            bar.update(1)
             state.examples += n
             state.data_seconds += t_model - t_data
             state.train_seconds += t_end - t_data
@@ -256,6 +267,8 @@ class Trainer:
                         state.step, metrics["train/loss"], metrics["train/examples_per_s"],
                         100 * metrics["train/input_share"],
                     )
+                bar.set_postfix_str(f"loss {metrics['train/loss']:.3f}, best {metric_name} "
+                                    f"{max(state.best_metric, 0.0):.4f}")
                 if report:
                     report(metrics, state, False)
                 window = {"loss": 0.0, "n": 0, "examples": 0, "t0": time.perf_counter(), "data": 0.0}
