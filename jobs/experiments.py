@@ -21,35 +21,69 @@ import json
 import logging
 import sys
 import time
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import List, Optional
 
-from eimf.config import eimf_home, load_config
+from eimf.config import ConfigError, eimf_home, load_config
 from eimf.experiments import (VARIANTS, format_eimf_table, format_table, format_where_table, run_eimf_grid,
                               run_grid)
 
 
-def main(argv=None) -> int:
+@dataclass
+class GridArguments:
+    datasets: List[str] = field(default_factory=lambda: ["ml-1m"], metadata={"help": "built-in dataset names"})
+    backbones: List[str] = field(default_factory=lambda: ["comirec_sa", "comirec_dr"],
+                                 metadata={"help": "comirec_sa | comirec_dr | mind | remi"})
+    seeds: List[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "train.seed of each run"})
+    variants: Optional[List[str]] = field(default=None, metadata={
+        "help": "EIMF grid: these variants against the backbone (eimf.experiments.VARIANTS); default: backbones alone"})
+    name: str = field(default="eimf-grid", metadata={"help": "EIMF grid: the parent MLflow run (same name resumes)"})
+    experiment: str = field(default="eimf-experiments", metadata={"help": "EIMF grid: the MLflow experiment"})
+    work_dir: Optional[str] = field(default=None, metadata={
+        "help": "annotation sets (EIMF grid) and per-user metric tables (default <EIMF_HOME>/experiments/<name>, "
+                "backbones: .../<output stem>)"})
+    config: Optional[str] = field(default=None, metadata={"help": "YAML file for every run"})
+    output: str = field(default="docs/results_backbones.md", metadata={"help": "the Markdown table"})
+    raw: Optional[str] = field(default=None, metadata={
+        "help": "each run's metrics as JSON lines, appended (default: <output>.jsonl)"})
+
+    def __post_init__(self):
+        unknown = [v for v in self.variants or [] if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(sorted(VARIANTS))}")
+        if not self.datasets or not self.backbones or not self.seeds:
+            raise ConfigError("--datasets, --backbones and --seeds need at least one value each")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"--seeds repeats a seed: {self.seeds}")
+
+
+def parse_args(argv=None):
+    """``(GridArguments, overrides)``, the parser built from the dataclass fields (as jobs/pipeline.py)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=["ml-1m"])
-    p.add_argument("--backbones", nargs="+", default=["comirec_sa", "comirec_dr"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
-                   help="EIMF grid: these variants against the backbone (default: backbones alone)")
-    p.add_argument("--name", default="eimf-grid", help="EIMF grid: the parent MLflow run (same name resumes)")
-    p.add_argument("--experiment", default="eimf-experiments", help="EIMF grid: the MLflow experiment")
-    p.add_argument("--work-dir", help="annotation sets (EIMF grid) and per-user metric tables go here (default "
-                                      "<EIMF_HOME>/experiments/<name>, backbones: .../<output stem>)")
-    p.add_argument("--config", help="YAML file for every run")
-    p.add_argument("--output", default="docs/results_backbones.md")
-    p.add_argument("--raw", help="append each run's metrics here as JSON lines (default: <output>.jsonl)")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    for f in fields(GridArguments):
+        default = f.default_factory() if f.default is MISSING else f.default
+        kind = int if "int" in str(f.type) else str
+        many = "List" in str(f.type)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default, type=kind,
+                       nargs="+" if many else None, help=f.metadata["help"])
+    p.add_argument("overrides", nargs="*", help="key=value overrides of eimf.config.Config for every run")
+    ns = p.parse_args(argv)
+    try:
+        args = GridArguments(**{f.name: getattr(ns, f.name) for f in fields(GridArguments)})
+    except ConfigError as e:
+        p.error(str(e))
+    return args, ns.overrides
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     raw = Path(args.raw or Path(args.output).with_suffix(".jsonl"))
     t0 = time.time()
     if args.variants:
-        base = load_config(args.config, [f"tracking.experiment={args.experiment}", *args.overrides])
+        base = load_config(args.config, [f"tracking.experiment={args.experiment}", *overrides])
         work = args.work_dir or str(Path(eimf_home()) / "experiments" / args.name)
         rows = run_eimf_grid(base, args.datasets, args.backbones, args.seeds, args.variants, raw_path=raw,
                              grid_name=args.name, out_dir=work)
@@ -59,9 +93,9 @@ def main(argv=None) -> int:
             table += "\n\nWhere the change lies: Δ test recall@50 by quartile of the user's history length and of " \
                      "the popularity of the held-out items (per-user paired bootstrap within each quartile).\n\n" + where
     else:
-        base = load_config(args.config, args.overrides)
+        base = load_config(args.config, overrides)
         per_user = Path(args.work_dir or Path(eimf_home()) / "experiments" / Path(args.output).stem) / "per_user"
-        rows = run_grid(base, args.datasets, args.backbones, args.seeds, raw_path=raw, overrides=args.overrides,
+        rows = run_grid(base, args.datasets, args.backbones, args.seeds, raw_path=raw, overrides=overrides,
                         per_user_dir=per_user)
         table = format_table(rows)
     command = "python jobs/experiments.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -167,3 +167,21 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
     known = {r.info.run_id for r in runs}
     new = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in known]
     assert [(r.data.tags.get("variant"), r.data.tags.get("stage")) for r in new] == [("no-sp", None)]
+
+
+def test_grid_job_arguments_are_typed_and_checked(capsys, monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("grid_job", Path(__file__).resolve().parents[1] / "jobs" / "experiments.py")
+    job = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "grid_job", job)  # dataclasses look their module up there
+    spec.loader.exec_module(job)
+    args, overrides = job.parse_args(["--datasets", "ml-100k", "--seeds", "1", "2", "--work-dir", "/w",
+                                      "--variants", "backbone", "eimf", "--output", "t.md", "model.dim=8"])
+    assert (args.datasets, args.seeds, args.variants, args.work_dir) == (["ml-100k"], [1, 2], ["backbone", "eimf"], "/w")
+    assert overrides == ["model.dim=8"] and args.backbones == ["comirec_sa", "comirec_dr"]
+    for bad, said in ((["--variants", "nope"], "unknown nope"), (["--seeds", "1", "1"], "repeats a seed")):
+        with pytest.raises(SystemExit):
+            job.parse_args(bad)
+        assert said in capsys.readouterr().err
