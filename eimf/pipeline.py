@@ -315,7 +315,8 @@ class Pipeline:
         c_log = dataclasses.replace(c, tracking=dataclasses.replace(c.tracking, registered_model=""))
         warmup_cfg = dataclasses.replace(c_log, train=dataclasses.replace(c.train, max_steps=c.pipeline.warmup_steps))
         try:
-            data = self.step("prepare", steps.prepare.run, c, {})
+            data = self.step("prepare", steps.prepare.run, c,
+                             {"data_fingerprint": self._plans["prepare"].config["data_fingerprint"]})
             warm = self.step("warmup", steps.train.run, warmup_cfg, {"data_path": data["data_path"]})
             ann = self.step("annotate", steps.annotate.run, self.annotate_config(),
                             {"model_dir": warm["model_dir"]}, out_dir=fs.join(self.stage_dir("annotate"), "annotations"))

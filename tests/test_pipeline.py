@@ -148,7 +148,7 @@ def test_run_calls_the_steps_in_order_with_their_inputs_and_skips_them_on_rerun(
     assert [r.status for r in results] == ["ran"] * len(STAGES)
     assert [c[0] for c in calls] == ["prepare", "train", "annotate", "train", "evaluate", "export"]
     prep, warm, ann, train, ev, exp = calls
-    assert prep[3] == str(root / "prepare")
+    assert prep[3] == str(root / "prepare") and prep[2] == {"data_fingerprint": "fixed"}  # taken once, by the plan
     assert warm[2] == {"data_path": str(root / "prepare" / "data")} and warm[1].train.max_steps == 7
     assert ann[2] == {"model_dir": str(root / "warmup" / "export")} and ann[3] == str(root / "annotate" / "annotations")
     assert ann[1].semantic.cache_dir == str(root / "annotate" / "cache")

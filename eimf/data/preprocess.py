@@ -360,17 +360,22 @@ def _read_parquet(path: str) -> pd.DataFrame:
     return pq.read_table(pa.BufferReader(fs.read_bytes(path))).to_pandas()
 
 
-def prepare(cfg, *, force: bool = False, engine: str = "ray") -> PreparedDataset:
-    """Prepare ``cfg`` (a ``DataConfig``) or reuse the folder of the same fingerprint. See the module doc."""
+def prepare(cfg, *, force: bool = False, engine: str = "ray", known_fingerprint: Optional[str] = None
+            ) -> PreparedDataset:
+    """Prepare ``cfg`` (a ``DataConfig``) or reuse the folder of the same fingerprint. See the module doc.
+    ``known_fingerprint``: :func:`fingerprint` as the caller already computed it (a pipeline's plan), so the
+    input files are not listed twice for a reuse."""
     t0 = time.perf_counter()
     ensure_dataset(cfg)
     inputs = resolve_inputs(cfg)
-    infos = input_infos(inputs)
-    fp = fingerprint(cfg, inputs, infos)
+    infos = None if known_fingerprint else input_infos(inputs)
+    fp = known_fingerprint or fingerprint(cfg, inputs, infos)
     out = fs.join(output_root(cfg), inputs.dataset, fp[:16])
     if not force and fs.exists(fs.join(out, MANIFEST)):
         log.info("%s/%s: reusing %s (same inputs and config)", inputs.dataset, inputs.source, out)
         return load_prepared(out)
+    if infos is None:
+        infos = input_infos(inputs)
     log.info("%s: reading source %r (%s)", inputs.dataset, inputs.source,
              ", ".join(f["path"] for f in infos))
     from eimf.data.ingest import ingest

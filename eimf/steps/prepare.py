@@ -12,14 +12,15 @@ COUNTS = ("rows_in", "rows_dropped", "users_out", "items_out", "interactions_out
 
 def run(cfg, inputs: Optional[dict] = None, out_dir: Optional[str] = None, tags: Optional[dict] = None,
         run_name: str = "prepare") -> StepOutput:
-    """Prepared data under ``out_dir`` (unless ``data.output_dir`` is set); counts as ``prepare/*`` metrics."""
+    """Prepared data under ``out_dir`` (unless ``data.output_dir`` is set); counts as ``prepare/*`` metrics.
+    ``inputs["data_fingerprint"]``: the data fingerprint a plan already took (computed once per run)."""
     from eimf import fs, tracking
     from eimf.data.preprocess import prepare
 
     data_cfg = cfg.data if cfg.data.output_dir or not out_dir else dataclasses.replace(cfg.data, output_dir=out_dir)
     uri = tracking.tracking_uri(cfg)
     with mlflow_run(cfg, run_name, tags) as run_id:
-        prepared = prepare(data_cfg)
+        prepared = prepare(data_cfg, known_fingerprint=(inputs or {}).get("data_fingerprint"))
         c = prepared.manifest.get("counts", {})
         metrics = numbers({k: c[k] for k in COUNTS if k in c})
         tracking.log_metrics(uri, run_id, {f"prepare/{k}": v for k, v in metrics.items()}, step=0)
