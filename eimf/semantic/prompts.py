@@ -1,4 +1,4 @@
-"""The versioned prompt and the answer schema (docs/design.md section 4.3).
+"""The versioned prompt and the answer schema (docs/design.md section 4, point 3).
 
 Layout of a prompt (``PROMPT_VERSION = "v1"``), two chat messages:
 

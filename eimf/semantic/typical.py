@@ -1,4 +1,4 @@
-"""Typical-sample selection: which training users are worth an LLM annotation (docs/design.md section 4.2).
+"""Typical-sample selection: which training users are worth an LLM annotation (docs/design.md section 4, point 2).
 
 1. **Representation.** Each training user is represented by the interests the warm-up IBIM extracts from the
    last ``maxlen`` items of its training sequence (:func:`user_representations`). The K interests are made one

@@ -1,4 +1,4 @@
-"""The offline, no-LLM baseline annotator (docs/design.md section 4.4, ``metadata``).
+"""The offline, no-LLM baseline annotator (docs/design.md section 4, point 4, ``metadata``).
 
 For one user, the items listed in the prompt are grouped by their text embeddings and each group is named
 by the words its items share:

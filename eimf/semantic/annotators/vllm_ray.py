@@ -23,7 +23,7 @@ turns into ``num_cpus = n`` (no GPU asked). vLLM's Ray executor is refused on CP
 CPU is rejected with a clear error. The chat-template actor and the pre/post-processing tasks ask for small
 CPU fractions: with whole CPUs they hold a 2-CPU Ray and the engine actor waits forever, with no error. The
 engine actors get ``VLLM_CPU_KVCACHE_SPACE``, ``VLLM_CPU_OMP_THREADS_BIND``, ``VLLM_HOST_IP`` and
-``HF_HUB_OFFLINE`` through ``runtime_env`` (see shared/notes/stack.md).
+``HF_HUB_OFFLINE`` through ``runtime_env``: the CPU build reads its KV-cache size and thread binding from them.
 
 **Errors.** ``should_continue_on_error``: a row vLLM rejects (e.g. a prompt over ``vllm_max_model_len``) comes
 back with its error and counts as a failed attempt instead of failing the pass. A pass that runs past
