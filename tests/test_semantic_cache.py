@@ -22,24 +22,25 @@ class Killed(Exception):
 
 
 class Counting(Annotator):
-    """Counts every prompt it is sent (by history hash); can die after ``die_after`` batches; users listed in
-    ``bad`` always get an invalid answer."""
+    """Counts every prompt it is sent (by history hash) and every answer it streams back; dies (as a killed
+    process would) after streaming ``die_after`` answers; users listed in ``bad`` always get an invalid answer."""
     kind = "counting"
 
     def __init__(self, model="fake-1", die_after=None, bad=(), max_attempts=2):
         super().__init__(max_attempts)
         self.model, self.die_after, self.bad = model, die_after, set(bad)
-        self.sent, self.batches = [], 0
+        self.sent, self.answered = [], []
 
     @property
     def model_id(self):
         return self.model
 
-    def annotate(self, requests):
-        if self.die_after is not None and self.batches >= self.die_after:
-            raise Killed("killed")
-        self.batches += 1
-        return super().annotate(requests)
+    def generate_stream(self, requests, attempt):
+        for j, g in enumerate(self.generate(requests, attempt)):  # one pass: every prompt submitted at once
+            if self.die_after is not None and len(self.answered) >= self.die_after:
+                raise Killed("killed")
+            self.answered.append(requests[j].history_hash)
+            yield [(j, g)]
 
     def generate(self, requests, attempt):
         out = []
@@ -124,18 +125,20 @@ def test_second_run_hits_cache_for_every_user(tmp_path):
 def test_killed_run_then_restart_sends_no_prompt_twice(tmp_path):
     prep = prepared()
     users = list(range(1, 24))
-    dying = Counting(die_after=2)
+    dying = Counting(die_after=12)
     with pytest.raises(Killed):
         run(prep, users, dying, tmp_path / "cache")
-    assert len(dying.sent) == 10  # two chunks of 5 finished and were stored
+    # one pass took every prompt; 12 answers came back, two batches of 5 were stored, 2 were in flight
+    assert len(dying.sent) == 22 and len(dying.answered) == 12
     (tmp_path / "cache" / "_tmp-part-half-written.parquet").write_bytes(b"PAR1 garbage")  # a torn write
     (tmp_path / "cache" / "part-0-corrupt.parquet").write_bytes(b"not parquet")  # and a damaged part
 
     restart = Counting()
     df, stats = run(prep, users, restart, tmp_path / "cache", out_dir=str(tmp_path / "out"))
     assert stats["cache_hits"] == 11 and stats["prompts"] == 12  # user 2 shares user 1's cached prompt
-    sent = dying.sent + restart.sent
-    assert len(sent) == len(set(sent)) == 22  # every distinct prompt exactly once over both runs
+    assert len(restart.sent) == 12  # the 10 stored answers are not asked again; the 2 in flight are
+    stored = dying.answered[:10]
+    assert not set(stored) & set(restart.sent) and len(set(stored) | set(restart.sent)) == 22  # none lost
     assert set(df["user"]) == set(users) and (df["status"] == "ok").all()
 
     third = Counting()
@@ -262,3 +265,38 @@ def test_merged_annotations_take_the_overlay_where_it_answered(tmp_path):
     assert sorted(semantic_vectors(merged)) == [1, 2, 3]
     assert stats["overlay_users"] == 1 and stats["users"] == 3
     assert json.loads((tmp_path / "m" / "stats.json").read_text())["base_users"] == 3
+
+
+def test_sigkilled_annotation_pass_resumes_without_sending_a_stored_prompt_again(tmp_path):
+    """A real kill: the annotating process dies by SIGKILL midway through its one pass. The rerun sends exactly
+    the prompts whose answers were not stored (the ones in flight), and every user ends annotated."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    cache_dir, log = tmp_path / "cache", tmp_path / "answered.txt"
+    worker = Path(__file__).resolve().parent / "annotate_kill_worker.py"
+    proc = subprocess.Popen([sys.executable, str(worker), str(cache_dir), str(log)])
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        answered = log.read_text().split() if log.exists() else []
+        if len(answered) >= 13:  # two batches of 5 stored, the third in flight
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the worker ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    answered = log.read_text().split()
+    stored = AnnotationCache(str(cache_dir), "fake-1")
+    n_stored = len(stored)
+    assert 10 <= n_stored < len(answered) <= 22  # some answers were lost with the process, never more than a batch
+    assert len(answered) - n_stored <= 5
+
+    restart = Counting()
+    df, stats = run(prepared(), list(range(1, 24)), restart, cache_dir)
+    assert len(restart.sent) == 22 - n_stored  # nothing stored is asked again
+    assert n_stored % 5 == 0 and set(restart.sent).isdisjoint(answered[:n_stored])  # batches of 5, in order
+    assert set(df["user"]) == set(range(1, 24)) and (df["status"] == "ok").all()  # none lost

@@ -236,23 +236,25 @@ def annotate_users(prepared, selected_users: Union[pd.DataFrame, Sequence[int]],
     new_results: List[AnnotationResult] = []
     from eimf.progress import progress
 
+    # One stream over every prompt the cache lacks (one engine start for vLLM); each batch of ``chunk_size``
+    # answers is stored as it arrives, so a kill loses at most the answers not yet flushed.
     bar = progress(len(to_send), "annotate", "prompt", enabled=bool(to_send))
     try:
-        for s in range(0, len(to_send), chunk_size):
-            chunk = to_send[s:s + chunk_size]
-            out = annotator.annotate(chunk)
-            if len(out) != len(chunk):
-                raise RuntimeError(f"annotator returned {len(out)} results for {len(chunk)} requests")
+        for out in annotator.annotate_stream(to_send, chunk_size):
             if cache is not None:
                 cache.put(out)
             new_results.extend(out)
-            bar.update(len(chunk))
+            bar.update(len(out))
             if on_chunk is not None:
-                on_chunk(min(s + chunk_size, len(to_send)), len(to_send))
+                on_chunk(len(new_results), len(to_send))
     finally:
         bar.close()
     annotate_s = time.perf_counter() - t0
-    for req, res in zip(to_send, new_results):
+    by_user = {r.user: r for r in new_results}
+    if len(by_user) != len(to_send) or any(int(req.user) not in by_user for req in to_send):
+        raise RuntimeError(f"annotator returned {len(new_results)} results for {len(to_send)} requests")
+    for req in to_send:
+        res = by_user[int(req.user)]
         results[req.user] = res
         for f in followers.get(key_of(req), []):
             results[f.user] = with_user(res, f.user)

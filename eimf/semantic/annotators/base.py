@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from eimf.semantic.prompts import PROMPT_VERSION, parse_answer
 
@@ -122,51 +122,94 @@ class Annotator:
     def __exit__(self, *exc):
         self.close()
 
+    def generate_stream(self, requests: Sequence[AnnotationRequest], attempt: int
+                        ) -> Iterator[List[Tuple[int, Generation]]]:
+        """Completions as they arrive, in groups of ``(index into requests, generation)``. The default is one
+        :meth:`generate` call; a backend that streams (vLLM through one Ray Data pass) yields as it goes."""
+        gens = self.generate(requests, attempt)
+        if len(gens) != len(requests):
+            raise RuntimeError(f"{type(self).__name__}.generate returned {len(gens)} answers "
+                               f"for {len(requests)} requests")
+        yield list(enumerate(gens))
+
     def annotate(self, requests: Sequence[AnnotationRequest]) -> List[AnnotationResult]:
+        """Every request's result, in the order of ``requests``."""
         requests = list(requests)
+        out: List[Optional[AnnotationResult]] = [None] * len(requests)
+        for batch in self._stream(requests, max(1, len(requests))):
+            for i, r in batch:
+                out[i] = r
+        return out
+
+    def annotate_stream(self, requests: Sequence[AnnotationRequest], flush_every: int
+                        ) -> Iterator[List[AnnotationResult]]:
+        """Results in batches of about ``flush_every`` as answers validate, so a caller can store each batch
+        (a killed run keeps them). All prompts go through one :meth:`generate_stream` per attempt; a prompt
+        whose answer does not validate joins the next attempt; after ``max_attempts`` it is a failed result.
+        """
+        for batch in self._stream(list(requests), flush_every):
+            yield [r for _, r in batch]
+
+    def _stream(self, requests: List[AnnotationRequest], flush_every: int
+                ) -> Iterator[List[Tuple[int, AnnotationResult]]]:
         states = [_State() for _ in requests]
         pending = list(range(len(requests)))
+        ready: List[Tuple[int, AnnotationResult]] = []
         for attempt in range(1, self.max_attempts + 1):
             if not pending:
                 break
             t0 = time.perf_counter()
-            gens = self.generate([requests[i] for i in pending], attempt)
-            if len(gens) != len(pending):
-                raise RuntimeError(f"{type(self).__name__}.generate returned {len(gens)} answers "
-                                   f"for {len(pending)} requests")
+            still = []
+            seen = 0
+            for group in self.generate_stream([requests[i] for i in pending], attempt):
+                for j, g in group:
+                    i = pending[j]
+                    seen += 1
+                    if self._absorb(states[i], requests[i], g):
+                        ready.append((i, self._result(requests[i], states[i])))
+                    else:
+                        still.append(i)
+                while len(ready) >= flush_every:
+                    yield ready[:flush_every]
+                    ready = ready[flush_every:]
+            if seen != len(pending):
+                raise RuntimeError(f"{type(self).__name__}: {seen} answers for {len(pending)} requests")
             log.debug("%s attempt %d: %d requests in %.2fs", self.kind, attempt, len(pending),
                       time.perf_counter() - t0)
-            still = []
-            for i, g in zip(pending, gens):
-                st, req = states[i], requests[i]
-                st.attempts += 1
-                st.tokens_in += int(g.tokens_in or 0)
-                st.tokens_out += int(g.tokens_out or 0)
-                st.latency_s += float(g.latency_s or 0.0)
-                if g.error is not None:
-                    st.error = g.error
-                    st.text = g.text if g.text is not None else st.text
-                    st.errors.append(g.error)
-                    still.append(i)
-                    continue
-                st.text = g.text
-                interests, err = parse_answer(g.text, req.max_interests, req.n_items)
-                if interests is None:
-                    st.error = err
-                    st.errors.append(err)
-                    still.append(i)
-                else:
-                    st.interests, st.error = interests, None
-            pending = still
-        out = []
-        for req, st in zip(requests, states):
-            ok = st.interests is not None
-            if not ok:
-                log.warning("user %s: no valid answer after %d attempts (%s)", req.user, st.attempts, st.error)
-            out.append(AnnotationResult(
-                user=int(req.user), interests=st.interests, raw_text=st.text,
-                status=STATUS_OK if ok else STATUS_FAILED, attempts=st.attempts, tokens_in=st.tokens_in,
-                tokens_out=st.tokens_out, error=None if ok else "; ".join(str(e) for e in st.errors)[:2000],
-                history_hash=req.history_hash, model=self.model_id, prompt_version=req.prompt_version,
-                latency_s=st.latency_s))
-        return out
+            pending = sorted(still)
+        for i in pending:
+            log.warning("user %s: no valid answer after %d attempts (%s)", requests[i].user, states[i].attempts,
+                        states[i].error)
+            ready.append((i, self._result(requests[i], states[i])))
+        for k in range(0, len(ready), flush_every):
+            yield ready[k:k + flush_every]
+
+    @staticmethod
+    def _absorb(st: "_State", req: AnnotationRequest, g: Generation) -> bool:
+        """Count one attempt into ``st``; True when its answer validates."""
+        st.attempts += 1
+        st.tokens_in += int(g.tokens_in or 0)
+        st.tokens_out += int(g.tokens_out or 0)
+        st.latency_s += float(g.latency_s or 0.0)
+        if g.error is not None:
+            st.error = g.error
+            st.text = g.text if g.text is not None else st.text
+            st.errors.append(g.error)
+            return False
+        st.text = g.text
+        interests, err = parse_answer(g.text, req.max_interests, req.n_items)
+        if interests is None:
+            st.error = err
+            st.errors.append(err)
+            return False
+        st.interests, st.error = interests, None
+        return True
+
+    def _result(self, req: AnnotationRequest, st: "_State") -> AnnotationResult:
+        ok = st.interests is not None
+        return AnnotationResult(
+            user=int(req.user), interests=st.interests, raw_text=st.text,
+            status=STATUS_OK if ok else STATUS_FAILED, attempts=st.attempts, tokens_in=st.tokens_in,
+            tokens_out=st.tokens_out, error=None if ok else "; ".join(str(e) for e in st.errors)[:2000],
+            history_hash=req.history_hash, model=self.model_id, prompt_version=req.prompt_version,
+            latency_s=st.latency_s)

@@ -4,10 +4,11 @@ One :meth:`VLLMRayAnnotator.generate` call is one Ray Data pass: the requests be
 prompt: its chat messages and its JSON schema), ``ray.data.llm``'s processor applies the model's chat template
 in a light CPU actor, the vLLM engine actors (``semantic.vllm_concurrency`` of them, each over
 ``semantic.vllm_tensor_parallel_size`` devices, ``semantic.vllm_batch_size`` rows per batch) generate, and the
-rows come back to the driver. Validation, retries of invalid answers, failures kept with their raw text, the
-cache and chunking are the shared path (:class:`~eimf.semantic.annotators.base.Annotator`,
-:func:`eimf.semantic.annotate.annotate_users`): an engine starts per pass, i.e. per chunk of
-``semantic.chunk_size`` prompts and per retry round, so on a GPU cluster use large chunks.
+rows stream back to the driver. Validation, retries of invalid answers, failures kept with their raw text and
+the cache are the shared path (:class:`~eimf.semantic.annotators.base.Annotator`,
+:func:`eimf.semantic.annotate.annotate_users`): every prompt the cache lacks goes through **one** pass (the
+engines start once), answers are stored in batches of ``semantic.chunk_size`` as they arrive, and only the
+prompts whose answers did not validate go through a second pass (a retry round).
 
 **Structured output.** Every row carries its own schema, :func:`eimf.semantic.prompts.interest_schema` with K
 of the request and evidence numbers bounded by the number of items listed (the answer validation checks the
@@ -34,12 +35,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from unittest import mock
 
 from eimf.semantic.annotators.base import AnnotationRequest, Annotator, Generation
@@ -201,73 +202,115 @@ class VLLMRayAnnotator(Annotator):
                                preprocess_map_kwargs={"num_cpus": MAP_TASK_CPUS},
                                postprocess_map_kwargs={"num_cpus": MAP_TASK_CPUS})
 
-    def _run(self, rows: List[dict]) -> List[dict]:
+    def _rows(self, rows: List[dict]) -> Iterator[dict]:
+        """The output rows of one streaming Ray Data pass over ``rows``, as they come back."""
+        import ray
+
         # ray.data.llm calls ray.init(runtime_env=<the engines' env>) even with Ray running; inside a Ray job whose
         # runtime env sets one of the same variables (HF_HUB_OFFLINE, VLLM_CPU_OMP_THREADS_BIND, ...) Ray refuses
         # that call as a conflict unless told to combine them. The engines' env is read from this process's
         # environment, i.e. the job's values, so combining changes nothing else.
         with mock.patch.dict(os.environ, {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}):
-            return self._run_pass(rows)
+            if self._processor is None:
+                self._processor = self._build_processor()
+            n_blocks = max(1, -(-len(rows) // self.batch_size))
+            out = self._processor(ray.data.from_items(rows, override_num_blocks=n_blocks))
+            # a thread drives the iterator so that the pass can be bounded by semantic.vllm_timeout_s
+            q: "queue.Queue" = queue.Queue(maxsize=4 * self.batch_size)
+            done, stop = object(), threading.Event()
 
-    def _run_pass(self, rows: List[dict]) -> List[dict]:
-        import ray
+            def put(item) -> bool:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.5)
+                        return True
+                    except queue.Full:
+                        continue
+                return False
 
-        if self._processor is None:
-            self._processor = self._build_processor()
-        n_blocks = max(1, -(-len(rows) // self.batch_size))
-        ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
-        out = self._processor(ds)
-        if self.timeout_s is None:
-            return out.take_all()
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eimf-vllm-pass")
-        fut = pool.submit(out.take_all)
-        try:
-            return fut.result(timeout=self.timeout_s)
-        except FutureTimeout:
-            raise TimeoutError(f"vLLM pass over {len(rows)} prompts ran past semantic.vllm_timeout_s="
-                               f"{self.timeout_s:g}s") from None
-        finally:
-            pool.shutdown(wait=False)
+            def pump():
+                try:
+                    for row in out.iter_rows():  # leaving this loop shuts the pass (and its engines) down
+                        if not put(row):
+                            return
+                    put(done)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                    put(e)
+
+            threading.Thread(target=pump, name="eimf-vllm-pass", daemon=True).start()
+            deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+            try:
+                while True:
+                    wait = None if deadline is None else deadline - time.monotonic()
+                    try:
+                        if wait is not None and wait <= 0:
+                            raise queue.Empty
+                        item = q.get(timeout=wait)
+                    except queue.Empty:
+                        raise TimeoutError(f"vLLM pass over {len(rows)} prompts ran past "
+                                           f"semantic.vllm_timeout_s={self.timeout_s:g}s") from None
+                    if item is done:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:  # a caller that stops early (a kill, an error) stops the pass with it
+                stop.set()
+
+    @staticmethod
+    def _generation(row: dict, per: float) -> Generation:
+        err = row.get(ERROR_COLUMN) or ""
+        if err:
+            return Generation(text=row.get("generated_text") or None, error=f"vllm: {err}"[:500], latency_s=per)
+        return Generation(text=row.get("text"), tokens_in=int(row.get("tokens_in") or 0),
+                          tokens_out=int(row.get("tokens_out") or 0), latency_s=per)
 
     # ------------------------------------------------------------------------------------ interface
-    def generate(self, requests: Sequence[AnnotationRequest], attempt: int) -> List[Generation]:
+    def generate_stream(self, requests: Sequence[AnnotationRequest], attempt: int
+                        ) -> Iterator[List[Tuple[int, Generation]]]:
+        """Every prompt through one Ray Data pass (the engines start once); answers are yielded in groups of
+        ``semantic.vllm_batch_size`` as they come back, so the caller stores them while the pass goes on."""
         requests = list(requests)
         if not requests:
-            return []
+            return
         temperature = self.temperature if attempt <= 1 else max(self.temperature, self.retry_temperature)
         rows = [{"idx": i, "messages": json.dumps(r.messages, ensure_ascii=False),
                  "schema": json.dumps(decoding_schema(r)), "temperature": temperature, "seed": int(attempt)}
                 for i, r in enumerate(requests)]
         self.passes.append((attempt, [int(r.user) for r in requests]))
         t0 = time.perf_counter()
-        out = self._run(rows)
+        seen, group, tok_in, tok_out, q_ts, e_ts = set(), [], 0, 0, [], []
+        for row in self._rows(rows):
+            i = int(row["idx"])
+            if i in seen:
+                continue
+            seen.add(i)
+            # latency: the pass is batched, its wall time so far is shared by the answers so far
+            g = self._generation(row, (time.perf_counter() - t0) / len(seen))
+            tok_in, tok_out = tok_in + g.tokens_in, tok_out + g.tokens_out
+            q_ts += [row["queued_ts"]] if row.get("queued_ts") else []
+            e_ts += [row["last_token_ts"]] if row.get("last_token_ts") else []
+            group.append((i, g))
+            if len(group) >= self.batch_size:
+                yield group
+                group = []
         wall = time.perf_counter() - t0
-        by_idx: Dict[int, dict] = {}
-        for row in out:
-            by_idx[int(row["idx"])] = row
-        per = wall / len(requests)  # a pass is batched: its wall time is shared by its prompts
-        gens = []
-        for i, req in enumerate(requests):
-            row = by_idx.get(i)
-            if row is None:
-                gens.append(Generation(text=None, error="vllm: no output row for this prompt", latency_s=per))
-                continue
-            err = row.get(ERROR_COLUMN) or ""
-            if err:
-                gens.append(Generation(text=row.get("generated_text") or None, error=f"vllm: {err}"[:500],
-                                       latency_s=per))
-                continue
-            gens.append(Generation(text=row.get("text"), tokens_in=int(row.get("tokens_in") or 0),
-                                   tokens_out=int(row.get("tokens_out") or 0), latency_s=per))
-        tok = sum(g.tokens_out for g in gens)
-        q = [r["queued_ts"] for r in out if r.get("queued_ts")]
-        e = [r["last_token_ts"] for r in out if r.get("last_token_ts")]
-        span = (max(e) - min(q)) if q and e and max(e) > min(q) else None
+        missing = [(i, Generation(text=None, error="vllm: no output row for this prompt", latency_s=0.0))
+                   for i in range(len(requests)) if i not in seen]
+        if group or missing:
+            yield group + missing
+        span = (max(e_ts) - min(q_ts)) if q_ts and e_ts and max(e_ts) > min(q_ts) else None
         self.pass_stats.append(dict(attempt=attempt, prompts=len(requests), wall_s=wall, generation_s=span,
-                                    tokens_in=sum(g.tokens_in for g in gens), tokens_out=tok))
+                                    tokens_in=tok_in, tokens_out=tok_out))
         log.info("vllm pass (attempt %d): %d prompts in %.1fs (generation %s), %d tokens out", attempt,
-                 len(requests), wall, f"{span:.1f}s" if span else "n/a", tok)
-        return gens
+                 len(requests), wall, f"{span:.1f}s" if span else "n/a", tok_out)
+
+    def generate(self, requests: Sequence[AnnotationRequest], attempt: int) -> List[Generation]:
+        out: List[Optional[Generation]] = [None] * len(requests)
+        for group in self.generate_stream(requests, attempt):
+            for i, g in group:
+                out[i] = g
+        return out
 
     def close(self) -> None:
         # Engine actors belong to each Ray Data pass and end with it; nothing is held between passes.
