@@ -299,7 +299,7 @@ class SemanticConfig:
     annotator: str = "metadata"
     #: Tries per prompt when the answer does not validate; then it is recorded as failed.
     max_attempts: int = 3
-    #: Prompts per cache part file (a killed run keeps every finished chunk).
+    #: Answers per cache part file, stored as they arrive (a killed run keeps every stored batch).
     chunk_size: int = operational(64)
     #: Annotation cache folder (local or ``s3://``); None: <EIMF_HOME>/annotation_cache.
     cache_dir: Optional[str] = operational(None)
@@ -345,7 +345,7 @@ class SemanticConfig:
     repetition_penalty: float = 1.1
     #: vllm: temperature of retries of invalid answers (a greedy retry mostly repeats the same answer).
     retry_temperature: float = 0.7
-    #: Wall-clock bound of one Ray Data pass (a chunk or a retry round), engine start included; None: none.
+    #: Longest wait for the next vLLM answer (the first includes the engine start); None: none.
     vllm_timeout_s: Optional[float] = operational(3600.0)
     # -- text encoder --------------------------------------------------------------------------
     #: ``all-MiniLM-L6-v2`` (packaged, offline) or a local sentence-transformers folder.

@@ -298,3 +298,29 @@ def test_openai_from_config():
     ann = build_annotator(cfg)
     assert isinstance(ann, OpenAICompatAnnotator) and ann.max_concurrency == 2 and ann.model == "m"
     ann.close()
+
+
+class _StallingPass:
+    """Stands in for the ray.data.llm processor's output: answers the first prompt, then hangs."""
+
+    def iter_rows(self):
+        yield {"idx": 0, "text": '{"interests": []}', "tokens_in": 3, "tokens_out": 2}
+        time.sleep(60)
+
+
+def test_vllm_stream_yields_answers_as_they_come_and_bounds_the_wait_for_the_next(ray_session, tmp_path):
+    """The one-pass stream hands back each answer before the pass ends, and a stalled pass fails after
+    semantic.vllm_timeout_s without an answer, naming how far it got (not after a bound on the whole pass)."""
+    from eimf.semantic.annotators.vllm_ray import VLLMRayAnnotator
+
+    (tmp_path / "config.json").write_text("{}")  # a model folder is all the constructor checks
+    ann = VLLMRayAnnotator(str(tmp_path), batch_size=1, max_tokens=8, timeout_s=1.0)
+    ann._processor = lambda ds: _StallingPass()
+    reqs = [request(u, ["Toy Story (1995) | Animation", "Heat (1995) | Action"]) for u in (1, 2)]
+    stream = ann.generate_stream(reqs, attempt=1)
+    first = next(stream)
+    assert [i for i, _ in first] == [0] and first[0][1].text == '{"interests": []}'
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError, match=r"vllm_timeout_s=1s \(1 of 2 prompts answered\)"):
+        next(stream)
+    assert time.perf_counter() - t0 < 10

@@ -238,21 +238,21 @@ class VLLMRayAnnotator(Annotator):
                     put(e)
 
             threading.Thread(target=pump, name="eimf-vllm-pass", daemon=True).start()
-            deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+            answered = 0
             try:
                 while True:
-                    wait = None if deadline is None else deadline - time.monotonic()
+                    # the bound is on the wait for the next answer (engine start included in the first), not
+                    # on the whole pass: one pass now carries every prompt, however many
                     try:
-                        if wait is not None and wait <= 0:
-                            raise queue.Empty
-                        item = q.get(timeout=wait)
+                        item = q.get(timeout=self.timeout_s)
                     except queue.Empty:
-                        raise TimeoutError(f"vLLM pass over {len(rows)} prompts ran past "
-                                           f"semantic.vllm_timeout_s={self.timeout_s:g}s") from None
+                        raise TimeoutError(f"vLLM pass: no answer for semantic.vllm_timeout_s={self.timeout_s:g}s "
+                                           f"({answered} of {len(rows)} prompts answered)") from None
                     if item is done:
                         return
                     if isinstance(item, BaseException):
                         raise item
+                    answered += 1
                     yield item
             finally:  # a caller that stops early (a kill, an error) stops the pass with it
                 stop.set()
