@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(dict(rows=rows, ratio_prompts_e2e=ratio_e2e, ratio_prompts_gen=ratio_gen,
                                                    ratio_tokens_e2e=tok_ratio_e2e, ratio_tokens_gen=tok_ratio_gen,
-                                                   vllm_raw=[g.text for g in v_gens], hf_raw=[g.text for g in h_gens]),
+                                                   vllm_raw=[g.raw_text for g in v_gens], hf_raw=[g.text for g in h_gens]),
                                               indent=2, default=str))
     return 0
 
