@@ -329,11 +329,13 @@ def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
 
 
 def format_eimf_table(rows: List[dict], split: str = "test", metrics: Sequence[str] = ("recall@20", "recall@50"),
-                      n_boot: int = 10_000) -> str:
+                      n_boot: int = 10_000, reference: str = "backbone") -> str:
     """Markdown per (dataset, backbone): one line per variant, mean ± std over seeds of every metric; against the
-    backbone on the same seeds, Δ of each of ``metrics`` with its per-user paired bootstrap 95 % CI
+    ``reference`` variant (the backbone; ``no-aux`` asks what the auxiliary losses add over the same batches) on
+    the same seeds, Δ of each of ``metrics`` with its per-user paired bootstrap 95 % CI
     (:mod:`eimf.evaluation.compare`), the per-seed Δ of the last one, and a verdict from its CI (gain / loss /
-    no difference). Rows without per-user tables fall back to the per-seed mean ± std and no verdict."""
+    no difference). Rows without per-user tables fall back to the per-seed mean ± std and no verdict. Against a
+    reference other than the backbone only the EIMF variants are listed."""
     from eimf.evaluation.compare import paired_bootstrap
 
     groups: Dict[Tuple[str, str], Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
@@ -344,9 +346,13 @@ def format_eimf_table(rows: List[dict], split: str = "test", metrics: Sequence[s
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = list(VARIANTS)
     for (dataset, model), by_variant in sorted(groups.items()):
-        base = by_variant.get("backbone", {})
+        base = by_variant.get(reference, {})
+        if not base:
+            continue
         base_tables = {s: load_per_user(r, split) for s, r in base.items()}
         for name in sorted(by_variant, key=lambda n: order.index(n) if n in order else len(order)):
+            if reference != "backbone" and name != reference and not (name in VARIANTS and VARIANTS[name].eimf):
+                continue
             runs = by_variant[name]
             ms = [r["metrics"] for r in runs.values()]
             cells = [dataset, model, name, str(len(ms))]
@@ -354,7 +360,7 @@ def format_eimf_table(rows: List[dict], split: str = "test", metrics: Sequence[s
                 vals = [x[f"{split}/{m}"] for x in ms if f"{split}/{m}" in x]
                 cells.append("{:.4f} ± {:.4f}".format(*_mean_std(vals)) if vals else "-")
             paired = [s for s in runs if s in base]
-            if name == "backbone" or not paired:
+            if name == reference or not paired:
                 cells += ["-"] * (len(metrics) + 2)
             else:
                 tables = {s: load_per_user(runs[s], split) for s in paired}

@@ -88,6 +88,10 @@ def main(argv=None) -> int:
         rows = run_eimf_grid(base, args.datasets, args.backbones, args.seeds, args.variants, raw_path=raw,
                              grid_name=args.name, out_dir=work)
         table = format_eimf_table(rows)
+        if any(r.get("variant") == "no-aux" for r in rows):
+            table += "\n\nAgainst the sampler control: each EIMF variant against `no-aux` (the same batches, both " \
+                     "auxiliary weights 0), so Δ is what the auxiliary losses add.\n\n" + \
+                     format_eimf_table(rows, reference="no-aux")
         where = format_where_table(rows)
         if where.count("\n") > 1:
             table += "\n\nWhere the change lies: Δ test recall@50 by quartile of the user's history length and of " \

@@ -90,6 +90,28 @@ def test_table_gives_the_paired_bootstrap_ci_and_its_verdict(tmp_path):
     assert base[10:14] == ["-"] * 4  # no delta against itself
 
 
+def test_table_against_the_sampler_control_lists_only_eimf_variants(tmp_path):
+    """reference="no-aux": Δ of each EIMF variant over the same batches without the auxiliary losses; the
+    backbone and text-init (no EIMF) are not listed."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for seed in (1, 2, 3):
+        base = rng.uniform(0, 0.5, 600)
+        arms = {"backbone": base, "no-aux": base + 0.01, "eimf": base + 0.04 + rng.normal(0, 0.02, 600),
+                "text-init": base + 0.02}
+        for variant, r50 in arms.items():
+            path = tmp_path / f"{variant}-{seed}.test.parquet"
+            pd.DataFrame({"user": np.arange(600), "recall@20": r50 / 2, "recall@50": r50}).to_parquet(path)
+            rows.append(_row(variant, seed, float(r50.mean()), float(r50.mean() / 2),
+                             per_user={"test": str(path)}))
+    table = format_eimf_table(rows, n_boot=500, reference="no-aux")
+    assert [line.split(" | ")[2] for line in table.splitlines()[2:]] == ["eimf", "no-aux"]
+    eimf = _cells(table, "eimf")
+    assert eimf[11].startswith("+0.03") and eimf[13] == "gain"
+    assert _cells(table, "no-aux")[10:14] == ["-"] * 4
+    assert format_eimf_table([r for r in rows if r["variant"] != "no-aux"], reference="no-aux").count("\n") == 1
+
+
 def test_table_without_per_user_tables_falls_back_to_per_seed_differences():
     rows = [_row("backbone", s, v) for s, v in zip((1, 2, 3), (0.20, 0.22, 0.24))]
     rows += [_row("eimf", s, v) for s, v in zip((1, 2, 3), (0.25, 0.27, 0.29))]
