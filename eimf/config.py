@@ -91,6 +91,11 @@ class DataConfig:
     history_fraction: float = 0.8
     #: Where preprocessed datasets are written (local or ``s3://``); None: <EIMF_HOME>/data.
     output_dir: Optional[str] = operational()
+    #: Where preparation runs: ``ray`` (tasks over user and item buckets; no process holds the whole log),
+    #: ``local`` (pandas in this process), ``auto`` (local up to ~2M interactions). Both write the same bytes.
+    engine: str = operational("auto")
+    #: ``ray`` engine: user (and item) buckets, so a task holds about 1/buckets of the log; 0: one per ~2M rows.
+    buckets: int = operational(0)
     #: A built-in dataset whose folder is missing: ``auto`` downloads it (checksums checked) when the network
     #: answers, ``never`` fails with the folder it looked in.
     download: str = operational("auto")
@@ -100,6 +105,8 @@ class DataConfig:
         _check_choice("data.dedupe", self.dedupe, ("none", "consecutive", "first"))
         _check_choice("data.split", self.split, ("user", "loo"))
         _check_choice("data.download", self.download, ("auto", "never"))
+        _check_choice("data.engine", self.engine, ("auto", "local", "ray"))
+        _check_min("data.buckets", self.buckets, 0)
         _check_min("data.min_count", self.min_count, 1)
         r = list(self.split_ratios)
         if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6:

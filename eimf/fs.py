@@ -47,6 +47,16 @@ def s3_options() -> dict:
     return opts
 
 
+#: The environment variables :func:`s3_options` reads.
+S3_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN")
+
+
+def s3_env() -> dict:
+    """This process's S3 settings, to hand to Ray tasks whose environment may lack them."""
+    return {k: os.environ[k] for k in S3_ENV_VARS if k in os.environ}
+
+
 _S3_CACHE: dict = {}
 
 

@@ -210,8 +210,9 @@ def test_multiple_files_without_time_keep_file_order_through_ray(tmp_path, ray_s
     (folder / "_SUCCESS").write_text("")
     (folder / "part-2.tsv").write_text("")  # empty part: counted, skipped in drop mode
     cfg = DataConfig(dataset="custom", interactions=str(folder), user_col="u", item_col="i", time_col=None,
-                     output_dir=str(tmp_path / "o"), min_count=1, split="loo")
+                     output_dir=str(tmp_path / "o"), min_count=1, split="loo", engine="ray")
     p = prepare(cfg)
+    assert p.manifest["engine"]["name"] == "ray" and p.manifest["engine"]["buckets"] == 2
     assert p.manifest["empty_files"] == [str(folder / "part-2.tsv")]
     assert p.manifest["counts"]["rows_in"] == 6 and p.manifest["has_time"] is False
     raw = dict(zip(p.items["item"], p.items["raw_id"]))
@@ -258,7 +259,7 @@ def test_publisher_layouts_are_recognised(tmp_path):
 
 @pytest.mark.skipif(not (DATA / "ml-100k").is_dir(), reason="no shared ml-100k")
 def test_prepare_real_ml100k(tmp_path, ray_session):
-    cfg = DataConfig(dataset="ml-100k", data_dir=str(DATA), output_dir=str(tmp_path))
+    cfg = DataConfig(dataset="ml-100k", data_dir=str(DATA), output_dir=str(tmp_path), engine="ray")
     p = prepare(cfg)
     c = p.manifest["counts"]
     assert c["rows_in"] == 100_000 and c["rows_dropped"] == 0

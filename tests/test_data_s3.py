@@ -53,7 +53,7 @@ def test_prepare_s3_round_trip_matches_local(s3_env, ray_session, tmp_path):
 
     cfg = DataConfig(dataset="custom", interactions="s3://eimf-data/raw/log/", items="s3://eimf-data/raw/items.csv",
                      output_dir="s3://eimf-data/prepared", min_count=2)
-    p = prepare(cfg)  # Ray Data reads S3, Parquet + manifest written to S3
+    p = prepare(cfg, engine="ray")  # Ray tasks read S3, stage their buckets there, write Parquet + manifest
     assert p.path.startswith("s3://eimf-data/prepared/custom/")
     assert fs.exists(p.path + "/manifest.json") and fs.exists(p.path + "/train.parquet")
     assert p.manifest["drops"] == {"missing_item": 1}
@@ -64,6 +64,9 @@ def test_prepare_s3_round_trip_matches_local(s3_env, ray_session, tmp_path):
                                items=str(tmp_path / "raw" / "items.csv"), output_dir=str(tmp_path / "out"),
                                min_count=2), engine="local")
     assert again.n_items == local.n_items
+    for name in ("train", "valid", "test", "items", "users"):  # the same bytes from both engines
+        assert fs.read_bytes(f"{p.path}/{name}.parquet") == fs.read_bytes(f"{local.path}/{name}.parquet")
+    assert not fs.exists(p.path + "/_stage")  # the buckets are cleaned up
     for split in ("train", "valid", "test", "items"):
         a, b = getattr(again, split), getattr(local, split)
         assert a.shape == b.shape

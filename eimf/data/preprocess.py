@@ -1,8 +1,12 @@
 """Raw files -> validated, filtered, re-indexed, split Parquet plus a manifest (see docs/architecture.md).
 
-``prepare(cfg.data)`` runs, in this order:
+``prepare(cfg.data)`` runs the steps below on one of two engines that write the same bytes (``data.engine``):
+``local`` runs them in pandas in this process (:func:`build`); ``ray`` runs them as Ray tasks over user and item
+buckets, so that no process holds the whole log (:mod:`eimf.data.distributed`); ``auto`` picks local for logs up
+to about 2M interactions. This module owns the prepared layout: it writes the tables (:class:`TableWriter`, in
+fixed row groups) and the manifest, and reads them back (:func:`load_prepared`, lazily). The steps:
 
-1. **read + validate** every file through Ray Data (:mod:`eimf.data.ingest`); malformed rows are dropped and
+1. **read + validate** every file (:mod:`eimf.data.ingest`); malformed rows are dropped and
    counted by reason (``data.on_bad_rows=drop``) or stop the run naming file, line and field (``error``).
 2. **order**: each user's interactions sorted stably by (time, file, row in file); without a time column
    the order is the file order.
@@ -28,9 +32,9 @@ settings and the config fields that change the output; a folder that already has
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime as _dt
 import hashlib
-import io
 import json
 import logging
 import os
@@ -45,6 +49,7 @@ import pandas as pd
 from eimf import fs
 from eimf.data.datasets import Inputs, ensure_dataset, resolve_inputs
 from eimf.data.formats import DataError
+from eimf.data.ingest import ReadSummary
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +62,32 @@ DEDUPE_POLICIES = ("none", "consecutive", "first")
 OUTPUT_FIELDS = ("on_bad_rows", "dedupe", "min_count", "split", "split_seed", "split_ratios", "history_fraction")
 
 
-@dataclass
 class PreparedDataset:
-    path: str
-    n_items: int
-    #: user int64, items list<int64> (whole chronological sequence)
-    train: pd.DataFrame
-    #: user, history, truth
-    valid: pd.DataFrame
-    test: pd.DataFrame
-    #: item (1..N), raw_id, count, text
-    items: pd.DataFrame
-    manifest: dict
-    #: user (1..U), raw_id, n_interactions (not part of the training contract)
-    users: Optional[pd.DataFrame] = None
+    """A prepared folder: the manifest at once, each table read when first used (then kept), so that preparing or
+    opening a large dataset costs the driver nothing until a table is asked for.
+
+    ``train``: user int64, items list<int64> (whole chronological sequence); ``valid``/``test``: user, history,
+    truth; ``items``: item (1..N), raw_id, count, text; ``users``: user (1..U), raw_id, n_interactions, or None in
+    folders written before it existed (not part of the training contract)."""
+
+    def __init__(self, path: str, manifest: dict):
+        self.path, self.manifest = path, manifest
+        self.n_items = int(manifest["n_items"])
+
+    def _table(self, name: str) -> pd.DataFrame:
+        return _read_parquet(fs.join(self.path, f"{name}.parquet"))
+
+    train = functools.cached_property(lambda self: self._table("train"))
+    valid = functools.cached_property(lambda self: self._table("valid"))
+    test = functools.cached_property(lambda self: self._table("test"))
+    items = functools.cached_property(lambda self: self._table("items"))
+
+    @functools.cached_property
+    def users(self) -> Optional[pd.DataFrame]:
+        return self._table("users") if fs.exists(fs.join(self.path, "users.parquet")) else None
+
+    def __repr__(self) -> str:
+        return f"PreparedDataset({self.path!r}, n_items={self.n_items})"
 
 
 # --------------------------------------------------------------------------------------- pure steps
@@ -140,12 +157,67 @@ def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> Tuple[np.
     return flat[idx], offsets
 
 
+def list_type(total: int):
+    """The Arrow type of an id-list column holding ``total`` ids: 32-bit offsets while they fit."""
+    import pyarrow as pa
+
+    return pa.list_(pa.int64()) if total < 2**31 else pa.large_list(pa.int64())
+
+
 def _list_array(values: np.ndarray, offsets: np.ndarray):
     import pyarrow as pa
 
-    off_type = pa.int32() if offsets[-1] < 2**31 else pa.int64()
-    cls = pa.ListArray if off_type == pa.int32() else pa.LargeListArray
-    return cls.from_arrays(pa.array(offsets, type=off_type), pa.array(values, type=pa.int64()))
+    large = offsets[-1] >= 2**31
+    cls = pa.LargeListArray if large else pa.ListArray
+    return cls.from_arrays(pa.array(offsets, type=pa.int64() if large else pa.int32()), pa.array(values, type=pa.int64()))
+
+
+def cut_sequences(users: np.ndarray, starts: np.ndarray, lens: np.ndarray, items: np.ndarray, split_of, cfg
+                  ) -> Tuple[Dict[str, "object"], dict]:
+    """Users (ascending ids) whose sequences are ``items[start:start + len]`` -> the split tables (pyarrow)
+    and their counts. ``split_of[user]``: 0 train, 1 valid, 2 test (``data.split=user``; None for ``loo``).
+    Both engines cut here: the in-process one for all users, the distributed one per user bucket."""
+    import pyarrow as pa
+
+    tables, counts = {}, {}
+    if cfg.split == "user":
+        which = split_of[users]
+        sel = which == 0
+        vals, offs = _gather(items, starts[sel], lens[sel])
+        tables["train"] = pa.table({"user": pa.array(users[sel], pa.int64()), "items": _list_array(vals, offs)})
+        counts["train_users"], counts["train_interactions"] = int(sel.sum()), int(offs[-1])
+        dropped_eval = 0
+        for code, name in ((1, "valid"), (2, "test")):
+            sel = which == code
+            us, s, L = users[sel], starts[sel], lens[sel]
+            h = np.array([int(x * cfg.history_fraction) for x in L.tolist()], dtype=np.int64)
+            ok = h > 0  # an empty history cannot be scored
+            dropped_eval += int((~ok).sum())
+            us, s, L, h = us[ok], s[ok], L[ok], h[ok]
+            hv, ho = _gather(items, s, h)
+            tv, to = _gather(items, s + h, L - h)
+            tables[name] = pa.table({"user": pa.array(us, pa.int64()), "history": _list_array(hv, ho),
+                                     "truth": _list_array(tv, to)})
+            counts[f"{name}_users"] = len(us)
+            counts[f"{name}_history_interactions"], counts[f"{name}_truth_interactions"] = int(ho[-1]), int(to[-1])
+        counts["eval_users_dropped_empty_history"] = dropped_eval
+    elif cfg.split == "loo":
+        ok = lens >= 3
+        counts["users_too_short_for_loo"] = int((~ok).sum())
+        us, L, s = users[ok], lens[ok], starts[ok]
+        tv, to = _gather(items, s, L - 2)
+        tables["train"] = pa.table({"user": pa.array(us, pa.int64()), "items": _list_array(tv, to)})
+        counts["train_users"], counts["train_interactions"] = len(us), int(to[-1])
+        for name, hist_len in (("valid", L - 2), ("test", L - 1)):
+            hv, ho = _gather(items, s, hist_len)
+            gv, go = _gather(items, s + hist_len, np.ones(len(us), dtype=np.int64))
+            tables[name] = pa.table({"user": pa.array(us, pa.int64()), "history": _list_array(hv, ho),
+                                     "truth": _list_array(gv, go)})
+            counts[f"{name}_users"] = len(us)
+            counts[f"{name}_history_interactions"], counts[f"{name}_truth_interactions"] = int(ho[-1]), int(go[-1])
+    else:
+        raise DataError(f"data.split must be user or loo, got {cfg.split!r}")
+    return tables, counts
 
 
 @dataclass
@@ -265,50 +337,14 @@ def build(ing, cfg, numeric_ids: bool, catalogue_item_col: str = "item") -> Buil
                                 "n_interactions": lens})
 
     # 7. split
-    user_ids = np.arange(1, n_users + 1, dtype=np.int64)
-    tables = {}
+    split_of = None
     if cfg.split == "user":
-        ratios = list(cfg.split_ratios)
-        if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
-            raise DataError(f"data.split_ratios must be 3 non-negative numbers summing to 1, got {ratios}")
-        if not 0.0 < cfg.history_fraction < 1.0:
-            raise DataError(f"data.history_fraction must be in (0, 1), got {cfg.history_fraction}")
-        tr, va, te = split_users(user_ids.tolist(), cfg.split_seed, ratios)
-        tr = np.sort(np.asarray(tr, dtype=np.int64))
-        vals, offs = _gather(new_items, starts[tr - 1], lens[tr - 1])
-        tables["train"] = pa.table({"user": pa.array(tr, pa.int64()), "items": _list_array(vals, offs)})
-        counts["train_users"], counts["train_interactions"] = len(tr), int(offs[-1])
-        dropped_eval = 0
-        for name, us in (("valid", va), ("test", te)):
-            us = np.sort(np.asarray(us, dtype=np.int64))
-            L = lens[us - 1]
-            h = np.array([int(x * cfg.history_fraction) for x in L.tolist()], dtype=np.int64)
-            ok = h > 0  # an empty history cannot be scored
-            dropped_eval += int((~ok).sum())
-            us, L, h = us[ok], L[ok], h[ok]
-            hv, ho = _gather(new_items, starts[us - 1], h)
-            tv, to = _gather(new_items, starts[us - 1] + h, L - h)
-            tables[name] = pa.table({"user": pa.array(us, pa.int64()), "history": _list_array(hv, ho),
-                                     "truth": _list_array(tv, to)})
-            counts[f"{name}_users"] = len(us)
-            counts[f"{name}_history_interactions"], counts[f"{name}_truth_interactions"] = int(ho[-1]), int(to[-1])
-        counts["eval_users_dropped_empty_history"] = dropped_eval
-    elif cfg.split == "loo":
-        ok = lens >= 3
-        counts["users_too_short_for_loo"] = int((~ok).sum())
-        us, L, s = user_ids[ok], lens[ok], starts[ok]
-        tv, to = _gather(new_items, s, L - 2)
-        tables["train"] = pa.table({"user": pa.array(us, pa.int64()), "items": _list_array(tv, to)})
-        counts["train_users"], counts["train_interactions"] = len(us), int(to[-1])
-        for name, hist_len in (("valid", L - 2), ("test", L - 1)):
-            hv, ho = _gather(new_items, s, hist_len)
-            gv, go = _gather(new_items, s + hist_len, np.ones(len(us), dtype=np.int64))
-            tables[name] = pa.table({"user": pa.array(us, pa.int64()), "history": _list_array(hv, ho),
-                                     "truth": _list_array(gv, go)})
-            counts[f"{name}_users"] = len(us)
-            counts[f"{name}_history_interactions"], counts[f"{name}_truth_interactions"] = int(ho[-1]), int(go[-1])
-    else:
-        raise DataError(f"data.split must be user or loo, got {cfg.split!r}")
+        _, va, te = split_users(range(1, n_users + 1), cfg.split_seed, list(cfg.split_ratios))
+        split_of = np.zeros(n_users + 1, dtype=np.int8)
+        split_of[np.asarray(va, dtype=np.int64)], split_of[np.asarray(te, dtype=np.int64)] = 1, 2
+    tables, split_counts = cut_sequences(np.arange(1, n_users + 1, dtype=np.int64), starts, lens, new_items,
+                                         split_of, cfg)
+    counts.update(split_counts)
     tables["items"] = pa.Table.from_pandas(items_table, preserve_index=False)
     tables["users"] = pa.Table.from_pandas(users_table, preserve_index=False)
     return Built(tables, counts, removed, n_items, n_users)
@@ -345,12 +381,66 @@ def fingerprint(cfg, inputs: Inputs, infos: List[dict]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _write_parquet(table, path: str) -> None:
-    import pyarrow.parquet as pq
+#: Rows per Parquet row group of the prepared tables. Both engines cut the same groups, whatever the chunks they
+#: hand over, so they write the same bytes; a writer holds one group (8,192 users' sequences, a few MB).
+ROW_GROUP_ROWS = 8_192
 
-    buf = io.BytesIO()  # one PUT per file on object stores
-    pq.write_table(table, buf)
-    fs.write_bytes(path, buf.getvalue())
+
+class TableWriter:
+    """A prepared table written chunk by chunk (local or ``s3://``), in row groups of :data:`ROW_GROUP_ROWS`.
+    ``schema``: the file's schema; None takes the first chunk's. Memory: one row group."""
+
+    def __init__(self, path: str, schema=None):
+        self.path, self.schema = path, schema
+        self._buf: list = []
+        self._rows = 0
+        self._writer = None
+        self._stream = None
+
+    def _open(self):
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        filesystem, inner = fs.resolve(self.path)
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            filesystem.create_dir(os.path.dirname(inner), recursive=True)
+        self._stream = filesystem.open_output_stream(inner)
+        self._writer = pq.ParquetWriter(self._stream, self.schema)
+
+    def _flush(self, rows: int) -> None:
+        import pyarrow as pa
+
+        if self._writer is None:
+            self._open()
+        table = pa.concat_tables(self._buf).combine_chunks()  # one chunk: page cuts do not depend on the input
+        self._writer.write_table(table.slice(0, rows), row_group_size=rows)
+        rest = table.slice(rows)
+        self._buf, self._rows = ([rest] if len(rest) else []), len(rest)
+
+    def write(self, table) -> None:
+        if self.schema is None:
+            self.schema = table.schema
+        table = table.cast(self.schema) if table.schema != self.schema else table
+        if len(table) == 0:
+            return
+        self._buf.append(table)
+        self._rows += len(table)
+        while self._rows >= ROW_GROUP_ROWS:
+            self._flush(ROW_GROUP_ROWS)
+
+    def close(self) -> None:
+        if self._rows:
+            self._flush(self._rows)
+        if self._writer is None:  # no row at all: a file with the schema and no row group
+            self._open()
+        self._writer.close()
+        self._stream.close()
+
+
+def _write_parquet(table, path: str) -> None:
+    w = TableWriter(path, table.schema)
+    w.write(table)
+    w.close()
 
 
 def _read_parquet(path: str) -> pd.DataFrame:
@@ -360,7 +450,23 @@ def _read_parquet(path: str) -> pd.DataFrame:
     return pq.read_table(pa.BufferReader(fs.read_bytes(path))).to_pandas()
 
 
-def prepare(cfg, *, force: bool = False, engine: str = "ray", known_fingerprint: Optional[str] = None
+#: data.engine=auto: logs up to this many interactions (estimated) are prepared in this process, where pandas
+#: beats starting Ray tasks (docs/data.md).
+LOCAL_ENGINE_MAX_ROWS = 2_000_000
+
+
+def choose_engine(engine: str, inputs: Inputs) -> str:
+    """``local`` or ``ray`` for ``data.engine`` (``auto``: by the log's size); both write the same bytes."""
+    if engine == "auto":
+        from eimf.data.distributed import estimate_rows
+
+        return "local" if estimate_rows(inputs.interaction_files) <= LOCAL_ENGINE_MAX_ROWS else "ray"
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be auto, local or ray, got {engine!r}")
+    return engine
+
+
+def prepare(cfg, *, force: bool = False, engine: Optional[str] = None, known_fingerprint: Optional[str] = None
             ) -> PreparedDataset:
     """Prepare ``cfg`` (a ``DataConfig``) or reuse the folder of the same fingerprint. See the module doc.
     ``known_fingerprint``: :func:`fingerprint` as the caller already computed it (a pipeline's plan), so the
@@ -378,38 +484,47 @@ def prepare(cfg, *, force: bool = False, engine: str = "ray", known_fingerprint:
         infos = input_infos(inputs)
     log.info("%s: reading source %r (%s)", inputs.dataset, inputs.source,
              ", ".join(f["path"] for f in infos))
-    from eimf.data.ingest import ingest
-    from eimf.ray_init import init_ray
-
+    engine = choose_engine(engine or cfg.engine, inputs)
     timing = {}
-    if engine == "ray":
+    if engine == "ray":  # Ray tasks over buckets: no process holds the log (eimf.data.distributed)
+        from eimf.data.distributed import prepare_bucketed
+
+        res = prepare_bucketed(cfg, inputs, out, buckets=cfg.buckets)
+        summary, c, kcore_removed, n_items, n_users = res.summary, res.counts, res.kcore_removed, res.n_items, res.n_users
+        timing.update(res.timing)
+        engine_info = {"buckets": res.buckets, "worker_peak_rss_mb": res.worker_peak_rss_mb}
+    else:  # pandas in this process: the same bytes, faster on small inputs
+        engine_info = {}
+        from eimf.data.ingest import ingest
+
         t = time.perf_counter()
-        init_ray(log_to_driver=False)
-        timing["ray_start"] = round(time.perf_counter() - t, 3)
-    t = time.perf_counter()
-    ing = ingest(inputs.interaction_files, inputs.interaction_spec, inputs.catalogue_files,
-                 inputs.catalogue_spec, engine=engine)
-    timing["read"] = round(time.perf_counter() - t, 3)
-    t = time.perf_counter()
-    built = build(ing, cfg, inputs.interaction_spec.numeric_ids)
-    timing["build"] = round(time.perf_counter() - t, 3)
-    c = built.counts
-    c["catalogue_rows_in"] = int(ing.catalogue_rows_in)
-    c["catalogue_rows_dropped"] = int(sum(ing.catalogue_drops.values()))
-    c["blank_lines"] = int(sum(f["blank_lines"] for f in ing.files))
-    c["empty_sequences"] = int(sum(f["empty_sequences"] for f in ing.files))
-    c["empty_files"] = len(ing.empty_files)
-    if ing.drops:
-        log.warning("%s: dropped %d of %d rows: %s", inputs.dataset, c["rows_dropped"], c["rows_in"], dict(ing.drops))
+        ing = ingest(inputs.interaction_files, inputs.interaction_spec, inputs.catalogue_files,
+                     inputs.catalogue_spec)
+        timing["read"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        built = build(ing, cfg, inputs.interaction_spec.numeric_ids)
+        timing["build"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        fs.makedirs(out)
+        for name, table in built.tables.items():
+            _write_parquet(table, fs.join(out, f"{name}.parquet"))
+        timing["write"] = round(time.perf_counter() - t, 3)
+        summary = ReadSummary(ing.drops, ing.catalogue_drops, ing.rows_in, ing.catalogue_rows_in, ing.files,
+                              ing.has_time, ing.catalogue is not None)
+        c, kcore_removed, n_items, n_users = built.counts, built.kcore_removed, built.n_items, built.n_users
+    c["catalogue_rows_in"] = int(summary.catalogue_rows_in)
+    c["catalogue_rows_dropped"] = int(sum(summary.catalogue_drops.values()))
+    c["blank_lines"] = int(sum(f["blank_lines"] for f in summary.files))
+    c["empty_sequences"] = int(sum(f["empty_sequences"] for f in summary.files))
+    empty_files = [f["path"] for f in summary.files if f.get("empty")]
+    c["empty_files"] = len(empty_files)
+    drops, cat_drops = summary.drops, summary.catalogue_drops
+    if drops:
+        log.warning("%s: dropped %d of %d rows: %s", inputs.dataset, c["rows_dropped"], c["rows_in"], dict(drops))
     log.info("%s: %d users, %d items, %d interactions in -> %d-core (%d rounds) -> %d users, %d items, "
              "%d interactions; split %s: %d/%d/%d users", inputs.dataset, c["users_in"], c["items_in"],
              c["interactions_in"], cfg.min_count, c["kcore_rounds"], c["users_out"], c["items_out"],
              c["interactions_out"], cfg.split, c["train_users"], c["valid_users"], c["test_users"])
-
-    t_write = time.perf_counter()
-    fs.makedirs(out)
-    for name, table in built.tables.items():
-        _write_parquet(table, fs.join(out, f"{name}.parquet"))
     manifest = {
         "format_version": 1,
         "preprocess_version": PREPROCESS_VERSION,
@@ -418,27 +533,25 @@ def prepare(cfg, *, force: bool = False, engine: str = "ray", known_fingerprint:
         "fingerprint": fp,
         "path": out,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "n_items": built.n_items,
-        "n_users": built.n_users,
+        "n_items": n_items,
+        "n_users": n_users,
         "counts": c,
-        "drops": {k: int(v) for k, v in sorted(ing.drops.items())},
-        "drop_examples": {k: v for k, v in sorted(ing.drops.examples.items()) if k in ing.drops},
-        "catalogue_drops": {k: int(v) for k, v in sorted(ing.catalogue_drops.items())},
-        "catalogue_drop_examples": {k: v for k, v in sorted(ing.catalogue_drops.examples.items())
-                                    if k in ing.catalogue_drops},
-        "empty_files": ing.empty_files,
-        "kcore": {"min_count": cfg.min_count, "rounds": len(built.kcore_removed),
-                  "removed_per_round": built.kcore_removed},
+        "drops": {k: int(v) for k, v in sorted(drops.items())},
+        "drop_examples": {k: v for k, v in sorted(drops.examples.items()) if k in drops},
+        "catalogue_drops": {k: int(v) for k, v in sorted(cat_drops.items())},
+        "catalogue_drop_examples": {k: v for k, v in sorted(cat_drops.examples.items()) if k in cat_drops},
+        "empty_files": empty_files,
+        "kcore": {"min_count": cfg.min_count, "rounds": len(kcore_removed), "removed_per_round": kcore_removed},
         "split": {"method": cfg.split, "seed": cfg.split_seed, "ratios": list(cfg.split_ratios),
                   "history_fraction": cfg.history_fraction},
         "config": {k: getattr(cfg, k) for k in OUTPUT_FIELDS} | {"dataset": cfg.dataset, "source": cfg.source},
-        "has_time": ing.has_time,
+        "has_time": summary.has_time,
         "interaction_spec": dataclasses.asdict(inputs.interaction_spec),
         "catalogue_spec": dataclasses.asdict(inputs.catalogue_spec) if inputs.catalogue_spec else None,
         "inputs": infos,
-        "files": ing.files,
-        "timing_s": {**timing, "write": round(time.perf_counter() - t_write, 3),
-                     "total": round(time.perf_counter() - t0, 3)},
+        "files": summary.files,
+        "engine": {"name": engine, **engine_info},
+        "timing_s": {**timing, "total": round(time.perf_counter() - t0, 3)},
     }
     fs.write_json(fs.join(out, MANIFEST), manifest)
     log.info("%s: wrote %s in %.1f s", inputs.dataset, out, time.perf_counter() - t0)
@@ -466,11 +579,7 @@ def load_prepared(path) -> PreparedDataset:
 
 
 def _read_prepared(path: str, manifest: dict) -> PreparedDataset:
-    frames = {name: _read_parquet(fs.join(path, f"{name}.parquet")) for name in (*SPLITS, "items")}
-    users = _read_parquet(fs.join(path, "users.parquet")) if fs.exists(fs.join(path, "users.parquet")) else None
-    return PreparedDataset(path=path, n_items=int(manifest["n_items"]), train=frames["train"],
-                           valid=frames["valid"], test=frames["test"], items=frames["items"],
-                           manifest=manifest, users=users)
+    return PreparedDataset(path, manifest)
 
 
 def read_split(path, name: str) -> pd.DataFrame:
