@@ -96,6 +96,9 @@ class DataConfig:
     engine: str = operational("auto")
     #: ``ray`` engine: user (and item) buckets, so a task holds about 1/buckets of the log; 0: one per ~2M rows.
     buckets: int = operational(0)
+    #: ``ray`` engine: interaction files larger than this (MB) are parsed in blocks by separate tasks (text at line
+    #: ends, Parquet at row groups); compressed files are parsed whole.
+    read_block_mb: float = operational(64.0)
     #: A built-in dataset whose folder is missing: ``auto`` downloads it (checksums checked) when the network
     #: answers, ``never`` fails with the folder it looked in.
     download: str = operational("auto")
@@ -107,6 +110,8 @@ class DataConfig:
         _check_choice("data.download", self.download, ("auto", "never"))
         _check_choice("data.engine", self.engine, ("auto", "local", "ray"))
         _check_min("data.buckets", self.buckets, 0)
+        if self.read_block_mb <= 0:
+            raise ConfigError(f"data.read_block_mb must be > 0, got {self.read_block_mb}")
         _check_min("data.min_count", self.min_count, 1)
         r = list(self.split_ratios)
         if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6:

@@ -2,6 +2,7 @@
 for byte, and says the same things about bad input."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from eimf.config import DataConfig
-from eimf.data.distributed import bucket_of, merge_sorted
+from eimf.data.datasets import resolve_inputs
+from eimf.data.distributed import bucket_of, merge_sorted, plan_pieces
 from eimf.data.formats import DataError
 from eimf.data.preprocess import SPLITS, prepare
 
@@ -23,12 +25,13 @@ MANIFEST_KEYS = ("n_items", "n_users", "counts", "drops", "drop_examples", "cata
                  "catalogue_drop_examples", "empty_files", "kcore", "split", "has_time", "files")
 
 
-def _both(cfg: DataConfig, tmp_path: Path, buckets: int = 3):
-    """Prepare ``cfg`` with each engine into its own folder -> (local, ray) prepared datasets."""
+def _both(cfg: DataConfig, tmp_path: Path, buckets: int = 3, block_mb: float = 64.0):
+    """Prepare ``cfg`` with each engine into its own folder -> (local, ray) prepared datasets; ``block_mb``: the
+    ray engine's read blocks (small ones cut the test files into many)."""
     out = {}
     for engine in ("local", "ray"):
         c = DataConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / engine), "engine": engine,
-                          "buckets": buckets})
+                          "buckets": buckets, "read_block_mb": block_mb})
         out[engine] = prepare(c, force=True)
     return out["local"], out["ray"]
 
@@ -66,17 +69,17 @@ def _messy(root: Path, numeric: bool, with_time: bool) -> dict:
             "time_col": "timestamp" if with_time else None}
 
 
-@pytest.mark.parametrize("numeric,with_time,dedupe,split,min_count", [
-    (True, True, "none", "user", 3),
-    (False, True, "consecutive", "user", 2),
-    (True, False, "first", "loo", 3),
-    (False, False, "none", "user", 1),
+@pytest.mark.parametrize("numeric,with_time,dedupe,split,min_count,block_mb", [
+    (True, True, "none", "user", 3, 64.0),
+    (False, True, "consecutive", "user", 2, 0.002),  # ~2 KB blocks: each log file in several tasks
+    (True, False, "first", "loo", 3, 0.003),
+    (False, False, "none", "user", 1, 64.0),
 ])
 def test_messy_input_gives_the_same_bytes_and_manifest(tmp_path, ray_session, numeric, with_time, dedupe, split,
-                                                       min_count):
+                                                       min_count, block_mb):
     cfg = DataConfig(dataset="custom", dedupe=dedupe, split=split, min_count=min_count,
                      **_messy(tmp_path / "raw", numeric, with_time))
-    local, ray_ = _both(cfg, tmp_path)
+    local, ray_ = _both(cfg, tmp_path, block_mb=block_mb)
     _assert_same(local, ray_)
     c = ray_.manifest["counts"]
     assert c["empty_files"] == 1 and c["rows_dropped"] >= 2 and ray_.manifest["drops"].get("missing_item")
@@ -84,8 +87,52 @@ def test_messy_input_gives_the_same_bytes_and_manifest(tmp_path, ray_session, nu
     assert c["items_not_in_catalogue_in"] > 0 and c["items_missing_text"] > 0
     if min_count > 1:
         assert c["kcore_rounds"] >= 1
-    assert ray_.manifest["engine"] == {"name": "ray", "buckets": 3, "worker_peak_rss_mb":
-                                       ray_.manifest["engine"]["worker_peak_rss_mb"]}
+    engine = ray_.manifest["engine"]
+    assert engine["name"] == "ray" and engine["buckets"] == 3 and engine["worker_peak_rss_mb"] > 0
+    assert (engine["read_blocks"] > 3) if block_mb < 1 else (engine["read_blocks"] == 3), engine  # 3 files
+
+
+def test_blocks_of_every_cuttable_format_give_the_same_bytes(tmp_path, ray_session):
+    """JSON lines, sequence files, TSV and a Parquet log of many row groups, each cut into blocks (header-less
+    delimited files: ML-100K and ML-1M below)."""
+    rng = np.random.default_rng(11)
+    users, items = rng.integers(0, 40, 3000), (rng.zipf(1.4, 3000) % 90)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "log.jsonl").write_text("".join(json.dumps({"u": int(u), "i": int(i), "t": k}) + ("\n\n" if k % 97 else "\n")
+                                           for k, (u, i) in enumerate(zip(users, items))))
+    (raw / "log.txt").write_text("".join(f"{u} " + " ".join(map(str, rng.integers(0, 90, 8))) + "\n" for u in range(300)))
+    (raw / "log.tsv").write_text("u\ti\tt\n" + "".join(f"{u}\t{i}\t{k % 50}\n" for k, (u, i) in enumerate(zip(users, items))))
+    pq.write_table(pa.table({"u": users.astype(str), "i": items.astype(str), "t": np.arange(3000)}), raw / "log.parquet",
+                   row_group_size=200)
+    cases = {"jsonl": dict(interactions=str(raw / "log.jsonl"), user_col="u", item_col="i", time_col="t"),
+             "sequences": dict(interactions=str(raw / "log.txt"), format="sequences", time_col=None),
+             "tsv": dict(interactions=str(raw / "log.tsv"), user_col="u", item_col="i", time_col="t"),
+             "parquet": dict(interactions=str(raw / "log.parquet"), user_col="u", item_col="i", time_col="t")}
+    for name, kwargs in cases.items():
+        cfg = DataConfig(dataset="custom", min_count=2, **kwargs)
+        local, ray_ = _both(cfg, tmp_path / name, block_mb=0.004)
+        _assert_same(local, ray_)
+        assert ray_.manifest["counts"]["interactions_out"] > 1000, name
+        assert ray_.manifest["engine"]["read_blocks"] >= 2, name
+    spec = resolve_inputs(DataConfig(dataset="custom", **cases["parquet"])).interaction_spec
+    pieces = plan_pieces(str(raw / "log.parquet"), spec, 4000)
+    assert len(pieces) > 2 and all(p[0] == "parquet" for p in pieces)
+
+
+def test_text_blocks_end_at_line_ends_and_carry_the_header(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{u % 7},{u}\n" for u in range(2000)))
+    spec = resolve_inputs(DataConfig(dataset="custom", interactions=str(path))).interaction_spec
+    pieces = plan_pieces(str(path), spec, 3000)
+    data = path.read_bytes()
+    assert len(pieces) > 3 and pieces[0][1] == 0 and pieces[-1][2] == len(data)
+    for (_, a, b, header), nxt in zip(pieces, pieces[1:] + [None]):
+        assert data[b - 1:b] == b"\n" and (nxt is None or nxt[1] == b)
+        assert header == (b"" if a == 0 else b"user_id,item_id,timestamp\n")
+    gz = tmp_path / "log.csv.gz"
+    gz.write_bytes(__import__("gzip").compress(data))
+    assert plan_pieces(str(gz), spec, 100) == [None]  # a compressed file is read whole
 
 
 def test_bad_input_errors_are_the_same_on_both_engines(tmp_path, ray_session):
@@ -97,6 +144,18 @@ def test_bad_input_errors_are_the_same_on_both_engines(tmp_path, ray_session):
             prepare(DataConfig(**{**cfg.__dict__, "engine": engine, "output_dir": str(tmp_path / engine)}))
         messages.append(str(e.value))
     assert messages[0] == messages[1] and "part-0.csv" in messages[0] and "line 7" in messages[0]
+
+    # the first bad row deep inside the file: the block that holds it names the same line
+    deep = tmp_path / "deep.csv"
+    deep.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"{u % 30},{u % 11},{'x' if u == 1500 else u}\n" for u in range(3000)))
+    got = []
+    for engine in ("local", "ray"):
+        with pytest.raises(DataError) as e:
+            prepare(DataConfig(dataset="custom", interactions=str(deep), on_bad_rows="error", engine=engine,
+                               read_block_mb=0.002, output_dir=str(tmp_path / engine)))
+        got.append(str(e.value))
+    assert got[0] == got[1] and "deep.csv, line 1502" in got[0], got
 
     # a clean log: the catalogue's repeated item, then an item the catalogue lacks
     log = tmp_path / "clean.csv"
@@ -116,11 +175,12 @@ def test_bad_input_errors_are_the_same_on_both_engines(tmp_path, ray_session):
         assert got[0] == got[1] and expect in got[0], got
 
 
-@pytest.mark.parametrize("name", ["ml-100k", "ml-1m", "amazon-beauty"])
-def test_real_datasets_give_the_same_bytes_and_manifest(tmp_path, ray_session, name):
+@pytest.mark.parametrize("name,block_mb", [("ml-100k", 0.5), ("ml-1m", 4.0), ("amazon-beauty", 64.0)])
+def test_real_datasets_give_the_same_bytes_and_manifest(tmp_path, ray_session, name, block_mb):
+    """ML-100K (tab, no header) and ML-1M (``::``) are read in blocks; Beauty's gzipped JSON whole."""
     if not (DATA / name).is_dir():
         pytest.skip(f"no {name} under EIMF_DATA_DIR")
-    local, ray_ = _both(DataConfig(dataset=name, data_dir=str(DATA)), tmp_path, buckets=4)
+    local, ray_ = _both(DataConfig(dataset=name, data_dir=str(DATA)), tmp_path, buckets=4, block_mb=block_mb)
     _assert_same(local, ray_)
     assert local.manifest["fingerprint"] == ray_.manifest["fingerprint"]  # the engine is not part of the output
 

@@ -5,8 +5,10 @@ every catalogue row to one of B *item buckets* (hash of the raw item id). Each s
 bucket that reads and writes Parquet in a stage folder inside the output folder (local or ``s3://``, so tasks on
 any node see it); the driver only passes counts around and streams the final tables out:
 
-1. **read**: one task per input file parses and validates it with :mod:`eimf.data.formats` (the same parsers,
-   drop counts and messages as the in-process path) and writes its rows to the buckets.
+1. **read**: one task per input file, or per block of a large one (``data.read_block_mb``: text files cut at line
+   ends, Parquet at row groups, reading only the log's columns), parses and validates it with
+   :mod:`eimf.data.formats` (the same parsers, drop counts and messages, line numbers included, as the
+   in-process path) and writes its rows to the buckets.
 2. **catalogue** (per item bucket): repeated catalogue items, the first one wins.
 3. **order, repeats, k-core**: a user bucket holds all of its users' rows, so it orders them (time, file, row),
    drops repeats and counts users exactly; item counts are summed per item bucket from each user bucket's partial
@@ -19,9 +21,9 @@ any node see it); the driver only passes counts around and streams the final tab
    ints, no rows); each user bucket cuts its users' sequences and writes them by ranges of user id, and the driver
    writes each range in turn into ``train/valid/test.parquet``.
 
-Each task holds about one bucket (``data.buckets``; 0: one per ~2M interactions). The output is byte for byte the
-in-process path's (``tests/test_data_distributed.py``). What still needs one process: each input file is parsed
-whole by one task (split a log larger than a worker's memory into several files, as Spark and Ray write them).
+Each task holds about one bucket (``data.buckets``; 0: one per ~2M interactions) or one block. The output is byte
+for byte the in-process path's (``tests/test_data_distributed.py``). Compressed text files (``.gz``) cannot be cut
+and are parsed whole by one task; catalogues too.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -79,6 +81,8 @@ class BucketedResult:
     buckets: int = 0
     #: the largest peak RSS of a worker process that ran a bucket task
     worker_peak_rss_mb: float = 0.0
+    #: read tasks over the interaction files (more than the files where large ones were cut into blocks)
+    read_blocks: int = 0
 
 
 def estimate_rows(paths: Sequence[str]) -> int:
@@ -144,16 +148,127 @@ def _traced(env: dict, fn, *args):
     return fn(*args), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _read_file(stage: Stage, display: str, role: str, spec, index: int) -> dict:
-    """Parse one file and write its rows to the buckets; returns the parse result without rows."""
-    out, table = parse_file_table(display, fs.read_bytes(display), role, spec)
+def _read_range(display: str, start: int, end: int) -> bytes:
+    filesystem, inner = fs.resolve(display)
+    with filesystem.open_input_file(inner) as f:
+        return f.read_at(end - start, start)
+
+
+def _count_lines(stage: Stage, display: str, start: int, end: int) -> int:
+    """Newlines in bytes [start, end) of a file, read in 16 MB steps: the line numbers of the next block."""
+    filesystem, inner = fs.resolve(display)
+    n = 0
+    with filesystem.open_input_file(inner) as f:
+        for pos in range(start, end, 16 * 2**20):
+            n += f.read_at(min(16 * 2**20, end - pos), pos).count(b"\n")
+    return n
+
+
+def _read_file(stage: Stage, display: str, role: str, spec, index: int, piece_no: int = 0, piece=None,
+               line_offset: int = 0) -> dict:
+    """Parse one file, or one block of it (``piece``, see :func:`plan_pieces`), and write its rows to the
+    buckets; returns the parse result without rows."""
+    from eimf.data.formats import interaction_columns, parse_parquet_frame, read_parquet_columns
+
+    if piece is None:
+        raw = fs.read_bytes(display)
+    elif piece[0] == "text":
+        _, start, end, header = piece
+        raw = header + _read_range(display, start, end)
+    else:  # Parquet row groups: only the log's columns of those groups are read
+        _, groups, line_offset = piece
+        filesystem, inner = fs.resolve(display)
+
+        def raw():
+            with filesystem.open_input_file(inner) as f:
+                df = read_parquet_columns(display, f, interaction_columns(spec), row_groups=groups)
+            return parse_parquet_frame(display, df, spec, line_offset)
+    out, table = parse_file_table(display, raw, role, spec, line_offset)
     if table is not None:
         if role == ROLE_INTERACTIONS:
+            table["row"] = table["row"].to_numpy(np.int64) | (np.int64(piece_no) << np.int64(32))  # file order
             b, cols, where = bucket_of(table["user"].to_numpy(), stage.buckets), ["user", "item", "ts", "row", "line"], "rows"
         else:
             b, cols, where = bucket_of(table["item"].to_numpy(), stage.buckets), ["item", "text", "line"], "catalogue"
         for k in range(stage.buckets):
-            _put(table.loc[b == k, cols].reset_index(drop=True), stage.path(where, f"b{k}", f"f{index}.parquet"))
+            _put(table.loc[b == k, cols].reset_index(drop=True),
+                 stage.path(where, f"b{k}", f"f{index}_p{piece_no}.parquet"))
+    return out
+
+
+def plan_pieces(display: str, spec, block_bytes: int) -> List[Optional[tuple]]:
+    """How to cut an interaction file for parsing: ``[None]`` (whole, one task), Parquet row groups
+    ``("parquet", [groups], rows before them)``, or byte ranges of a text file that start and end at a line end
+    ``("text", start, end, header)`` (later blocks of a delimited file get its header line in front). Compressed
+    files are not cut. A quoted field that spans lines must not straddle a cut (the parsers' line numbers
+    assume none does)."""
+    import pyarrow.parquet as pq
+
+    from eimf.data.formats import detect_format
+
+    size = int(fs.file_info(display).get("size") or 0)
+    if size <= block_bytes:
+        return [None]
+    fmt = spec.format if spec.format != "auto" else detect_format(display)
+    filesystem, inner = fs.resolve(display)
+    with filesystem.open_input_file(inner) as f:
+        if fmt == "parquet":
+            md = pq.ParquetFile(f).metadata
+            pieces, groups, held, rows = [], [], 0, 0
+            for g in range(md.num_row_groups):
+                rg = md.row_group(g)
+                groups.append(g)
+                held += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+                if held >= block_bytes or g == md.num_row_groups - 1:
+                    pieces.append(("parquet", groups, rows))
+                    rows += sum(md.row_group(x).num_rows for x in groups)
+                    groups, held = [], 0
+            return pieces if len(pieces) > 1 else [None]
+        head = f.read_at(min(size, 2**20), 0)
+        if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
+            return [None]
+        header = b""
+        if fmt in ("csv", "tsv", "dat") and spec.header:
+            if b"\n" not in head:
+                return [None]
+            header = head[:head.index(b"\n") + 1]
+        cuts = [0]
+        while cuts[-1] + block_bytes < size:
+            pos = max(cuts[-1] + block_bytes, len(header))
+            window = b""
+            while b"\n" not in window and pos + len(window) < size:
+                window += f.read_at(min(2**20, size - pos - len(window)), pos + len(window))
+            if b"\n" not in window:
+                break
+            cut = pos + window.index(b"\n") + 1
+            if cut >= size:
+                break
+            cuts.append(cut)
+    cuts.append(size)
+    if len(cuts) <= 2:
+        return [None]
+    return [("text", a, b, header if i else b"") for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+
+
+def _combine_pieces(outs: List[dict]) -> dict:
+    """One file's result from its blocks' results (in order): the first error, else sums and merged drops."""
+    from eimf.data.formats import Drops
+
+    if len(outs) == 1:
+        return outs[0]
+    for o in outs:
+        if o["error_kind"] == "data":
+            return o
+    full = [o for o in outs if o["error_kind"] != "empty"]
+    if not full:
+        return outs[0]
+    drops = Drops()
+    for o in full:
+        drops.merge(Drops.from_dict(o["drops"]))
+    out = dict(full[0])
+    for k in ("rows_in", "rows_kept", "blank_lines", "empty_sequences"):
+        out[k] = sum(o[k] for o in full)
+    out["drops"] = drops.to_dict()
     return out
 
 
@@ -161,7 +276,7 @@ def _catalogue_bucket(stage: Stage, ib: int, files: List[int]) -> dict:
     """Repeated catalogue items of one item bucket (first wins, in file order): count and first positions."""
     parts = []
     for j in files:
-        df = _get(stage.path("catalogue", f"b{ib}", f"f{j}.parquet"))
+        df = _get(stage.path("catalogue", f"b{ib}", f"f{j}_p0.parquet"))
         df["file"] = np.int64(j)
         parts.append(df)
     cat = pd.concat(parts, ignore_index=True)
@@ -172,7 +287,8 @@ def _catalogue_bucket(stage: Stage, ib: int, files: List[int]) -> dict:
     return {"duplicates": int(dup.sum()), "first": first}
 
 
-def _user_pass(stage: Stage, ub: int, t: int, min_count: int, dedupe: str, has_time: bool, files: List[int]) -> dict:
+def _user_pass(stage: Stage, ub: int, t: int, min_count: int, dedupe: str, has_time: bool,
+               files: List[Tuple[int, int]]) -> dict:
     """Pass ``t`` of the k-core over one user bucket. Pass 0 gathers the bucket's rows, orders each user's
     interactions by (time, file, row) and drops repeats; later passes drop the rows whose user or item fell short
     in pass t-1. Writes the bucket's rows and its partial item counts of this pass."""
@@ -180,8 +296,8 @@ def _user_pass(stage: Stage, ub: int, t: int, min_count: int, dedupe: str, has_t
     state_path = stage.path("kcore", f"b{ub}.parquet")
     if t == 0:
         parts = []
-        for j in files:
-            df = _get(stage.path("rows", f"b{ub}", f"f{j}.parquet"))
+        for j, c in files:  # (file, block) in file order
+            df = _get(stage.path("rows", f"b{ub}", f"f{j}_p{c}.parquet"))
             df["file"] = np.int64(j)
             parts.append(df)
         df = pd.concat(parts, ignore_index=True)
@@ -405,15 +521,35 @@ def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResu
 
     spec, cat_spec = inputs.interaction_spec, inputs.catalogue_spec
     cat_files = list(inputs.catalogue_files) if cat_spec is not None else []
-    jobs = [(p, ROLE_INTERACTIONS, spec, j) for j, p in enumerate(inputs.interaction_files)] + \
-           [(p, ROLE_CATALOGUE, cat_spec, j) for j, p in enumerate(cat_files)]
-    results = run(_read_file, jobs)
+    block = max(1, int(cfg.read_block_mb * 2**20))
+    plans = [plan_pieces(p, spec, block) for p in inputs.interaction_files]
+    # a text block's line numbers start after the newlines of the blocks before it
+    texts = [(j, c, piece) for j, plan in enumerate(plans) for c, piece in enumerate(plan)
+             if piece is not None and piece[0] == "text" and c + 1 < len(plan)]
+    newlines = dict(zip([(j, c) for j, c, _ in texts],
+                        run(_count_lines, [(inputs.interaction_files[j], piece[1], piece[2]) for j, c, piece in texts])))
+    jobs, owner = [], []
+    for j, (p, plan) in enumerate(zip(inputs.interaction_files, plans)):
+        before = 0
+        for c, piece in enumerate(plan):
+            offset = 0
+            if piece is not None and piece[0] == "text" and c:
+                offset = before - (1 if piece[3] else 0)  # the header put in front is the parser's line 1
+            jobs.append((p, ROLE_INTERACTIONS, spec, j, c, piece, offset))
+            owner.append(j)
+            before += newlines.get((j, c), 0)
+    jobs += [(p, ROLE_CATALOGUE, cat_spec, j) for j, p in enumerate(cat_files)]
+    got = run(_read_file, jobs)
+    n_pieces = len(owner)
+    results = [_combine_pieces([o for o, w in zip(got[:n_pieces], owner) if w == j])
+               for j in range(len(inputs.interaction_files))] + got[n_pieces:]
     summary = summarize(results, spec, inputs.interaction_files)
-    n_inter = len(inputs.interaction_files)
-    files = [j for j, r in enumerate(results[:n_inter]) if r["error_kind"] != "empty"]
-    cfiles = [j for j, r in enumerate(results[n_inter:]) if r["error_kind"] != "empty"]
+    files = [(j, c) for (j, c), o in zip([(job[3], job[4]) for job in jobs[:n_pieces]], got[:n_pieces])
+             if o["error_kind"] != "empty"]
+    cfiles = [j for j, r in enumerate(got[n_pieces:]) if r["error_kind"] != "empty"]
     timing["read"] = round(time.perf_counter() - t0, 3)
-    log.info("%s: read %d files into %d buckets in %.1f s", inputs.dataset, len(jobs), B, timing["read"])
+    log.info("%s: read %d files (%d blocks) into %d buckets in %.1f s", inputs.dataset, len(results),
+             len(jobs), B, timing["read"])
 
     t = time.perf_counter()
     c: dict = {"rows_in": int(summary.rows_in), "rows_dropped": int(sum(summary.drops.values()))}
@@ -546,4 +682,4 @@ def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResu
     timing["split"] = round(time.perf_counter() - t, 3)
     log.info("%s: split and written in %.1f s", inputs.dataset, timing["split"])
     _delete(stage.root)
-    return BucketedResult(summary, c, removed, n_items, n_users, timing, B, round(max(worker_rss), 1))
+    return BucketedResult(summary, c, removed, n_items, n_users, timing, B, round(max(worker_rss), 1), n_pieces)

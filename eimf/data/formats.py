@@ -398,8 +398,9 @@ def _sep(fmt: str, spec) -> str:
     return {"csv": ",", "tsv": "\t", "dat": "::"}[fmt]
 
 
-def _read_delimited(path: str, raw: bytes, spec, fmt: str, needed: Sequence[str]) -> tuple:
-    """-> (DataFrame of strings with the needed columns, 1-based lines, too-many-fields mask or None, blank lines)."""
+def _read_delimited(path: str, raw: bytes, spec, fmt: str, needed: Sequence[str], line_offset: int = 0) -> tuple:
+    """-> (DataFrame of strings with the needed columns, 1-based lines, too-many-fields mask or None, blank lines).
+    ``line_offset``: added to every line number (``raw`` is a block of a larger file, its header put in front)."""
     data = decompress(raw)
     sep = _sep(fmt, spec)
     if len(sep) > 1:  # multi-character separators (MovieLens "::") -> a single byte the C parser handles
@@ -421,11 +422,12 @@ def _read_delimited(path: str, raw: bytes, spec, fmt: str, needed: Sequence[str]
     extra_bad = None
     try:
         df = pd.read_csv(io.BytesIO(data), **kwargs)
-        lines = np.arange(len(df), dtype=np.int64) + 1 + header_lines
+        lines = np.arange(len(df), dtype=np.int64) + 1 + header_lines + line_offset
     except pd.errors.EmptyDataError:
         raise _empty(path) from None
     except pd.errors.ParserError:
         df, lines, extra_bad = _read_delimited_slow(path, data, sep, quoting, spec)
+        lines = lines + line_offset
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid {spec.encoding} text ({e})") from None
     missing_cols = [c for c in needed if c not in df.columns]
@@ -472,12 +474,13 @@ def _read_delimited_slow(path: str, data: bytes, sep: str, quoting: int, spec) -
     return df, np.asarray(lines, dtype=np.int64), np.asarray(extra, dtype=bool)
 
 
-def parse_delimited(path: str, raw: bytes, spec: InteractionSpec, fmt: Optional[str] = None) -> ParseResult:
+def parse_delimited(path: str, raw: bytes, spec: InteractionSpec, fmt: Optional[str] = None,
+                    line_offset: int = 0) -> ParseResult:
     """CSV, TSV or ``::`` files (header line, or ``spec.names``)."""
     _check_policy(spec.on_bad_rows)
     fmt = fmt or (spec.format if spec.format != "auto" else detect_format(path))
     needed = [spec.user_col, spec.item_col] + ([spec.time_col] if spec.time_col else [])
-    df, lines, extra_bad, n_blank = _read_delimited(path, raw, spec, fmt, needed)
+    df, lines, extra_bad, n_blank = _read_delimited(path, raw, spec, fmt, needed, line_offset)
     table, drops = _validate_interactions(
         path, df[spec.user_col], df[spec.item_col], df[spec.time_col] if spec.time_col else None,
         lines, spec, extra_bad=extra_bad)
@@ -487,12 +490,20 @@ def parse_delimited(path: str, raw: bytes, spec: InteractionSpec, fmt: Optional[
 # ---------------------------------------------------------------------------------------------- parquet
 def _read_parquet(path: str, raw: bytes, needed: Sequence[str], optional: Sequence[str] = ()) -> pd.DataFrame:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if not raw:
         raise _empty(path, "0 bytes")
+    return read_parquet_columns(path, pa.BufferReader(raw), needed, optional)
+
+
+def read_parquet_columns(path: str, source, needed: Sequence[str], optional: Sequence[str] = (),
+                         row_groups: Optional[Sequence[int]] = None) -> pd.DataFrame:
+    """The ``needed`` (and present ``optional``) columns of a Parquet file, of some ``row_groups`` only if given;
+    ``source``: a pyarrow file (a buffer, or a file opened for random access: only those columns are read)."""
+    import pyarrow.parquet as pq
+
     try:
-        pf = pq.ParquetFile(pa.BufferReader(raw))
+        pf = pq.ParquetFile(source)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     names = pf.schema_arrow.names
@@ -501,17 +512,27 @@ def _read_parquet(path: str, raw: bytes, needed: Sequence[str], optional: Sequen
         raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)}); "
                         f"set the data.*_col options to the file's column names")
     cols = list(dict.fromkeys([*needed, *(c for c in optional if c in names)]))
-    table = pf.read(columns=cols)
+    table = pf.read(columns=cols) if row_groups is None else pf.read_row_groups(list(row_groups), columns=cols)
     if table.num_rows == 0:
         raise _empty(path, "0 rows")
     return table.to_pandas()
 
 
+def interaction_columns(spec: InteractionSpec) -> List[str]:
+    """The columns an interaction parser reads (the rest are never decoded)."""
+    return [spec.user_col, spec.item_col] + ([spec.time_col] if spec.time_col else [])
+
+
 def parse_parquet(path: str, raw: bytes, spec: InteractionSpec) -> ParseResult:
     _check_policy(spec.on_bad_rows)
-    needed = [spec.user_col, spec.item_col] + ([spec.time_col] if spec.time_col else [])
-    df = _read_parquet(path, raw, needed)
-    lines = np.arange(1, len(df) + 1, dtype=np.int64)
+    return parse_parquet_frame(path, _read_parquet(path, raw, interaction_columns(spec)), spec)
+
+
+def parse_parquet_frame(path: str, df: pd.DataFrame, spec: InteractionSpec, line_offset: int = 0) -> ParseResult:
+    """Validate rows already read from a Parquet file (``line_offset``: the rows before them, e.g. earlier row
+    groups read by another task)."""
+    _check_policy(spec.on_bad_rows)
+    lines = np.arange(1, len(df) + 1, dtype=np.int64) + line_offset
     table, drops = _validate_interactions(
         path, df[spec.user_col], df[spec.item_col], df[spec.time_col] if spec.time_col else None,
         lines, spec, unit="row")
@@ -519,7 +540,7 @@ def parse_parquet(path: str, raw: bytes, spec: InteractionSpec) -> ParseResult:
 
 
 # ------------------------------------------------------------------------------------------ json lines
-def _read_jsonl(path: str, raw: bytes, keys: Sequence[str], encoding: str = "utf-8") -> tuple:
+def _read_jsonl(path: str, raw: bytes, keys: Sequence[str], encoding: str = "utf-8", line_offset: int = 0) -> tuple:
     """-> (dict key -> list of values (None when absent), 1-based lines, invalid mask, blank lines).
 
     Lines that are not JSON are tried as Python dict literals (the 2014 Amazon metadata files are written so).
@@ -532,7 +553,7 @@ def _read_jsonl(path: str, raw: bytes, keys: Sequence[str], encoding: str = "utf
     lines, invalid = [], []
     blank = 0
     loads = json.loads
-    for ln, line in enumerate(text.splitlines(), start=1):
+    for ln, line in enumerate(text.splitlines(), start=1 + line_offset):
         if not line.strip():
             blank += 1
             continue
@@ -557,10 +578,10 @@ def _read_jsonl(path: str, raw: bytes, keys: Sequence[str], encoding: str = "utf
     return cols, np.asarray(lines, dtype=np.int64), np.asarray(invalid, dtype=bool), blank
 
 
-def parse_jsonl(path: str, raw: bytes, spec: InteractionSpec) -> ParseResult:
+def parse_jsonl(path: str, raw: bytes, spec: InteractionSpec, line_offset: int = 0) -> ParseResult:
     _check_policy(spec.on_bad_rows)
-    keys = [spec.user_col, spec.item_col] + ([spec.time_col] if spec.time_col else [])
-    cols, lines, invalid, blank = _read_jsonl(path, raw, keys, spec.encoding)
+    keys = interaction_columns(spec)
+    cols, lines, invalid, blank = _read_jsonl(path, raw, keys, spec.encoding, line_offset)
     table, drops = _validate_interactions(
         path, cols[spec.user_col], cols[spec.item_col], cols[spec.time_col] if spec.time_col else None,
         lines, spec, extra_bad=invalid, extra_reason="invalid_json")
@@ -568,7 +589,7 @@ def parse_jsonl(path: str, raw: bytes, spec: InteractionSpec) -> ParseResult:
 
 
 # ---------------------------------------------------------------------------------------- sequence files
-def parse_sequences(path: str, raw: bytes, spec: InteractionSpec) -> ParseResult:
+def parse_sequences(path: str, raw: bytes, spec: InteractionSpec, line_offset: int = 0) -> ParseResult:
     """``user item item ...`` per line (whitespace separated), items in chronological order.
 
     Rows are interactions (item tokens); ``ts`` is the token's position in the file.
@@ -580,7 +601,7 @@ def parse_sequences(path: str, raw: bytes, spec: InteractionSpec) -> ParseResult
         raise DataError(f"{path}: not valid {spec.encoding} text ({e})") from None
     users, items, lines = [], [], []
     blank = empty_seq = 0
-    for ln, line in enumerate(text.splitlines(), start=1):
+    for ln, line in enumerate(text.splitlines(), start=1 + line_offset):
         toks = line.split()
         if not toks:
             blank += 1
@@ -602,17 +623,18 @@ def parse_sequences(path: str, raw: bytes, spec: InteractionSpec) -> ParseResult
                        empty_sequences=empty_seq)
 
 
-def parse_interactions(path: str, raw: bytes, spec: InteractionSpec) -> ParseResult:
-    """Dispatch on ``spec.format`` (``auto``: from the file name)."""
+def parse_interactions(path: str, raw: bytes, spec: InteractionSpec, line_offset: int = 0) -> ParseResult:
+    """Dispatch on ``spec.format`` (``auto``: from the file name). ``line_offset`` is added to every line number,
+    for a block cut out of a larger text file (a delimited block carries the file's header in front)."""
     fmt = spec.format if spec.format != "auto" else detect_format(path)
     if fmt in ("csv", "tsv", "dat"):
-        return parse_delimited(path, raw, spec, fmt)
+        return parse_delimited(path, raw, spec, fmt, line_offset)
     if fmt == "parquet":
         return parse_parquet(path, raw, spec)
     if fmt == "jsonl":
-        return parse_jsonl(path, raw, spec)
+        return parse_jsonl(path, raw, spec, line_offset)
     if fmt == "sequences":
-        return parse_sequences(path, raw, spec)
+        return parse_sequences(path, raw, spec, line_offset)
     raise DataError(f"{path}: unknown interaction format {fmt!r}; use one of {', '.join(INTERACTION_FORMATS)}")
 
 

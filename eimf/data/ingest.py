@@ -67,14 +67,20 @@ def _from_ipc(payload: bytes) -> pd.DataFrame:
     return pa.ipc.open_stream(payload).read_all().to_pandas()
 
 
-def parse_file_table(display_path: str, raw: bytes, role: str, spec) -> tuple:
+def parse_file_table(display_path: str, raw, role: str, spec, line_offset: int = 0) -> tuple:
     """Parse one file -> (result dict without payload, table or None); never raises for bad data (the error
-    travels back as text, so that the first bad file in file order is the one reported)."""
+    travels back as text, so that the first bad file in file order is the one reported). ``raw``: the file's
+    bytes, or a callable that parses (a block of a file read another way, e.g. Parquet row groups);
+    ``line_offset``: for a block of a text file, see :func:`eimf.data.formats.parse_interactions`."""
     out = {"path": display_path, "role": role, "payload": b"", "rows_in": 0, "rows_kept": 0, "drops": {},
            "blank_lines": 0, "empty_sequences": 0, "has_time": False, "error": "", "error_kind": ""}
     try:
-        res = parse_interactions(display_path, raw, spec) if role == ROLE_INTERACTIONS else \
-            parse_catalogue(display_path, raw, spec)
+        if callable(raw):
+            res = raw()
+        elif role == ROLE_INTERACTIONS:
+            res = parse_interactions(display_path, raw, spec, line_offset)
+        else:
+            res = parse_catalogue(display_path, raw, spec)
     except EmptyFileError as e:
         out.update(error=str(e), error_kind="empty")
         return out, None

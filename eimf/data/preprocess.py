@@ -492,7 +492,8 @@ def prepare(cfg, *, force: bool = False, engine: Optional[str] = None, known_fin
         res = prepare_bucketed(cfg, inputs, out, buckets=cfg.buckets)
         summary, c, kcore_removed, n_items, n_users = res.summary, res.counts, res.kcore_removed, res.n_items, res.n_users
         timing.update(res.timing)
-        engine_info = {"buckets": res.buckets, "worker_peak_rss_mb": res.worker_peak_rss_mb}
+        engine_info = {"buckets": res.buckets, "read_blocks": res.read_blocks,
+                       "worker_peak_rss_mb": res.worker_peak_rss_mb}
     else:  # pandas in this process: the same bytes, faster on small inputs
         engine_info = {}
         from eimf.data.ingest import ingest
