@@ -96,7 +96,33 @@ def render(rows: list) -> str:
             lines.append(f"| {m:,} | {e} | {r['buckets'] or '-'} | {r['input_mb']:,.0f} | {r['wall_s']:,.1f} | "
                          f"{r['driver_peak_rss_mb']:,.0f} | {r['worker_peak_rss_mb'] or '-'} | "
                          f"{r['users_out']:,} / {r['items_out']:,} / {r['interactions_out']:,} | {phases} |")
-    lines += ["", "The local engine's phases are read / build / write.", ""]
+    lines += ["", "The local engine's phases are read / build / write.", "", "## How the ray engine works", "",
+              "1. **Read**: one Ray task per file, or per block of a file larger than `data.read_block_mb` (64 MB): "
+              "text files are cut at line ends (a delimited block gets the header line in front, and a first pass "
+              "counts each block's newlines so that messages keep the file's line numbers), Parquet files at row "
+              "groups, reading only the log's columns. Each task validates with the same parsers as the local "
+              "engine and writes its rows to B user buckets (hash of the raw user id); catalogue rows go to B item "
+              "buckets. Gzipped files and catalogues are parsed whole, one task per file.",
+              "2. **k-core**: a user bucket holds all of its users' rows, so it orders them, drops repeats and "
+              "counts users exactly; item counts are the sums, per item bucket, of every user bucket's partial "
+              "counts. Each pass removes the rows whose user or item fell short in the previous pass, as the "
+              "local k-core does, so the rounds and their counts are the same.",
+              "3. **Re-index**: each item bucket sorts its items by (count desc, raw id); the driver merges the B "
+              "sorted streams, holding 65,536 rows in all, numbers the items and writes `items.parquet` as it "
+              "goes; users the same by raw id. Each user bucket then gets the new ids of its own items only.",
+              "4. **Split**: the driver shuffles the user ids 1..U with `random.Random(split_seed)` exactly as the "
+              "local engine does (an array of U integers, no rows), each user bucket cuts its users' sequences and writes them "
+              "by ranges of user id, and the driver appends the ranges in order to `train/valid/test.parquet` "
+              "(one 8,192-row group at a time).", "",
+              "The driver's memory is the Ray client plus those bounded buffers, and the shuffle's array of user "
+              "ids (8 bytes per user, 8 MB at 1M users; one more byte per user for the split codes). A task holds one bucket (about 2M interactions, "
+              "`data.buckets=0`) or one block. The stage folder sits inside the output folder (local or `s3://`, "
+              "so tasks on any node see it) and is deleted at the end.",
+              "",
+              "Why tasks and not `ray.data.read_csv` + `map_batches`: the parsers' validation names the file, line "
+              "and field of a bad row and the first error in file order wins; explicit blocks with known line "
+              "offsets keep that, and the k-core needs keyed buckets that stay put across passes, which a Ray Data "
+              "shuffle would redo on every pass.", ""]
     return "\n".join(lines)
 
 

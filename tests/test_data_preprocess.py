@@ -14,7 +14,7 @@ import pytest
 from eimf.config import DataConfig
 from eimf.data.datasets import DatasetNotFoundError, resolve_inputs
 from eimf.data.formats import DataError, EmptyFileError
-from eimf.data.preprocess import kcore, load_prepared, prepare, reindex_by_frequency, split_users
+from eimf.data.preprocess import kcore, load_prepared, prepare, reindex_by_frequency, split_codes, split_users
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,6 +50,16 @@ def test_reindex_by_frequency_ties_by_raw_id():
     assert new.tolist() == [3, 2, 2, 3, 4, 1, 1, 1]
     _, table_s = reindex_by_frequency(raw, numeric=False)
     assert table_s["raw_id"].tolist() == ["7", "10", "9", "3"]  # string order for free ids
+
+
+def test_split_codes_are_split_users_in_an_array():
+    """The array shuffle (both engines) makes the same swaps as ComiRec's shuffle of a list."""
+    for n, seed in ((1, 1230), (10, 1230), (997, 7), (20_000, 1230)):
+        tr, va, te = split_users(range(1, n + 1), seed, [0.8, 0.1, 0.1])
+        codes = split_codes(n, seed, [0.8, 0.1, 0.1])
+        assert codes[0] == 0 and len(codes) == n + 1
+        for code, part in ((0, tr), (1, va), (2, te)):
+            assert sorted(np.flatnonzero(codes[1:] == code) + 1) == sorted(part)
 
 
 def test_split_users_is_comirec_and_deterministic():

@@ -501,7 +501,7 @@ def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResu
     import pyarrow as pa
     import ray
 
-    from eimf.data.preprocess import SPLITS, TableWriter, list_type, split_users
+    from eimf.data.preprocess import SPLITS, TableWriter, list_type, split_codes
     from eimf.ray_init import init_ray
 
     init_ray(log_to_driver=False)
@@ -655,13 +655,7 @@ def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResu
 
     # split: the shuffle on U ids here, the cut in the user buckets, the tables written range by range
     t = time.perf_counter()
-    split_of = None
-    if cfg.split == "user":
-        _, va, te = split_users(range(1, n_users + 1), cfg.split_seed, list(cfg.split_ratios))
-        split_of = np.zeros(n_users + 1, dtype=np.int8)
-        split_of[np.asarray(va, dtype=np.int64)] = 1
-        split_of[np.asarray(te, dtype=np.int64)] = 2
-        del va, te
+    split_of = split_codes(n_users, cfg.split_seed, list(cfg.split_ratios)) if cfg.split == "user" else None
     ranges = max(1, math.ceil(n_rows / ROWS_PER_RANGE))
     split_ref = ray.put(split_of)
     parts = run(_user_split, [(ub, split_ref, cfg, n_users, ranges) for ub in range(B)])

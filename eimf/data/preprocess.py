@@ -31,6 +31,7 @@ settings and the config fields that change the output; a folder that already has
 """
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
 import datetime as _dt
@@ -136,14 +137,29 @@ def reindex_by_frequency(raw_items: Sequence[str], numeric: bool) -> Tuple[np.nd
     return new_of_code[codes], table
 
 
+def split_cuts(n: int, ratios: Sequence[float]) -> Tuple[int, int]:
+    """Where the shuffled users are cut: ``int(n*r0)`` and ``int(n*(r0+r1))``."""
+    return int(round(n * ratios[0], 9)), int(round(n * (ratios[0] + ratios[1]), 9))
+
+
 def split_users(user_ids: Sequence[int], seed: int, ratios: Sequence[float]) -> Tuple[list, list, list]:
-    """ComiRec: ``random.Random(seed).shuffle`` of the users, cut at ``int(n*r0)`` and ``int(n*(r0+r1))``."""
+    """ComiRec: ``random.Random(seed).shuffle`` of the users, cut at :func:`split_cuts`."""
     users = list(user_ids)
     random.Random(seed).shuffle(users)
-    n = len(users)
-    c1 = int(round(n * ratios[0], 9))
-    c2 = int(round(n * (ratios[0] + ratios[1]), 9))
+    c1, c2 = split_cuts(len(users), ratios)
     return users[:c1], users[c1:c2], users[c2:]
+
+
+def split_codes(n_users: int, seed: int, ratios: Sequence[float]) -> np.ndarray:
+    """:func:`split_users` of the ids 1..n_users as one int8 per id (0 train, 1 valid, 2 test; index 0 unused).
+    The shuffle runs on an 8-byte array: the same swaps as on a list, a quarter of its memory."""
+    ids = array.array("q", range(1, n_users + 1))
+    random.Random(seed).shuffle(ids)  # the permutation depends only on the length and the generator
+    order = np.frombuffer(ids, dtype=np.int64)
+    c1, c2 = split_cuts(n_users, ratios)
+    codes = np.zeros(n_users + 1, dtype=np.int8)
+    codes[order[c1:c2]], codes[order[c2:]] = 1, 2
+    return codes
 
 
 def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -337,11 +353,7 @@ def build(ing, cfg, numeric_ids: bool, catalogue_item_col: str = "item") -> Buil
                                 "n_interactions": lens})
 
     # 7. split
-    split_of = None
-    if cfg.split == "user":
-        _, va, te = split_users(range(1, n_users + 1), cfg.split_seed, list(cfg.split_ratios))
-        split_of = np.zeros(n_users + 1, dtype=np.int8)
-        split_of[np.asarray(va, dtype=np.int64)], split_of[np.asarray(te, dtype=np.int64)] = 1, 2
+    split_of = split_codes(n_users, cfg.split_seed, list(cfg.split_ratios)) if cfg.split == "user" else None
     tables, split_counts = cut_sequences(np.arange(1, n_users + 1, dtype=np.int64), starts, lens, new_items,
                                          split_of, cfg)
     counts.update(split_counts)
