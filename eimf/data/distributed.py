@@ -112,13 +112,13 @@ def bucket_of(keys, buckets: int) -> np.ndarray:
     return (pd.util.hash_array(np.asarray(keys, dtype=object)) % np.uint64(buckets)).astype(np.int64)
 
 
-def _put(frame, path: str) -> None:
+def _put(frame, path: str, row_group_rows: int = MERGE_ROWS) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
     buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=MERGE_ROWS)  # the driver's merge decodes a group at a time
+    pq.write_table(table, buf, row_group_size=row_group_rows)
     fs.write_bytes(path, buf.getvalue())
 
 
@@ -138,14 +138,28 @@ def _concat(paths: Sequence[str]) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------- tasks
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB: ``VmHWM``, which (unlike ``ru_maxrss``) does not carry over the parent's
+    size from before an exec; ``ru_maxrss`` where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _traced(env: dict, fn, *args):
     """Run a bucket task with the driver's S3 settings (``env``); also return its worker's peak RSS so far, in MB
     (workers are reused across tasks)."""
     import os
-    import resource
 
     os.environ.update(env)
-    return fn(*args), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return fn(*args), peak_rss_mb()
 
 
 def _read_range(display: str, start: int, end: int) -> bytes:
@@ -385,7 +399,7 @@ def _item_final(stage: Stage, ib: int, t: int, numeric: bool, catalogue: bool) -
                        "raw_id": pd.array(raw, dtype="str"), "count": total.to_numpy(np.int64),
                        "text": pd.array(text, dtype="str"), "missing": missing})
     _put(df.sort_values(["neg_count", "key"], kind="stable").reset_index(drop=True),
-         stage.path("items", f"b{ib}.parquet"))
+         stage.path("items", f"b{ib}.parquet"), _merge_batch(stage.buckets))
     return {"items": len(df)}
 
 
@@ -397,13 +411,52 @@ def _user_final(stage: Stage, ub: int, numeric: bool) -> dict:
     raw = n.index.to_numpy(dtype=object).astype(str)
     df = pd.DataFrame({"key": _raw_order_key(raw, numeric), "raw_id": pd.array(raw, dtype="str"),
                        "n_interactions": n.to_numpy(np.int64)})
-    _put(df.sort_values("key", kind="stable").reset_index(drop=True), stage.path("users", f"b{ub}.parquet"))
+    _put(df.sort_values("key", kind="stable").reset_index(drop=True), stage.path("users", f"b{ub}.parquet"),
+         _merge_batch(stage.buckets))
     return {"users": len(df)}
 
 
-def _item_ids_for_users(stage: Stage, ib: int, t: int) -> None:
+class _IdParts:
+    """The new ids the driver hands out during a merge, (raw id, id) per bucket, written as small part files (a
+    few thousand rows each) so that the driver holds no open writer per bucket."""
+
+    ROWS = 8_192
+
+    def __init__(self, stage: Stage, name: str):
+        self.stage, self.name = stage, name
+        self.buf: Dict[int, list] = {}
+        self.held: Dict[int, int] = {}
+        self.parts = [0] * stage.buckets
+
+    def add(self, bucket: int, raw, ids: np.ndarray) -> None:
+        import pyarrow as pa
+
+        self.buf.setdefault(bucket, []).append(pa.table({"raw_id": raw, "id": ids}))
+        self.held[bucket] = self.held.get(bucket, 0) + len(ids)
+        if self.held[bucket] >= self.ROWS:
+            self._flush(bucket)
+
+    def _flush(self, bucket: int) -> None:
+        import pyarrow as pa
+
+        _put(pa.concat_tables(self.buf.pop(bucket)), self.stage.path(self.name, f"b{bucket}", f"p{self.parts[bucket]}.parquet"))
+        self.parts[bucket] += 1
+        self.held[bucket] = 0
+
+    def close(self) -> List[int]:
+        """Flush; -> the number of parts of each bucket."""
+        for bucket in list(self.buf):
+            self._flush(bucket)
+        return self.parts
+
+
+def _read_ids(stage: Stage, name: str, bucket: int, parts: int) -> pd.DataFrame:
+    return _concat([stage.path(name, f"b{bucket}", f"p{k}.parquet") for k in range(parts)])
+
+
+def _item_ids_for_users(stage: Stage, ib: int, t: int, parts: int) -> None:
     """Hand each user bucket the new ids of the items of this item bucket that it holds (a join by bucket)."""
-    ids = _get(stage.path("item_ids", f"b{ib}.parquet"))
+    ids = _read_ids(stage, "item_ids", ib, parts)
     by_raw = pd.Series(ids["id"].to_numpy(np.int64), index=ids["raw_id"].astype("str").to_numpy())
     for ub in range(stage.buckets):
         raw = _get(stage.partials(t, ub, ib))["item"].to_numpy(dtype=object).astype(str)
@@ -411,14 +464,14 @@ def _item_ids_for_users(stage: Stage, ib: int, t: int) -> None:
              stage.path("item_ids_of", f"u{ub}", f"i{ib}.parquet"))
 
 
-def _user_split(stage: Stage, ub: int, split_of, cfg, n_users: int, ranges: int) -> dict:
+def _user_split(stage: Stage, ub: int, split_of, cfg, n_users: int, ranges: int, id_parts: int) -> dict:
     """Map one user bucket's rows to the new ids, cut each user's sequence for its split, write by id range."""
     import pyarrow as pa
 
     from eimf.data.preprocess import cut_sequences
 
     state = _get(stage.path("kcore", f"b{ub}.parquet"))
-    uids = _get(stage.path("user_ids", f"b{ub}.parquet"))
+    uids = _read_ids(stage, "user_ids", ub, id_parts)
     iids = _concat([stage.path("item_ids_of", f"u{ub}", f"i{ib}.parquet") for ib in range(stage.buckets)])
     users = pd.Series(uids["id"].to_numpy(np.int64), index=uids["raw_id"].astype("str").to_numpy()).reindex(
         state["user"].to_numpy(dtype=object).astype(str)).to_numpy(np.int64)
@@ -436,6 +489,12 @@ def _user_split(stage: Stage, ub: int, split_of, cfg, n_users: int, ranges: int)
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def _merge_batch(n_files: int) -> int:
+    """Rows per file and batch in :func:`merge_sorted`: a share of :data:`MERGE_ROWS`. The sorted bucket files are
+    written in row groups of this size too, since a Parquet reader decodes a whole group at once."""
+    return max(1024, MERGE_ROWS // max(1, n_files))
+
+
 def merge_sorted(paths: Sequence[str], keys: Sequence[str], batch_rows: int = 0
                  ) -> Iterator[Tuple["object", np.ndarray]]:
     """Merge Parquet files that are each sorted by ``keys`` (unique across files) -> (rows in order, index of the
@@ -445,7 +504,7 @@ def merge_sorted(paths: Sequence[str], keys: Sequence[str], batch_rows: int = 0
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    batch_rows = batch_rows or max(1024, MERGE_ROWS // max(1, len(paths)))
+    batch_rows = batch_rows or _merge_batch(len(paths))
     readers = []
     for p in paths:
         filesystem, inner = fs.resolve(p)
@@ -611,8 +670,7 @@ def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResu
     run(_item_final, [(ib, step, inputs.interaction_spec.numeric_ids, has_cat) for ib in range(B)])
     run(_user_final, [(ub, inputs.interaction_spec.numeric_ids) for ub in range(B)])
     items_out = TableWriter(fs.join(out, "items.parquet"))
-    ids_schema = pa.schema([("raw_id", pa.large_string()), ("id", pa.int64())])
-    id_out = [TableWriter(stage.path("item_ids", f"b{ib}.parquet"), ids_schema) for ib in range(B)]
+    id_out = _IdParts(stage, "item_ids")
     n_items = missing_text = empty_text = 0
     for chunk, src in merge_sorted([stage.path("items", f"b{ib}.parquet") for ib in range(B)], ["neg_count", "key"]):
         ids = np.arange(n_items + 1, n_items + len(chunk) + 1, dtype=np.int64)
@@ -626,12 +684,11 @@ def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResu
         raw = chunk.column("raw_id")
         for ib in np.unique(src):
             sel = src == ib
-            id_out[ib].write(pa.table({"raw_id": raw.filter(pa.array(sel)), "id": ids[sel]}))
+            id_out.add(int(ib), raw.filter(pa.array(sel)), ids[sel])
     items_out.close()
-    for w in id_out:
-        w.close()
+    item_parts = id_out.close()
     users_out = TableWriter(fs.join(out, "users.parquet"))
-    uid_out = [TableWriter(stage.path("user_ids", f"b{ub}.parquet"), ids_schema) for ub in range(B)]
+    uid_out = _IdParts(stage, "user_ids")
     n_users = 0
     for chunk, src in merge_sorted([stage.path("users", f"b{ub}.parquet") for ub in range(B)], ["key"]):
         ids = np.arange(n_users + 1, n_users + len(chunk) + 1, dtype=np.int64)
@@ -642,14 +699,13 @@ def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResu
             "n_interactions": chunk.column("n_interactions").to_numpy()}), preserve_index=False))
         for ub in np.unique(src):
             sel = src == ub
-            uid_out[ub].write(pa.table({"raw_id": raw.filter(pa.array(sel)), "id": ids[sel]}))
+            uid_out.add(int(ub), raw.filter(pa.array(sel)), ids[sel])
     users_out.close()
-    for w in uid_out:
-        w.close()
+    user_parts = uid_out.close()
     c["kcore_removed_users"], c["kcore_removed_items"] = c["users_in"] - n_users, c["items_in"] - n_items
     c["users_out"], c["items_out"], c["interactions_out"] = n_users, n_items, n_rows
     c["items_missing_text"], c["items_empty_text"] = missing_text, empty_text
-    run(_item_ids_for_users, [(ib, step) for ib in range(B)])
+    run(_item_ids_for_users, [(ib, step, item_parts[ib]) for ib in range(B)])
     timing["reindex"] = round(time.perf_counter() - t, 3)
     log.info("%s: %d items and %d users re-indexed in %.1f s", inputs.dataset, n_items, n_users, timing["reindex"])
 
@@ -658,7 +714,7 @@ def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResu
     split_of = split_codes(n_users, cfg.split_seed, list(cfg.split_ratios)) if cfg.split == "user" else None
     ranges = max(1, math.ceil(n_rows / ROWS_PER_RANGE))
     split_ref = ray.put(split_of)
-    parts = run(_user_split, [(ub, split_ref, cfg, n_users, ranges) for ub in range(B)])
+    parts = run(_user_split, [(ub, split_ref, cfg, n_users, ranges, user_parts[ub]) for ub in range(B)])
     log.info("%s: sequences cut in %.1f s", inputs.dataset, time.perf_counter() - t)
     for key in parts[0]:
         c[key] = int(sum(p[key] for p in parts))
