@@ -8,8 +8,9 @@ docs/data.md.
 Each log comes from `eimf.data.synthetic.synthesize` (M interactions, M/50 users, M/50 items, Zipf 1.05, seed 0;
 Parquet files of about 2M rows) and goes through `eimf.data.preprocess.prepare` with the default 5-core, in its
 own process, one at a time (the machine has 2 cores). Ray is started before the clock starts, so the wall time is
-the preparation alone. The driver's RSS is that process's peak (``ru_maxrss``); the worker's is the largest peak
-of a process that ran a bucket task (the manifest's ``engine.worker_peak_rss_mb``). The ``local`` engine (pandas
+the preparation alone. The driver's RSS is that process's peak (``VmHWM``: ``ru_maxrss`` would count the parent's
+size at the fork); the worker's is the largest peak of a process that ran a bucket task (the manifest's
+``engine.worker_peak_rss_mb``). The ``local`` engine (pandas
 in the driver) is run where it fits, for comparison.
 """
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -32,9 +32,11 @@ def raw_dir(work: Path, m: int) -> Path:
     from eimf.data.synthetic import synthesize
 
     raw = work / f"log-{m}"
-    if not (raw / "items.parquet").exists():
+    done = raw / "synthesized.json"  # written last: a log cut short is made again
+    if not done.exists():
         t = time.perf_counter()
-        synthesize(str(raw), users=m // 50, items=m // 50, interactions=m, seed=0)
+        s = synthesize(str(raw), users=m // 50, items=m // 50, interactions=m, seed=0)
+        done.write_text(json.dumps({"interactions": s.interactions, "users": s.users, "items": s.items}))
         print(f"synthesized {m:,} interactions in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return raw
 
@@ -42,6 +44,7 @@ def raw_dir(work: Path, m: int) -> Path:
 def one_run(args) -> None:
     """Child process: prepare one log with one engine; prints the measurements as the last line."""
     from eimf.config import load_config
+    from eimf.data.distributed import peak_rss_mb
     from eimf.data.preprocess import prepare
     from eimf.data.synthetic import custom_overrides
     from eimf.ray_init import init_ray
@@ -56,7 +59,7 @@ def one_run(args) -> None:
     wall = time.perf_counter() - t0
     m, c = p.manifest, p.manifest["counts"]
     print(json.dumps({"engine": args.engine, "interactions": args.m, "wall_s": round(wall, 1),
-                      "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                      "driver_peak_rss_mb": round(peak_rss_mb(), 1),
                       "worker_peak_rss_mb": m["engine"].get("worker_peak_rss_mb"), "buckets": m["engine"].get("buckets"),
                       "input_mb": round(sum(f["size"] for f in m["inputs"]) / 2**20, 1),
                       "users_out": c["users_out"], "items_out": c["items_out"],
@@ -96,7 +99,25 @@ def render(rows: list) -> str:
             lines.append(f"| {m:,} | {e} | {r['buckets'] or '-'} | {r['input_mb']:,.0f} | {r['wall_s']:,.1f} | "
                          f"{r['driver_peak_rss_mb']:,.0f} | {r['worker_peak_rss_mb'] or '-'} | "
                          f"{r['users_out']:,} / {r['items_out']:,} / {r['interactions_out']:,} | {phases} |")
-    lines += ["", "The local engine's phases are read / build / write.", "", "## How the ray engine works", "",
+    ray_rows = sorted((r for r in rows if r["engine"] == "ray" and "error" not in r), key=lambda r: r["interactions"])
+    lines += ["", "The local engine's phases are read / build / write."]
+    if len(ray_rows) > 1:
+        lo, hi = ray_rows[0], ray_rows[-1]
+        rss = [r["driver_peak_rss_mb"] for r in ray_rows]
+        per_m = ", ".join(f"{r['wall_s'] / r['interactions'] * 1e6:.1f} s" for r in ray_rows)
+        lines += ["", f"Reading: from {lo['interactions']:,} to {hi['interactions']:,} interactions "
+                  f"(x{hi['interactions'] / lo['interactions']:.0f}) the ray engine's wall time per million "
+                  f"interactions is {per_m}; its driver's peak RSS goes from {rss[0]:,.0f} to {rss[-1]:,.0f} MB "
+                  f"(x{rss[-1] / rss[0]:.2f}; {min(rss):,.0f}-{max(rss):,.0f} MB, mean {sum(rss) / len(rss):,.0f}), "
+                  f"of which about 200 MB is the Ray client and the imports; the worst worker's peak goes from "
+                  f"{lo['worker_peak_rss_mb']:,.0f} to {hi['worker_peak_rss_mb']:,.0f} MB (a task holds one bucket of "
+                  f"about 2M rows, or one block). The local engine's driver holds the whole log: "
+                  + ", ".join(f"{r['driver_peak_rss_mb']:,.0f} MB at {r['interactions']:,}" for r in
+                              sorted((r for r in rows if r["engine"] == "local" and "error" not in r),
+                                     key=lambda r: r["interactions"]))
+                  + " interactions, so it is not run on the larger logs. It is the faster engine wherever it fits, "
+                  "which is why `auto` keeps it for small logs."]
+    lines += ["", "## How the ray engine works", "",
               "1. **Read**: one Ray task per file, or per block of a file larger than `data.read_block_mb` (64 MB): "
               "text files are cut at line ends (a delimited block gets the header line in front, and a first pass "
               "counts each block's newlines so that messages keep the file's line numbers), Parquet files at row "

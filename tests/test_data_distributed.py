@@ -135,6 +135,15 @@ def test_text_blocks_end_at_line_ends_and_carry_the_header(tmp_path):
     assert plan_pieces(str(gz), spec, 100) == [None]  # a compressed file is read whole
 
 
+def test_more_buckets_than_users_or_items(tmp_path, ray_session):
+    """Empty buckets (3 users and 4 items over 8 buckets) are no special case."""
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{u * 10 + i}\n" for u in range(3) for i in range(4)))
+    local, ray_ = _both(DataConfig(dataset="custom", interactions=str(log), min_count=1), tmp_path, buckets=8)
+    _assert_same(local, ray_)
+    assert ray_.manifest["counts"]["interactions_out"] == 12
+
+
 def test_bad_input_errors_are_the_same_on_both_engines(tmp_path, ray_session):
     spec = _messy(tmp_path / "raw", True, True)
     cfg = DataConfig(dataset="custom", on_bad_rows="error", **spec)

@@ -451,6 +451,8 @@ class _IdParts:
 
 
 def _read_ids(stage: Stage, name: str, bucket: int, parts: int) -> pd.DataFrame:
+    if parts == 0:  # a bucket that kept no user (or item)
+        return pd.DataFrame({"raw_id": pd.array([], dtype="str"), "id": np.zeros(0, dtype=np.int64)})
     return _concat([stage.path(name, f"b{bucket}", f"p{k}.parquet") for k in range(parts)])
 
 
