@@ -229,8 +229,10 @@ def user_errors() -> tuple:
     from eimf.serving.folder import ModelFolderError
     from eimf.serving.recommender import RequestError
 
-    # ModelNotFoundError is a FileNotFoundError
-    errors = [UserError, DownloadError, FileNotFoundError, ModelFolderError, RequestError]
+    from eimf.config import ConfigError
+
+    # ModelNotFoundError is a FileNotFoundError; ConfigError names the setting and what it accepts
+    errors = [UserError, ConfigError, DownloadError, FileNotFoundError, ModelFolderError, RequestError]
     try:
         from mlflow.exceptions import MlflowException  # e.g. a models:/ URI that is not registered
 

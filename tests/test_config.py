@@ -34,3 +34,11 @@ def test_yaml_round_trip(tmp_path):
     f.write_text(to_yaml(cfg))
     assert to_dict(load_config(f)) == to_dict(cfg)
     assert flatten({"a": {"b": 1}, "c": 2}) == {"a.b": 1, "c": 2}
+
+
+def test_cli_says_which_setting_is_wrong_without_a_traceback(capsys):
+    from eimf.cli import main
+
+    assert main(["data", "prepare", "data.engine=bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eimf: error: data.engine must be one of auto, local, ray") and "Traceback" not in err
