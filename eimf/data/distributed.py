@@ -39,6 +39,8 @@ import pandas as pd
 
 from eimf import fs
 from eimf.data.formats import MAX_EXAMPLES, DataError
+from eimf.data.preprocess import (SPLITS, TableWriter, _raw_order_key, cut_sequences, empty_kcore_error,
+                                  item_texts, list_type, not_in_catalogue_error, repeats, split_codes)
 from eimf.data.ingest import (ROLE_CATALOGUE, ROLE_INTERACTIONS, ReadSummary, duplicate_item_error,
                               parse_file_table, summarize)
 
@@ -102,9 +104,9 @@ def estimate_rows(paths: Sequence[str]) -> int:
     return rows
 
 
-def bucket_count(rows: int, asked: int = 0) -> int:
-    """``asked`` if set, else one bucket per :data:`ROWS_PER_BUCKET` interactions, between 2 and 256."""
-    return asked if asked > 0 else int(min(256, max(2, math.ceil(rows / ROWS_PER_BUCKET))))
+def bucket_count(rows: int) -> int:
+    """One bucket per :data:`ROWS_PER_BUCKET` interactions, between 2 and 256."""
+    return int(min(256, max(2, math.ceil(rows / ROWS_PER_BUCKET))))
 
 
 def bucket_of(keys, buckets: int) -> np.ndarray:
@@ -323,13 +325,7 @@ def _user_pass(stage: Stage, ub: int, t: int, min_count: int, dedupe: str, has_t
         time_keys = (df["ts"].to_numpy(),) if has_time else ()
         order = np.lexsort((df["row"].to_numpy(), df["file"].to_numpy(), *time_keys, u_codes))
         u, it = df["user"].to_numpy(dtype=object)[order], df["item"].to_numpy(dtype=object)[order]
-        if dedupe == "consecutive":
-            dup = np.zeros(len(u), dtype=bool)
-            dup[1:] = (u[1:] == u[:-1]) & (it[1:] == it[:-1])
-        elif dedupe == "first":
-            dup = pd.DataFrame({"u": u, "i": it}).duplicated(keep="first").to_numpy()
-        else:
-            dup = np.zeros(len(u), dtype=bool)
+        dup = repeats(u, it, dedupe)
         state = pd.DataFrame({"user": pd.array(u[~dup], dtype="str"), "item": pd.array(it[~dup], dtype="str")})
         out.update(rows=len(df), users_in=int(pd.unique(u).size), duplicates_removed=int(dup.sum()))
         changed = True
@@ -383,18 +379,10 @@ def _item_pass(stage: Stage, ib: int, t: int, min_count: int, catalogue: bool) -
 
 def _item_final(stage: Stage, ib: int, t: int, numeric: bool, catalogue: bool) -> dict:
     """One item bucket's surviving items with count and text, sorted by (count desc, raw id)."""
-    from eimf.data.preprocess import _raw_order_key
-
     every = _concat([stage.partials(t, ub, ib) for ub in range(stage.buckets)])
     total = every.groupby("item", sort=False)["n"].sum()
     raw = total.index.to_numpy(dtype=object).astype(str)
-    if catalogue:
-        cat = _get(stage.path("catalogue_unique", f"b{ib}.parquet"))
-        text = pd.Series(cat["text"].to_numpy(dtype=object), index=cat["item"].astype("str").to_numpy()).reindex(raw)
-        missing = text.isna().to_numpy()
-        text = text.fillna("").to_numpy(dtype=object).astype(str)
-    else:
-        missing, text = np.ones(len(raw), dtype=bool), np.full(len(raw), "", dtype=object)
+    text, missing = item_texts(_get(stage.path("catalogue_unique", f"b{ib}.parquet")) if catalogue else None, raw)
     df = pd.DataFrame({"neg_count": -total.to_numpy(np.int64), "key": _raw_order_key(raw, numeric),
                        "raw_id": pd.array(raw, dtype="str"), "count": total.to_numpy(np.int64),
                        "text": pd.array(text, dtype="str"), "missing": missing})
@@ -405,8 +393,6 @@ def _item_final(stage: Stage, ib: int, t: int, numeric: bool, catalogue: bool) -
 
 def _user_final(stage: Stage, ub: int, numeric: bool) -> dict:
     """One user bucket's surviving users with their interaction counts, sorted by raw id."""
-    from eimf.data.preprocess import _raw_order_key
-
     n = _get(stage.path("kcore", f"b{ub}.parquet")).groupby("user", sort=False).size()
     raw = n.index.to_numpy(dtype=object).astype(str)
     df = pd.DataFrame({"key": _raw_order_key(raw, numeric), "raw_id": pd.array(raw, dtype="str"),
@@ -469,8 +455,6 @@ def _item_ids_for_users(stage: Stage, ib: int, t: int, parts: int) -> None:
 def _user_split(stage: Stage, ub: int, split_of, cfg, n_users: int, ranges: int, id_parts: int) -> dict:
     """Map one user bucket's rows to the new ids, cut each user's sequence for its split, write by id range."""
     import pyarrow as pa
-
-    from eimf.data.preprocess import cut_sequences
 
     state = _get(stage.path("kcore", f"b{ub}.parquet"))
     uids = _read_ids(stage, "user_ids", ub, id_parts)
@@ -556,19 +540,22 @@ def _delete(path: str) -> None:
         pass
 
 
-def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResult:
+def prepare_bucketed(cfg, inputs, out: str, *, rows: Optional[int] = None) -> BucketedResult:
     """Run the steps of the module doc for ``cfg`` (a ``DataConfig``) and ``inputs``; writes the five tables
-    into ``out`` (not the manifest) and returns what the manifest says."""
+    into ``out`` (not the manifest) and returns what the manifest says. ``rows``: :func:`estimate_rows` of the
+    log if the caller has it (needed only when ``data.buckets=0``)."""
     import pyarrow as pa
     import ray
 
-    from eimf.data.preprocess import SPLITS, TableWriter, list_type, split_codes
     from eimf.ray_init import init_ray
 
     init_ray(log_to_driver=False)
     timing: Dict[str, float] = {}
     t0 = time.perf_counter()
-    B = bucket_count(estimate_rows(inputs.interaction_files) if buckets <= 0 else 0, buckets)
+    if cfg.buckets > 0:
+        B = cfg.buckets
+    else:
+        B = bucket_count(rows if rows is not None else estimate_rows(inputs.interaction_files))
     stage = Stage(fs.join(out, "_stage"), B)
     _delete(stage.root)
     traced = ray.remote(num_cpus=1)(_traced)
@@ -589,7 +576,7 @@ def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResu
              if piece is not None and piece[0] == "text" and c + 1 < len(plan)]
     newlines = dict(zip([(j, c) for j, c, _ in texts],
                         run(_count_lines, [(inputs.interaction_files[j], piece[1], piece[2]) for j, c, piece in texts])))
-    jobs, owner = [], []
+    jobs = []  # (path, role, spec, file index, block index, block, line offset)
     for j, (p, plan) in enumerate(zip(inputs.interaction_files, plans)):
         before = 0
         for c, piece in enumerate(plan):
@@ -597,16 +584,15 @@ def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResu
             if piece is not None and piece[0] == "text" and c:
                 offset = before - (1 if piece[3] else 0)  # the header put in front is the parser's line 1
             jobs.append((p, ROLE_INTERACTIONS, spec, j, c, piece, offset))
-            owner.append(j)
             before += newlines.get((j, c), 0)
+    n_pieces = len(jobs)
     jobs += [(p, ROLE_CATALOGUE, cat_spec, j) for j, p in enumerate(cat_files)]
     got = run(_read_file, jobs)
-    n_pieces = len(owner)
-    results = [_combine_pieces([o for o, w in zip(got[:n_pieces], owner) if w == j])
+    pieces = list(zip(jobs[:n_pieces], got[:n_pieces]))
+    results = [_combine_pieces([o for job, o in pieces if job[3] == j])
                for j in range(len(inputs.interaction_files))] + got[n_pieces:]
     summary = summarize(results, spec, inputs.interaction_files)
-    files = [(j, c) for (j, c), o in zip([(job[3], job[4]) for job in jobs[:n_pieces]], got[:n_pieces])
-             if o["error_kind"] != "empty"]
+    files = [(job[3], job[4]) for job, o in pieces if o["error_kind"] != "empty"]
     cfiles = [j for j, r in enumerate(got[n_pieces:]) if r["error_kind"] != "empty"]
     timing["read"] = round(time.perf_counter() - t0, 3)
     log.info("%s: read %d files (%d blocks) into %d buckets in %.1f s", inputs.dataset, len(results),
@@ -641,9 +627,7 @@ def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResu
             pos, line, item = min(misses)
             where = f"{inputs.interaction_files[pos >> _POS_SHIFT]}, line {line}"
             if cfg.on_bad_rows == "error":
-                raise DataError(f"{where}: item {item!r} is not in the item catalogue ({', '.join(cat_files)}); use "
-                                f"data.on_bad_rows=drop to keep such items with empty text (counted as "
-                                f"items_missing_text)")
+                raise not_in_catalogue_error(where, item, cat_files)
             log.warning("%d items are not in the catalogue (kept with empty text), e.g. %s at %s",
                         c["items_not_in_catalogue_in"], item, where)
     else:
@@ -662,8 +646,7 @@ def prepare_bucketed(cfg, inputs, out: str, *, buckets: int = 0) -> BucketedResu
     c["kcore_rounds"], c["kcore_removed_interactions"] = len(removed), int(sum(removed))
     n_rows = sum(u["rows_now"] for u in ups)
     if n_rows == 0:
-        raise DataError(f"no interaction survives the {k}-core filter ({c['interactions_in']} interactions in); "
-                        f"lower data.min_count")
+        raise empty_kcore_error(k, c["interactions_in"])
     timing["kcore"] = round(time.perf_counter() - t, 3)
     log.info("%s: %d-core in %d rounds, %.1f s", inputs.dataset, k, len(removed), timing["kcore"])
 

@@ -173,6 +173,38 @@ def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> Tuple[np.
     return flat[idx], offsets
 
 
+def repeats(users: np.ndarray, items: np.ndarray, policy: str) -> np.ndarray:
+    """Rows (ordered by user, then time) that ``data.dedupe=policy`` drops: ``consecutive``, the same item as
+    the user's previous row; ``first``, a (user, item) pair seen before; ``none``, nothing."""
+    if policy not in DEDUPE_POLICIES:
+        raise DataError(f"data.dedupe must be one of {DEDUPE_POLICIES}, got {policy!r}")
+    dup = np.zeros(len(users), dtype=bool)
+    if policy == "consecutive":
+        dup[1:] = (users[1:] == users[:-1]) & (items[1:] == items[:-1])
+    elif policy == "first":
+        dup = pd.DataFrame({"u": users, "i": items}).duplicated(keep="first").to_numpy()
+    return dup
+
+
+def item_texts(catalogue: Optional[pd.DataFrame], raw_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Each raw item id's catalogue text ("" when absent) and whether it was absent; no catalogue: all absent."""
+    if catalogue is None:
+        return np.full(len(raw_ids), "", dtype=object), np.ones(len(raw_ids), dtype=bool)
+    text = pd.Series(catalogue["text"].to_numpy(dtype=object),
+                     index=catalogue["item"].astype("str").to_numpy()).reindex(np.asarray(raw_ids).astype(str))
+    return text.fillna("").to_numpy(dtype=object).astype(str), text.isna().to_numpy()
+
+
+def not_in_catalogue_error(where: str, item: str, catalogue_files: Sequence[str]) -> DataError:
+    return DataError(f"{where}: item {item!r} is not in the item catalogue ({', '.join(catalogue_files)}); use "
+                     f"data.on_bad_rows=drop to keep such items with empty text (counted as items_missing_text)")
+
+
+def empty_kcore_error(min_count: int, interactions_in: int) -> DataError:
+    return DataError(f"no interaction survives the {min_count}-core filter ({interactions_in} interactions in); "
+                     f"lower data.min_count")
+
+
 def list_type(total: int):
     """The Arrow type of an id-list column holding ``total`` ids: 32-bit offsets while they fit."""
     import pyarrow as pa
@@ -275,9 +307,7 @@ def build(ing, cfg, numeric_ids: bool, catalogue_item_col: str = "item") -> Buil
             first = bad_rows[np.lexsort((df["line"].to_numpy()[bad_rows], df["file"].to_numpy()[bad_rows]))[0]]
             where = f"{ing.interaction_files[int(df['file'].iat[first])]}, line {int(df['line'].iat[first])}"
             if cfg.on_bad_rows == "error":
-                raise DataError(f"{where}: item {df['item'].iat[first]!r} is not in the item catalogue "
-                                f"({', '.join(ing.catalogue_files)}); use data.on_bad_rows=drop to keep such items "
-                                f"with empty text (counted as items_missing_text)")
+                raise not_in_catalogue_error(where, df["item"].iat[first], ing.catalogue_files)
             log.warning("%d items are not in the catalogue (kept with empty text), e.g. %s at %s",
                         counts["items_not_in_catalogue_in"], df["item"].iat[first], where)
     else:
@@ -294,16 +324,7 @@ def build(ing, cfg, numeric_ids: bool, catalogue_item_col: str = "item") -> Buil
     it = i_codes[order].astype(np.int64)
 
     # 4. repeats
-    policy = cfg.dedupe
-    if policy not in DEDUPE_POLICIES:
-        raise DataError(f"data.dedupe must be one of {DEDUPE_POLICIES}, got {policy!r}")
-    if policy == "consecutive":
-        dup = np.zeros(len(u), dtype=bool)
-        dup[1:] = (u[1:] == u[:-1]) & (it[1:] == it[:-1])
-    elif policy == "first":
-        dup = pd.DataFrame({"u": u, "i": it}).duplicated(keep="first").to_numpy()
-    else:
-        dup = np.zeros(len(u), dtype=bool)
+    dup = repeats(u, it, cfg.dedupe)
     counts["duplicates_removed"] = int(dup.sum())
     u, it = u[~dup], it[~dup]
 
@@ -315,8 +336,7 @@ def build(ing, cfg, numeric_ids: bool, catalogue_item_col: str = "item") -> Buil
     n_items_before = len(np.unique(it))
     u, it = u[keep], it[keep]
     if len(u) == 0:
-        raise DataError(f"no interaction survives the {cfg.min_count}-core filter "
-                        f"({counts['interactions_in']} interactions in); lower data.min_count")
+        raise empty_kcore_error(cfg.min_count, counts["interactions_in"])
     # 6. re-index items by frequency, users by raw id
     new_items, items_table = reindex_by_frequency(np.asarray(i_uniques, dtype=object)[it].astype(str), numeric_ids)
     uu, u_dense = np.unique(u, return_inverse=True)
@@ -337,14 +357,8 @@ def build(ing, cfg, numeric_ids: bool, catalogue_item_col: str = "item") -> Buil
     counts["users_out"], counts["items_out"], counts["interactions_out"] = n_users, n_items, int(len(new_items))
 
     # item text
-    if cat is not None:
-        text_map = pd.Series(cat["text"].to_numpy(dtype=object), index=cat["item"].astype("str").to_numpy())
-        text = text_map.reindex(items_table["raw_id"].astype("str").to_numpy())
-        missing = text.isna().to_numpy()
-        items_table["text"] = pd.array(text.fillna("").to_numpy(dtype=object).astype(str), dtype="str")
-    else:
-        missing = np.ones(n_items, dtype=bool)
-        items_table["text"] = pd.array([""] * n_items, dtype="str")
+    text, missing = item_texts(cat, items_table["raw_id"].to_numpy())
+    items_table["text"] = pd.array(text, dtype="str")
     counts["items_missing_text"] = int(missing.sum())
     counts["items_empty_text"] = int((items_table["text"] == "").sum())
 
@@ -467,12 +481,11 @@ def _read_parquet(path: str) -> pd.DataFrame:
 LOCAL_ENGINE_MAX_ROWS = 2_000_000
 
 
-def choose_engine(engine: str, inputs: Inputs) -> str:
-    """``local`` or ``ray`` for ``data.engine`` (``auto``: by the log's size); both write the same bytes."""
+def choose_engine(engine: str, rows: Optional[int]) -> str:
+    """``local`` or ``ray`` for ``data.engine`` (``auto``: by ``rows``, the log's estimated interactions); both
+    write the same bytes."""
     if engine == "auto":
-        from eimf.data.distributed import estimate_rows
-
-        return "local" if estimate_rows(inputs.interaction_files) <= LOCAL_ENGINE_MAX_ROWS else "ray"
+        return "local" if rows <= LOCAL_ENGINE_MAX_ROWS else "ray"
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be auto, local or ray, got {engine!r}")
     return engine
@@ -496,12 +509,18 @@ def prepare(cfg, *, force: bool = False, engine: Optional[str] = None, known_fin
         infos = input_infos(inputs)
     log.info("%s: reading source %r (%s)", inputs.dataset, inputs.source,
              ", ".join(f["path"] for f in infos))
-    engine = choose_engine(engine or cfg.engine, inputs)
+    engine = engine or cfg.engine
+    rows = None
+    if engine == "auto" or (engine == "ray" and cfg.buckets <= 0):  # footers or sizes, read once
+        from eimf.data.distributed import estimate_rows
+
+        rows = estimate_rows(inputs.interaction_files)
+    engine = choose_engine(engine, rows)
     timing = {}
     if engine == "ray":  # Ray tasks over buckets: no process holds the log (eimf.data.distributed)
         from eimf.data.distributed import prepare_bucketed
 
-        res = prepare_bucketed(cfg, inputs, out, buckets=cfg.buckets)
+        res = prepare_bucketed(cfg, inputs, out, rows=rows)
         summary, c, kcore_removed, n_items, n_users = res.summary, res.counts, res.kcore_removed, res.n_items, res.n_users
         timing.update(res.timing)
         engine_info = {"buckets": res.buckets, "read_blocks": res.read_blocks,
