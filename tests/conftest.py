@@ -1,7 +1,13 @@
 """Shared fixtures. Others may append fixtures below; keep each self-contained."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Ray Train's controller polls its workers every 2 s by default: each short test run waited ~5 s for a poll to
+# notice the start and the end. Subprocesses, `ray start` and submitted jobs inherit this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")
@@ -11,7 +17,10 @@ def ray_session():
 
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # Idle worker processes are kept for reuse: every Ray Train run starts ~8 actors (controller, workers,
+        # dataset coordinators), and a fresh Python worker costs ~2 s on 2 cores.
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _system_config={"num_workers_soft_limit": 10, "idle_worker_killing_time_threshold_ms": 600_000})
         started = True
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
@@ -126,3 +135,4 @@ def tiny_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_dataset")
     synthesize(str(out), users=300, items=200, interactions=6000, seed=7)
     return custom_overrides(str(out))
+

@@ -268,9 +268,9 @@ def ray_head(free_port):
             time.sleep(1)
         yield {"url": url, "temp": temp, "env": env}
     finally:
-        try:
+        try:  # a throwaway cluster: a short grace, then SIGKILL (its graceful stop took ~30 s)
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+            proc.wait(timeout=5)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         try:
@@ -286,7 +286,8 @@ def _job_env(**extra) -> dict:
     env = {"EIMF_DATA_DIR": DATA_DIR, "RAY_USAGE_STATS_ENABLED": "0",
            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))}
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions")),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")}
     env.update(extra)
     return env
 

@@ -137,6 +137,7 @@ def test_eimf_head_trains_beside_two_sharded_workers_and_resumes(tmp_path, ray_s
     assert len(sp2) > len(sp) and sp2[len(sp)] < np.mean(sp[:2])
 
 
+@pytest.mark.e2e
 def test_killed_sharded_worker_is_replaced_and_resumes_its_rows(tmp_path, ray_session, monkeypatch):
     """SIGKILL one of the two sharded workers after the first checkpoint: Ray Train restarts the group, each
     worker reloads its own rows and fused optimizer state, and the run finishes from the checkpoint's step."""
@@ -163,6 +164,7 @@ def test_killed_sharded_worker_is_replaced_and_resumes_its_rows(tmp_path, ray_se
     assert m["test/recall@50"] > most_popular(data.train, data.test)["recall@50"] + 0.05
 
 
+@pytest.mark.e2e
 def test_two_sharded_workers_on_a_million_item_catalogue(tmp_path, ray_session, monkeypatch):
     """Few steps on a 1M-item synthetic catalogue (about 0.7M occur in its 2M interactions): trains, evaluates
     with per-shard IVF search, exports the table in row blocks."""
@@ -176,7 +178,7 @@ def test_two_sharded_workers_on_a_million_item_catalogue(tmp_path, ray_session, 
     synthesize(str(tmp_path / "synth"), users=50_000, items=1_000_000, interactions=2_000_000, seed=0, zipf=0.6)
     cfg = load_config(None, custom_overrides(str(tmp_path / "synth")) + [
         f"data.output_dir={tmp_path / 'prepared'}", "data.min_count=1", "model.dim=16", "train.max_steps=60",
-        "train.eval_every=30", "eval.max_valid_users=500", "train.log_every=30", "train.num_workers=2",
+        "train.eval_every=60", "eval.max_valid_users=500", "train.log_every=30", "train.num_workers=2",
         "train.strategy=sharded", "train.run_name=million", f"train.storage_path={tmp_path / 'runs'}",
         "tracking.enabled=false"])
     data = prepare(cfg.data, engine="local")
