@@ -180,6 +180,8 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in [
              "eimf.matching_space=evidence", "eimf.window_overlap=0.5")),
     Variant("text-init", "the backbone, item table initialised from the item texts (no EIMF)",
             train=("model.item_init=text",)),
+    Variant("eimf-text", "EIMF on the text-initialised item table (does EIMF add to text-init?)", _META,
+            ("model.item_init=text",)),
     Variant("coverage", "every training user's metadata interests, the LLM's for the typical users",
             _META + ("semantic.budget=1.0",), overlay=("semantic.annotator=vllm",)),
     Variant("item-align", "item-level alignment only (item rows <-> MLP of their text), the backbone's batches",

@@ -28,6 +28,9 @@ def test_variants_are_one_switch_each():
     assert _apply(base, VARIANTS["budget-1%"].annotation).semantic.budget == 0.01
     assert _apply(base, VARIANTS["budget-100%"].annotation).semantic.budget == 1.0
     assert _apply(base, VARIANTS["llm-5%"].annotation).semantic.annotator == "vllm"
+    text = VARIANTS["eimf-text"]  # EIMF on the text-initialised table, on the eimf runs' annotation set
+    assert text.eimf and text.annotation == VARIANTS["eimf"].annotation
+    assert _apply(base, text.train).model.item_init == "text" and not VARIANTS["text-init"].eimf
     assert base.semantic.budget == 0.2 and base.eimf.lambda_sp > 0  # _apply copies, never mutates
 
 
