@@ -135,4 +135,3 @@ def tiny_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_dataset")
     synthesize(str(out), users=300, items=200, interactions=6000, seed=7)
     return custom_overrides(str(out))
-

@@ -39,8 +39,8 @@ import pandas as pd
 
 from eimf import fs
 from eimf.data.formats import MAX_EXAMPLES, DataError
-from eimf.data.preprocess import (SPLITS, TableWriter, _raw_order_key, cut_sequences, empty_kcore_error,
-                                  item_texts, list_type, not_in_catalogue_error, repeats, split_codes)
+from eimf.data.preprocess import (SPLITS, TableWriter, cut_sequences, empty_kcore_error, item_texts, list_type,
+                                  not_in_catalogue_error, raw_order_key, repeats, split_codes)
 from eimf.data.ingest import (ROLE_CATALOGUE, ROLE_INTERACTIONS, ReadSummary, duplicate_item_error,
                               parse_file_table, summarize)
 
@@ -383,7 +383,7 @@ def _item_final(stage: Stage, ib: int, t: int, numeric: bool, catalogue: bool) -
     total = every.groupby("item", sort=False)["n"].sum()
     raw = total.index.to_numpy(dtype=object).astype(str)
     text, missing = item_texts(_get(stage.path("catalogue_unique", f"b{ib}.parquet")) if catalogue else None, raw)
-    df = pd.DataFrame({"neg_count": -total.to_numpy(np.int64), "key": _raw_order_key(raw, numeric),
+    df = pd.DataFrame({"neg_count": -total.to_numpy(np.int64), "key": raw_order_key(raw, numeric),
                        "raw_id": pd.array(raw, dtype="str"), "count": total.to_numpy(np.int64),
                        "text": pd.array(text, dtype="str"), "missing": missing})
     _put(df.sort_values(["neg_count", "key"], kind="stable").reset_index(drop=True),
@@ -395,7 +395,7 @@ def _user_final(stage: Stage, ub: int, numeric: bool) -> dict:
     """One user bucket's surviving users with their interaction counts, sorted by raw id."""
     n = _get(stage.path("kcore", f"b{ub}.parquet")).groupby("user", sort=False).size()
     raw = n.index.to_numpy(dtype=object).astype(str)
-    df = pd.DataFrame({"key": _raw_order_key(raw, numeric), "raw_id": pd.array(raw, dtype="str"),
+    df = pd.DataFrame({"key": raw_order_key(raw, numeric), "raw_id": pd.array(raw, dtype="str"),
                        "n_interactions": n.to_numpy(np.int64)})
     _put(df.sort_values("key", kind="stable").reset_index(drop=True), stage.path("users", f"b{ub}.parquet"),
          _merge_batch(stage.buckets))

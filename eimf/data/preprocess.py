@@ -111,7 +111,8 @@ def kcore(users: np.ndarray, items: np.ndarray, min_count: int) -> Tuple[np.ndar
         removed.append(n_bad)
 
 
-def _raw_order_key(raw: np.ndarray, numeric: bool) -> np.ndarray:
+def raw_order_key(raw: np.ndarray, numeric: bool) -> np.ndarray:
+    """The sort key of raw ids, shared by both engines so they number alike: integers when ids are numeric."""
     if numeric:
         return pd.to_numeric(pd.Series(raw, dtype="str")).to_numpy(dtype=np.int64)
     return np.asarray(raw, dtype=object).astype(str)
@@ -125,7 +126,7 @@ def reindex_by_frequency(raw_items: Sequence[str], numeric: bool) -> Tuple[np.nd
     codes, uniques = pd.factorize(pd.Series(raw_items, dtype="str"), sort=False)
     uniques = np.asarray(uniques, dtype=object)
     counts = np.bincount(codes, minlength=len(uniques))
-    key = _raw_order_key(uniques, numeric)
+    key = raw_order_key(uniques, numeric)
     order = np.lexsort((key, -counts))  # last key is primary
     new_of_code = np.empty(len(uniques), dtype=np.int64)
     new_of_code[order] = np.arange(1, len(uniques) + 1)
@@ -341,7 +342,7 @@ def build(ing, cfg, numeric_ids: bool, catalogue_item_col: str = "item") -> Buil
     new_items, items_table = reindex_by_frequency(np.asarray(i_uniques, dtype=object)[it].astype(str), numeric_ids)
     uu, u_dense = np.unique(u, return_inverse=True)
     u_raw = np.asarray(u_uniques, dtype=object)[uu].astype(str)
-    u_order = np.argsort(_raw_order_key(u_raw, numeric_ids), kind="stable")
+    u_order = np.argsort(raw_order_key(u_raw, numeric_ids), kind="stable")
     new_of_dense = np.empty(len(uu), dtype=np.int64)
     new_of_dense[u_order] = np.arange(1, len(uu) + 1)
     new_users = new_of_dense[u_dense]
