@@ -234,6 +234,9 @@ class EvalConfig:
     exclude_history: bool = False
     #: Evaluate at most this many valid users during training (None: all); test always uses all.
     max_valid_users: Optional[int] = None
+    #: Score the final model on the test split too. False while settings are being chosen: valid only, so the
+    #: test split is read once, by the configuration that won on valid (the model itself is the same).
+    score_test: bool = operational(True)
 
     def __post_init__(self):
         if not self.topk or min(self.topk) < 1:

@@ -28,24 +28,64 @@ def _log_only(cfg) -> None:
         cfg.tracking.registered_model = ""
 
 
-def _done(raw_path: Path) -> List[dict]:
+def read_rows(raw_path: Path) -> List[dict]:
+    """A grid's rows (its ``.jsonl``), per-user table paths made absolute: :func:`append_row` stores those under
+    the file's folder relative to it, so a results folder keeps its paired comparisons wherever it is checked out."""
+    raw_path = Path(raw_path)
     if not raw_path.exists():
         return []
-    return [json.loads(line) for line in raw_path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in raw_path.read_text().splitlines() if line.strip()]
+    for r in rows:
+        if r.get("per_user"):
+            r["per_user"] = {s: p if "://" in p or Path(p).is_absolute() else str(raw_path.parent / p)
+                             for s, p in r["per_user"].items()}
+    return rows
+
+
+def append_row(raw_path: Path, row: dict) -> None:
+    """Append ``row`` to a grid's ``.jsonl``; per-user tables under its folder are written as relative paths."""
+    raw_path = Path(raw_path)
+    stored = dict(row)
+    if row.get("per_user"):
+        home = raw_path.parent.resolve()
+
+        def rel(p: str) -> str:
+            if "://" in p:
+                return p
+            try:
+                return str(Path(p).resolve().relative_to(home))
+            except ValueError:
+                return p
+
+        stored["per_user"] = {s: rel(p) for s, p in row["per_user"].items()}
+    with raw_path.open("a") as f:
+        f.write(json.dumps(stored) + "\n")
 
 
 #: Splits whose per-user metrics a grid keeps for paired comparisons (valid chooses settings, test reports).
 PER_USER_SPLITS = ("valid", "test")
 
 
-def save_per_user(export_dir: str, data_path: str, out_dir: Path, name: str) -> Dict[str, str]:
-    """Each user's metrics of an exported model on valid and test, through the evaluate step, as
+def save_per_user(export_dir: str, data_path: str, out_dir: Path, name: str,
+                  splits: Sequence[str] = PER_USER_SPLITS) -> Dict[str, str]:
+    """Each user's metrics of an exported model on ``splits``, through the evaluate step, as
     ``<out_dir>/<name>/per_user.<split>.parquet`` (read back by :func:`load_per_user`); returns ``{split: path}``."""
     from eimf.steps import evaluate
 
     got = evaluate.run(None, {"model_dir": export_dir, "data_path": data_path}, str(Path(out_dir) / name),
-                       splits=PER_USER_SPLITS, with_baseline=False, per_user=True, log_to_mlflow=False)
-    return {split: got.outputs[f"per_user_{split}"] for split in PER_USER_SPLITS}
+                       splits=tuple(splits), with_baseline=False, per_user=True, log_to_mlflow=False)
+    return {split: got.outputs[f"per_user_{split}"] for split in splits}
+
+
+def scored_splits(cfg: Config) -> Tuple[str, ...]:
+    """The splits a run's final model is scored on: valid only while settings are being chosen
+    (``eval.score_test=false``), so the test split is read once, by the final configuration."""
+    return PER_USER_SPLITS if cfg.eval.score_test else ("valid",)
+
+
+def metric_key(split: str, metric: str) -> str:
+    """Where a run's metrics hold ``metric`` of ``split``'s final scoring (valid: of the best weights)."""
+    return f"best_valid/{metric}" if split == "valid" else f"{split}/{metric}"
 
 
 def load_per_user(row: dict, split: str):
@@ -65,21 +105,20 @@ def run_grid(base: Config, datasets: Iterable[str], models: Iterable[str], seeds
     from eimf.steps import train
 
     raw_path.parent.mkdir(parents=True, exist_ok=True)
-    rows = _done(raw_path)
+    rows = read_rows(raw_path)
     have = {(r["dataset"], r["model"], r["seed"]) for r in rows}
     data_paths = {}
     for dataset in datasets:
         cfg_d = copy.deepcopy(base)
         cfg_d.data.dataset = dataset
         data_paths[dataset] = str(prepare(cfg_d.data).path)
-        if (dataset, "mostpop", 0) not in have:
+        if (dataset, "mostpop", 0) not in have and base.eval.score_test:
             data = load_prepared(data_paths[dataset])
             m = most_popular(data.train, data.test, topk=tuple(base.eval.topk))
             row = {"dataset": dataset, "model": "mostpop", "seed": 0,
                    "metrics": {f"test/{k}": v for k, v in m.items()}}
             rows.append(row)
-            with raw_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(raw_path, row)
     # Seeds outermost: a grid cut short still covers every (dataset, model) pair.
     for seed in seeds:
         for dataset in datasets:
@@ -97,10 +136,10 @@ def run_grid(base: Config, datasets: Iterable[str], models: Iterable[str], seeds
                 row = {"dataset": dataset, "model": model, "seed": seed, "run": run_name,
                        "overrides": overrides or [], "metrics": result.metrics, "export_dir": export_dir}
                 if per_user_dir is not None:
-                    row["per_user"] = save_per_user(export_dir, data_paths[dataset], Path(per_user_dir), run_name)
+                    row["per_user"] = save_per_user(export_dir, data_paths[dataset], Path(per_user_dir), run_name,
+                                                    scored_splits(cfg))
                 rows.append(row)
-                with raw_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(raw_path, row)
                 log.info("%s %s seed %d: test recall@50 %.4f", dataset, model, seed,
                          result.metrics.get("test/recall@50", float("nan")))
     return rows
@@ -116,7 +155,7 @@ def format_table(rows: List[dict], split: str = "test") -> str:
     for (dataset, model), ms in sorted(groups.items()):
         cells = [dataset, model, str(len(ms))]
         for m in TABLE_METRICS:
-            vals = np.array([x[f"{split}/{m}"] for x in ms if f"{split}/{m}" in x])
+            vals = np.array([x[metric_key(split, m)] for x in ms if metric_key(split, m) in x])
             cells.append(f"{vals.mean():.4f} ± {vals.std(ddof=1) if len(vals) > 1 else 0:.4f}" if len(vals) else "-")
         for key, _, fmt in COST_COLUMNS:
             vals = [x[key] for x in ms if key in x]
@@ -189,6 +228,45 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in [
 ]}
 
 
+def resolve_variant(spec: str) -> Variant:
+    """A named variant, or ``name[key=value,...]``: that variant with more settings, e.g.
+    ``eimf[eimf.lambda_ma=0.03,eimf.temperature=0.2]`` to choose weights on valid. ``semantic.*`` keys change the
+    annotation set, every other key the training."""
+    name, _, rest = spec.partition("[")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variants [{spec!r}]; known: {sorted(VARIANTS)} (or name[key=value,...])")
+    if not rest:
+        return VARIANTS[name]
+    if not rest.endswith("]") or not rest[:-1].strip():
+        raise ValueError(f"variant {spec!r}: expected name[key=value,...]")
+    extra = [kv.strip() for kv in rest[:-1].split(",")]
+    bad = [kv for kv in extra if "=" not in kv or not kv.split("=", 1)[0].strip()]
+    if bad:
+        raise ValueError(f"variant {spec!r}: {bad} are not key=value")
+    base = VARIANTS[name]
+    annotation = [kv for kv in extra if kv.startswith("semantic.")]
+    if annotation and not base.eimf:
+        raise ValueError(f"variant {spec!r}: {name} trains without annotations, so {annotation} would do nothing")
+    train = tuple(kv for kv in extra if not kv.startswith("semantic."))
+    return Variant(spec, f"{base.description}; {', '.join(extra)}",
+                   None if base.annotation is None else base.annotation + tuple(annotation),
+                   base.train + train, base.overlay)
+
+
+def _is_eimf(name: str) -> bool:
+    try:
+        return resolve_variant(name).eimf
+    except ValueError:  # a row of a variant this version no longer defines
+        return False
+
+
+def _variant_order(name: str) -> Tuple[int, str]:
+    """Table order: the order of :data:`VARIANTS`, a ``name[...]`` spec after its base variant."""
+    base = name.partition("[")[0]
+    order = list(VARIANTS)
+    return (order.index(base) if base in order else len(order), name)
+
+
 def _apply(cfg: Config, overrides: Sequence[str]) -> Config:
     from omegaconf import OmegaConf
 
@@ -218,13 +296,17 @@ def annotation_plan(cfg: Config, warmup_fp: str, folder_of: "callable"):
 
 
 def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str], seeds: Sequence[int],
-                  variants: Sequence[str], raw_path: Path, grid_name: str, out_dir: str) -> List[dict]:
+                  variants: Sequence[str], raw_path: Path, grid_name: str, out_dir: str,
+                  per_user_dir: Optional[Path] = None) -> List[dict]:
     """Train every (dataset, backbone, seed, variant) as MLflow children of one parent run ``grid_name``.
 
     Per (dataset, backbone), the ``backbone`` run of the first seed is the warm-up model: its export picks the
     typical users of every annotation set. Each annotation set (one per distinct ``semantic.*`` setting) is
     computed once, as its own child run, into ``<out_dir>/annotations/<dataset>-<backbone>-<hash>``; all
     seeds of a variant train on it. Rows already in ``raw_path`` are not run again (a cut-short grid resumes).
+    Each run's per-user tables go to ``per_user_dir`` (default ``<out_dir>/per_user``), on the splits of
+    :func:`scored_splits`. ``variants`` are names of :data:`VARIANTS` or specs ``name[key=value,...]``
+    (:func:`resolve_variant`).
     """
     from eimf import fs, tracking
     from eimf.data.preprocess import prepare
@@ -232,11 +314,10 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
     from eimf.semantic.annotate import STATS_FILE
     from eimf.steps import annotate, train
 
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    resolved = {v: resolve_variant(v) for v in variants}
     raw_path.parent.mkdir(parents=True, exist_ok=True)
-    rows = _done(raw_path)
+    per_user_dir = Path(per_user_dir) if per_user_dir is not None else Path(out_dir) / "per_user"
+    rows = read_rows(raw_path)
     have = {(r["dataset"], r["model"], r.get("variant", "backbone"), r["seed"]): r for r in rows}
     parent = tracking.start_run(base, grid_name, tags={"kind": "experiment-grid", "variants": ",".join(variants)})
     uri = tracking.tracking_uri(base)
@@ -245,8 +326,7 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
     def record(row: dict) -> None:
         rows.append(row)
         have[(row["dataset"], row["model"], row["variant"], row["seed"])] = row
-        with raw_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(raw_path, row)
 
     status = "FAILED"
     try:
@@ -268,7 +348,7 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
                     if "backbone" in variants or seed == seeds[0]:  # the first seed's backbone is the warm-up
                         names.insert(0, "backbone")
                     for name in names:
-                        variant = VARIANTS[name]
+                        variant = resolved[name]
                         if (dataset, backbone, name, seed) in have:
                             continue
                         cfg = copy.deepcopy(cfg_b)
@@ -310,8 +390,8 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
                         result = train.run(cfg, inputs,
                                            tags={**child, "variant": name, "seed": str(seed)})
                         export_dir, run_name = result.outputs["model_dir"], result.info["train_run_name"]
-                        per_user = save_per_user(export_dir, data_path, Path(out_dir) / "per_user", run_name) \
-                            if not fs.is_s3(out_dir) else {}
+                        per_user = save_per_user(export_dir, data_path, per_user_dir, run_name, scored_splits(cfg)) \
+                            if not fs.is_s3(str(per_user_dir)) else {}
                         record({"dataset": dataset, "model": backbone, "variant": name, "seed": seed,
                                 "run": run_name, "mlflow_run_id": result.mlflow_run_id,
                                 "export_dir": export_dir, "annotations": ann_dir,
@@ -346,20 +426,19 @@ def format_eimf_table(rows: List[dict], split: str = "test", metrics: Sequence[s
     head = (["dataset", "model", "variant", "seeds"] + list(TABLE_METRICS)
             + [f"Δ {m} [95 % CI]" for m in metrics] + [f"per-seed Δ {metrics[-1]}", "verdict", "train s", "ex/s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = list(VARIANTS)
     for (dataset, model), by_variant in sorted(groups.items()):
         base = by_variant.get(reference, {})
         if not base:
             continue
         base_tables = {s: load_per_user(r, split) for s, r in base.items()}
-        for name in sorted(by_variant, key=lambda n: order.index(n) if n in order else len(order)):
-            if reference != "backbone" and name != reference and not (name in VARIANTS and VARIANTS[name].eimf):
+        for name in sorted(by_variant, key=_variant_order):
+            if reference != "backbone" and name != reference and not _is_eimf(name):
                 continue
             runs = by_variant[name]
             ms = [r["metrics"] for r in runs.values()]
             cells = [dataset, model, name, str(len(ms))]
             for m in TABLE_METRICS:
-                vals = [x[f"{split}/{m}"] for x in ms if f"{split}/{m}" in x]
+                vals = [x[metric_key(split, m)] for x in ms if metric_key(split, m) in x]
                 cells.append("{:.4f} ± {:.4f}".format(*_mean_std(vals)) if vals else "-")
             paired = [s for s in runs if s in base]
             if name == reference or not paired:
@@ -374,10 +453,10 @@ def format_eimf_table(rows: List[dict], split: str = "test", metrics: Sequence[s
                                                  {s: base_tables[s] for s in paired}, m, n_boot=n_boot)
                         cells.append(delta.describe())
                     else:  # older rows: per-seed differences only
-                        key = f"{split}/{m}"
+                        key = metric_key(split, m)
                         diffs = [runs[s]["metrics"][key] - base[s]["metrics"][key] for s in paired]
                         cells.append("{:+.4f} ± {:.4f} (per seed)".format(*_mean_std(diffs)))
-                key = f"{split}/{metrics[-1]}"
+                key = metric_key(split, metrics[-1])
                 cells.append(", ".join(f"{runs[s]['metrics'][key] - base[s]['metrics'][key]:+.4f}"
                                        for s in sorted(paired)))
                 cells.append(delta.verdict if delta is not None else "-")
@@ -389,9 +468,10 @@ def format_eimf_table(rows: List[dict], split: str = "test", metrics: Sequence[s
 
 
 def format_where_table(rows: List[dict], split: str = "test", metric: str = "recall@50",
-                       n_boot: int = 10_000) -> str:
+                       n_boot: int = 10_000, data_paths: Optional[Dict[str, str]] = None) -> str:
     """Markdown: each variant's Δ ``metric`` against the backbone by quartile of history length and of target
-    popularity (per-user paired bootstrap within each quartile). Variants without per-user tables are left out."""
+    popularity (per-user paired bootstrap within each quartile). Variants without per-user tables are left out.
+    ``data_paths``: dataset -> prepared folder (default: the one the first run's export names)."""
     from eimf.data.preprocess import load_prepared
     from eimf.evaluation.compare import delta_by_quartile, user_features
     from eimf.serving.folder import ModelFolder
@@ -401,19 +481,19 @@ def format_where_table(rows: List[dict], split: str = "test", metric: str = "rec
         groups[(r["dataset"], r["model"])][r.get("variant", "backbone")][r["seed"]] = r
     head = ["dataset", "model", "variant", "by"] + [f"Q{k} Δ [95 % CI] (range)" for k in range(1, 5)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = list(VARIANTS)
     for (dataset, model), by_variant in sorted(groups.items()):
         base = by_variant.get("backbone", {})
         base_tables = {s: load_per_user(r, split) for s, r in base.items()}
         features = None
-        for name in sorted(by_variant, key=lambda n: order.index(n) if n in order else len(order)):
+        for name in sorted(by_variant, key=_variant_order):
             runs = by_variant[name]
             paired = [s for s in runs if s in base and base_tables[s] is not None]
             tables = {s: load_per_user(runs[s], split) for s in paired}
             if name == "backbone" or not paired or any(t is None for t in tables.values()):
                 continue
             if features is None:
-                path = ModelFolder.read_manifest(runs[paired[0]]["export_dir"]).get("data_path")
+                path = (data_paths or {}).get(dataset) or \
+                    ModelFolder.read_manifest(runs[paired[0]]["export_dir"]).get("data_path")
                 data = load_prepared(path)
                 features = user_features(getattr(data, split), data.train).set_index("user")
             for col in ("history_length", "target_popularity"):

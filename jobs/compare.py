@@ -11,7 +11,6 @@ or are computed from its exported model (``export_dir``, else ``<EIMF_HOME>/runs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,7 +19,9 @@ import numpy as np
 
 
 def _rows(path: str, dataset, model):
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    from eimf.experiments import read_rows
+
+    rows = read_rows(Path(path))
     return {(r["dataset"], r["model"], r["seed"]): r for r in rows
             if r["model"] != "mostpop" and (dataset is None or r["dataset"] == dataset)
             and (model is None or r["model"] == model)}

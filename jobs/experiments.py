@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from eimf.config import ConfigError, eimf_home, load_config
-from eimf.experiments import (VARIANTS, format_eimf_table, format_table, format_where_table, run_eimf_grid,
-                              run_grid)
+from eimf.experiments import (VARIANTS, format_eimf_table, format_table, format_where_table, resolve_variant,
+                              run_eimf_grid, run_grid)
 
 
 @dataclass
@@ -47,11 +47,25 @@ class GridArguments:
     output: str = field(default="docs/results_backbones.md", metadata={"help": "the Markdown table"})
     raw: Optional[str] = field(default=None, metadata={
         "help": "each run's metrics as JSON lines, appended (default: <output>.jsonl)"})
+    per_user_dir: Optional[str] = field(default=None, metadata={
+        "help": "each run's per-user metric tables, kept for paired comparisons (default: per_user/<name> beside "
+                "the .jsonl, which stores their paths relative to itself)"})
+    split: str = field(default="test", metadata={
+        "help": "test: score and compare on test | valid: score the final models on valid only and compare there "
+                "(choosing settings without reading test)"})
 
     def __post_init__(self):
-        unknown = [v for v in self.variants or [] if v not in VARIANTS]
-        if unknown:
-            raise ConfigError(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(sorted(VARIANTS))}")
+        bad = []
+        for v in self.variants or []:
+            try:
+                resolve_variant(v)
+            except ValueError:
+                bad.append(v)
+        if bad:
+            raise ConfigError(f"--variants: unknown {', '.join(bad)}; known: {', '.join(sorted(VARIANTS))} "
+                              "(or name[key=value,...])")
+        if self.split not in ("valid", "test"):
+            raise ConfigError(f"--split must be valid or test, got {self.split!r}")
         if not self.datasets or not self.backbones or not self.seeds:
             raise ConfigError("--datasets, --backbones and --seeds need at least one value each")
         if len(set(self.seeds)) != len(self.seeds):
@@ -76,32 +90,49 @@ def parse_args(argv=None):
     return args, ns.overrides
 
 
+def _data_paths(base, datasets) -> dict:
+    """dataset -> its prepared folder under ``base``'s data settings (reused, not prepared again)."""
+    import copy
+
+    from eimf.data.preprocess import prepare
+
+    out = {}
+    for dataset in datasets:
+        cfg = copy.deepcopy(base.data)
+        cfg.dataset = dataset
+        out[dataset] = str(prepare(cfg).path)
+    return out
+
+
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     raw = Path(args.raw or Path(args.output).with_suffix(".jsonl"))
+    split_overrides = ["eval.score_test=false"] if args.split == "valid" else []
     t0 = time.time()
     if args.variants:
-        base = load_config(args.config, [f"tracking.experiment={args.experiment}", *overrides])
+        base = load_config(args.config, [f"tracking.experiment={args.experiment}", *overrides, *split_overrides])
         work = args.work_dir or str(Path(eimf_home()) / "experiments" / args.name)
+        per_user = Path(args.per_user_dir or raw.parent / "per_user" / args.name)
         rows = run_eimf_grid(base, args.datasets, args.backbones, args.seeds, args.variants, raw_path=raw,
-                             grid_name=args.name, out_dir=work)
-        table = format_eimf_table(rows)
+                             grid_name=args.name, out_dir=work, per_user_dir=per_user)
+        table = format_eimf_table(rows, split=args.split)
         if any(r.get("variant") == "no-aux" for r in rows):
             table += "\n\nAgainst the sampler control: each EIMF variant against `no-aux` (the same batches, both " \
                      "auxiliary weights 0), so Δ is what the auxiliary losses add.\n\n" + \
-                     format_eimf_table(rows, reference="no-aux")
-        where = format_where_table(rows)
+                     format_eimf_table(rows, split=args.split, reference="no-aux")
+        where = format_where_table(rows, split=args.split, data_paths=_data_paths(base, args.datasets))
         if where.count("\n") > 1:
-            table += "\n\nWhere the change lies: Δ test recall@50 by quartile of the user's history length and of " \
-                     "the popularity of the held-out items (per-user paired bootstrap within each quartile).\n\n" + where
+            table += f"\n\nWhere the change lies: Δ {args.split} recall@50 by quartile of the user's history length " \
+                     "and of the popularity of the held-out items (per-user paired bootstrap within each quartile)." \
+                     "\n\n" + where
     else:
-        base = load_config(args.config, overrides)
-        per_user = Path(args.work_dir or Path(eimf_home()) / "experiments" / Path(args.output).stem) / "per_user"
+        base = load_config(args.config, [*overrides, *split_overrides])
+        per_user = Path(args.per_user_dir or raw.parent / "per_user" / Path(args.output).stem)
         rows = run_grid(base, args.datasets, args.backbones, args.seeds, raw_path=raw, overrides=overrides,
                         per_user_dir=per_user)
-        table = format_table(rows)
+        table = format_table(rows, split=args.split)
     command = "python jobs/experiments.py " + " ".join(sys.argv[1:] if argv is None else argv)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(f"<!-- generated by: {command} ({time.time() - t0:.0f} s) -->\n\n{table}\n")

@@ -206,7 +206,73 @@ def test_grid_job_arguments_are_typed_and_checked(capsys, monkeypatch):
                                       "--variants", "backbone", "eimf", "--output", "t.md", "model.dim=8"])
     assert (args.datasets, args.seeds, args.variants, args.work_dir) == (["ml-100k"], [1, 2], ["backbone", "eimf"], "/w")
     assert overrides == ["model.dim=8"] and args.backbones == ["comirec_sa", "comirec_dr"]
-    for bad, said in ((["--variants", "nope"], "unknown nope"), (["--seeds", "1", "1"], "repeats a seed")):
+    args, _ = job.parse_args(["--variants", "backbone", "eimf[eimf.lambda_ma=0.03]", "--split", "valid"])
+    assert args.variants[1] == "eimf[eimf.lambda_ma=0.03]" and args.split == "valid"
+    for bad, said in ((["--variants", "nope"], "unknown nope"), (["--seeds", "1", "1"], "repeats a seed"),
+                      (["--split", "train"], "valid or test"), (["--variants", "eimf[x]"], "unknown eimf[x]")):
         with pytest.raises(SystemExit):
             job.parse_args(bad)
         assert said in capsys.readouterr().err
+
+
+def test_rows_keep_their_per_user_tables_relative_to_the_results_folder(tmp_path):
+    """A results folder moved elsewhere (another checkout) still finds each run's per-user tables."""
+    import shutil
+
+    from eimf.experiments import append_row, load_per_user, read_rows
+
+    here = tmp_path / "docs"
+    table = here / "per_user" / "g" / "run1" / "per_user.test.parquet"
+    table.parent.mkdir(parents=True)
+    pd.DataFrame({"user": [1, 2], "recall@50": [0.5, 0.0]}).to_parquet(table)
+    outside = tmp_path / "elsewhere.parquet"
+    append_row(here / "g.jsonl", _row("eimf", 1, 0.25, per_user={"test": str(table), "valid": str(outside)}))
+    stored = (here / "g.jsonl").read_text()
+    assert '"test": "per_user/g/run1/per_user.test.parquet"' in stored and str(outside) in stored
+    shutil.move(str(here), str(tmp_path / "moved"))
+    (row,) = read_rows(tmp_path / "moved" / "g.jsonl")
+    assert row["per_user"]["test"] == str(tmp_path / "moved" / "per_user" / "g" / "run1" / "per_user.test.parquet")
+    assert load_per_user(row, "test")["recall@50"].tolist() == [0.5, 0.0]
+    assert read_rows(tmp_path / "none.jsonl") == []
+
+
+def test_a_variant_spec_adds_settings_to_a_named_variant():
+    from eimf.experiments import resolve_variant
+
+    v = resolve_variant("eimf[eimf.lambda_ma=0.03, eimf.temperature=0.2,semantic.budget=0.1]")
+    assert v.eimf and v.annotation == VARIANTS["eimf"].annotation + ("semantic.budget=0.1",)
+    assert v.train == ("eimf.lambda_ma=0.03", "eimf.temperature=0.2")
+    cfg = _apply(_apply(load_config(None, []), v.annotation), v.train)
+    assert (cfg.eimf.lambda_ma, cfg.eimf.temperature, cfg.semantic.budget) == (0.03, 0.2, 0.1)
+    assert resolve_variant("no-sp[eimf.lambda_ma=0.1]").train == ("eimf.lambda_sp=0", "eimf.lambda_ma=0.1")
+    assert resolve_variant("eimf") is VARIANTS["eimf"]
+    for bad, said in (("nope[eimf.tau=1]", "unknown variants"), ("eimf[]", "expected"), ("eimf[x]", "key=value"),
+                      ("text-init[semantic.budget=0.1]", "without annotations")):
+        with pytest.raises(ValueError, match=said):
+            resolve_variant(bad)
+
+
+def test_valid_tables_read_the_best_valid_metrics_and_specs_sort_after_their_variant(tmp_path):
+    """--split valid: tables from ``best_valid/*`` and the valid per-user tables; no test metric needed."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for seed in (1, 2):
+        base = rng.uniform(0, 0.5, 500)
+        for variant, r50 in {"backbone": base, "eimf[eimf.lambda_ma=0.1]": base + 0.03, "eimf": base,
+                             "no-aux": base}.items():
+            path = tmp_path / f"{variant}-{seed}.valid.parquet"
+            pd.DataFrame({"user": np.arange(500), "recall@20": r50 / 2, "recall@50": r50}).to_parquet(path)
+            rows.append({"dataset": "ml-100k", "model": "comirec_sa", "variant": variant, "seed": seed,
+                         "metrics": {"best_valid/recall@50": float(r50.mean()),
+                                     "best_valid/recall@20": float(r50.mean() / 2)},
+                         "per_user": {"valid": str(path)}})
+    table = format_eimf_table(rows, split="valid", n_boot=300)
+    assert [line.split(" | ")[2] for line in table.splitlines()[2:]] == [
+        "backbone", "eimf", "eimf[eimf.lambda_ma=0.1]", "no-aux"]
+    tuned = _cells(table, "eimf[eimf.lambda_ma=0.1]")
+    assert tuned[11].startswith("+0.03") and tuned[13] == "gain" and tuned[7].startswith("0.")
+    assert _cells(table, "eimf")[13] == "no difference"
+    # against the sampler control a spec counts as the EIMF variant it extends
+    against = format_eimf_table(rows, split="valid", n_boot=300, reference="no-aux")
+    assert [line.split(" | ")[2] for line in against.splitlines()[2:]] == ["eimf", "eimf[eimf.lambda_ma=0.1]",
+                                                                           "no-aux"]

@@ -53,6 +53,24 @@ def test_loop_learns_and_restores_best(ml100k):
 
 
 @needs_ml100k
+def test_final_metrics_leave_test_unread_while_settings_are_chosen(ml100k):
+    """eval.score_test=false: the best weights are scored on valid only, and the test split is never evaluated."""
+    import copy
+
+    cfg, data = ml100k
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.score_test = False
+    trainer = _trainer(cfg, data, steps=20)
+    trainer.fit()
+    scored = []
+    evaluate = trainer.evaluate
+    trainer.evaluate = lambda split_df, **kw: scored.append(split_df) or evaluate(split_df, **kw)
+    final = trainer.final_metrics()
+    assert "best_valid/recall@50" in final and not any(k.startswith("test/") for k in final)
+    assert all(df is data.valid for df in scored) and scored
+
+
+@needs_ml100k
 def test_checkpoint_round_trip(ml100k, tmp_path):
     from eimf.training.loop import load_training_state, save_training_state
 

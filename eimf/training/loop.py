@@ -332,8 +332,8 @@ class Trainer:
         return self._plain_model(self.best_state)
 
     def final_metrics(self) -> Dict[str, float]:
-        """Valid and test metrics of the best weights, on all users (chief only; others get {}). Named
-        ``best_valid/*`` so they do not mix with the ``valid/*`` curve logged during training."""
+        """Valid and (``eval.score_test``) test metrics of the best weights, on all users (chief only; others get
+        {}). Named ``best_valid/*`` so they do not mix with the ``valid/*`` curve logged during training."""
         if self.runner.collective_eval:
             # The best weights go back into the live (sharded) model, and every rank evaluates its rows.
             if self.best_state is None:  # no evaluation ran: the current weights are the model to export
@@ -341,7 +341,8 @@ class Trainer:
             else:
                 self.runner.restore(self.best_state)
             out = {f"best_valid/{k}": v for k, v in self.evaluate(self.valid_df).items()}
-            out.update({f"test/{k}": v for k, v in self.evaluate(self.test_df).items()})
+            if self.cfg.eval.score_test:
+                out.update({f"test/{k}": v for k, v in self.evaluate(self.test_df).items()})
             return out if self.is_chief else {}
         if self.best_state is None:
             self.best_model()  # every rank gathers
@@ -349,7 +350,8 @@ class Trainer:
             return {}
         model = self.best_model()
         out = {f"best_valid/{k}": v for k, v in self.evaluate(self.valid_df, model=model).items()}
-        out.update({f"test/{k}": v for k, v in self.evaluate(self.test_df, model=model).items()})
+        if self.cfg.eval.score_test:
+            out.update({f"test/{k}": v for k, v in self.evaluate(self.test_df, model=model).items()})
         return out
 
 
