@@ -29,12 +29,18 @@ def _log_only(cfg) -> None:
 
 
 def read_rows(raw_path: Path) -> List[dict]:
-    """A grid's rows (its ``.jsonl``), per-user table paths made absolute: :func:`append_row` stores those under
-    the file's folder relative to it, so a results folder keeps its paired comparisons wherever it is checked out."""
+    """A grid's rows (its ``.jsonl``; the last row of each run), per-user table paths made absolute:
+    :func:`append_row` stores those under the file's folder relative to it, so a results folder keeps its paired
+    comparisons wherever it is checked out."""
     raw_path = Path(raw_path)
     if not raw_path.exists():
         return []
-    rows = [json.loads(line) for line in raw_path.read_text().splitlines() if line.strip()]
+    latest: Dict[tuple, dict] = {}  # a run scored on test later appears again: its last row counts
+    for line in raw_path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            latest[(r["dataset"], r["model"], r.get("variant", "backbone"), r["seed"])] = r
+    rows = list(latest.values())
     for r in rows:
         if r.get("per_user"):
             r["per_user"] = {s: p if "://" in p or Path(p).is_absolute() else str(raw_path.parent / p)
@@ -75,6 +81,26 @@ def save_per_user(export_dir: str, data_path: str, out_dir: Path, name: str,
     got = evaluate.run(None, {"model_dir": export_dir, "data_path": data_path}, str(Path(out_dir) / name),
                        splits=tuple(splits), with_baseline=False, per_user=True, log_to_mlflow=False)
     return {split: got.outputs[f"per_user_{split}"] for split in splits}
+
+
+def score_on_test(row: dict, data_path: str, per_user_dir: Path) -> dict:
+    """A run scored on valid only (``eval.score_test=false``) whose configuration won there: its exported model
+    scored on test now, without training again. Returns the row with ``test/*`` metrics and the test per-user
+    table; it replaces the old one in the ``.jsonl`` (:func:`read_rows` keeps the last row of a run)."""
+    from eimf import fs
+
+    if not row.get("export_dir") or not fs.exists(row["export_dir"]):
+        raise FileNotFoundError(f"run {row.get('run')}: its export {row.get('export_dir')!r} is gone, so it cannot "
+                                "be scored on test; train it again (remove its row from the .jsonl)")
+    path = save_per_user(row["export_dir"], data_path, per_user_dir, row["run"], ("test",))["test"]
+    import pandas as pd
+
+    table = pd.read_parquet(path)
+    metrics = {**row["metrics"], **{f"test/{m}": float(table[m].mean()) for m in TABLE_METRICS},
+               "test/n_users": len(table)}
+    log.info("%s: scored on test after choosing it on valid, recall@50 %.4f", row["run"], metrics["test/recall@50"])
+    return {**row, "metrics": metrics, "per_user": {**(row.get("per_user") or {}), "test": path},
+            "test_scored_after_training": True}
 
 
 def scored_splits(cfg: Config) -> Tuple[str, ...]:
@@ -324,8 +350,11 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
     child = {"mlflow.parentRunId": parent, "grid": grid_name} if parent else {"grid": grid_name}
 
     def record(row: dict) -> None:
+        key = (row["dataset"], row["model"], row["variant"], row["seed"])
+        if key in have:  # scored on test later: the new row replaces the old
+            rows.remove(have[key])
         rows.append(row)
-        have[(row["dataset"], row["model"], row["variant"], row["seed"])] = row
+        have[key] = row
         append_row(raw_path, row)
 
     status = "FAILED"
@@ -349,7 +378,10 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
                         names.insert(0, "backbone")
                     for name in names:
                         variant = resolved[name]
-                        if (dataset, backbone, name, seed) in have:
+                        done = have.get((dataset, backbone, name, seed))
+                        if done is not None:
+                            if base.eval.score_test and "test/recall@50" not in done["metrics"]:
+                                record(score_on_test(done, data_path, per_user_dir))
                             continue
                         cfg = copy.deepcopy(cfg_b)
                         cfg.train.seed, cfg.train.run_name = seed, f"{grid_name}-{dataset}-{backbone}-{name}-s{seed}"

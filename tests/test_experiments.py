@@ -145,14 +145,18 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
     from eimf.experiments import run_eimf_grid
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
-    base = load_config(None, [f"data.data_dir={DATA_DIR}", "tracking.experiment=grid-test", "train.max_steps=40",
-                              "train.eval_every=20", "train.log_every=20", "semantic.budget=0.02", f"data.output_dir={tmp_path / 'data'}"])
+    base_overrides = [f"data.data_dir={DATA_DIR}", "tracking.experiment=grid-test", "train.max_steps=40",
+                      "train.eval_every=20", "train.log_every=20", "semantic.budget=0.02",
+                      f"data.output_dir={tmp_path / 'data'}"]
+    base = load_config(None, base_overrides)
     raw = tmp_path / "rows.jsonl"
     rows = run_eimf_grid(base, ["ml-100k"], ["comirec_sa"], [1], ["backbone", "eimf"], raw_path=raw,
                          grid_name="g1", out_dir=str(tmp_path / "work"))
     assert [(r["variant"], r["seed"]) for r in rows] == [("backbone", 1), ("eimf", 1)]
     assert rows[1]["annotations"].startswith(str(tmp_path / "work" / "annotations"))
     assert all(np.isfinite(r["metrics"]["test/recall@50"]) for r in rows)
+    # how much of a typical row's history its prompt showed, measured on every EIMF run
+    assert 0 < rows[1]["metrics"]["window_overlap_share"] <= 1 and "window_overlap_share" not in rows[0]["metrics"]
     # each run's per-user tables (for the paired bootstrap) average to its logged test metrics
     from eimf.experiments import load_per_user
 
@@ -192,6 +196,26 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
     known = {r.info.run_id for r in runs}
     new = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in known]
     assert [(r.data.tags.get("variant"), r.data.tags.get("stage")) for r in new] == [("no-sp", None)]
+
+    # a setting chosen on valid: its run reads no test split; the grid run again on test scores its export there,
+    # without training it again, and the .jsonl's last row of that run counts
+    spec = "eimf[eimf.lambda_ma=0.05]"
+    valid_only = load_config(None, [*base_overrides, "eval.score_test=false"])
+    tuned = run_eimf_grid(valid_only, ["ml-100k"], ["comirec_sa"], [1], ["backbone", spec], raw_path=raw,
+                          grid_name="g1", out_dir=str(tmp_path / "work"))[-1]
+    assert tuned["variant"] == spec and not any(k.startswith("test/") for k in tuned["metrics"])
+    assert set(tuned["per_user"]) == {"valid"}
+    n_runs = len(client.search_runs([exp.experiment_id]))
+    final = run_eimf_grid(base, ["ml-100k"], ["comirec_sa"], [1], ["backbone", spec], raw_path=raw,
+                          grid_name="g1", out_dir=str(tmp_path / "work"))
+    scored = [r for r in final if r["variant"] == spec]
+    assert len(scored) == 1 and scored[0]["test_scored_after_training"]
+    assert scored[0]["export_dir"] == tuned["export_dir"] and len(client.search_runs([exp.experiment_id])) == n_runs
+    assert abs(load_per_user(scored[0], "test")["recall@50"].mean() - scored[0]["metrics"]["test/recall@50"]) < 1e-9
+    from eimf.experiments import read_rows
+
+    assert [r["variant"] for r in read_rows(raw)] == ["backbone", "eimf", "no-sp", spec]
+    assert "test/recall@50" in read_rows(raw)[-1]["metrics"]
 
 
 def test_grid_job_arguments_are_typed_and_checked(capsys, monkeypatch):

@@ -15,7 +15,7 @@ from eimf.steps import StepOutput, numbers
 log = logging.getLogger(__name__)
 
 #: Training metrics a step keeps (besides best_valid/* and test/*).
-KEYS = ("step", "best_step", "train_seconds", "examples_per_s", "resumes", "first_resume_step")
+KEYS = ("step", "best_step", "train_seconds", "examples_per_s", "resumes", "first_resume_step", "window_overlap_share")
 
 
 def eimf_train_config(train_cfg):

@@ -100,8 +100,10 @@ def per_worker_batch(cfg: Config) -> int:
 
 
 def _shard_batches(cfg: Config, micro_batch: int, seed: int, semantics=None):
-    """This worker's training batches, from its Ray Data shard of the training users (EIMF batches, with
-    their typical users' semantic vectors, when ``semantics`` is given)."""
+    """``(batches, stats)``: this worker's training batches, from its Ray Data shard of the training users (EIMF
+    batches, with their typical users' semantic vectors, when ``semantics`` is given), and numbers about them
+    for the run's final metrics (EIMF: ``window_overlap_share``, the mean share of a typical row's history
+    inside the window its prompt showed)."""
     import numpy as np
     import ray.train
 
@@ -117,9 +119,11 @@ def _shard_batches(cfg: Config, micro_batch: int, seed: int, semantics=None):
             from eimf.training.multitask import eimf_batches
 
             users = [int(u) for b in frames for u in b["user"]]
-            return iter(eimf_batches(cfg, users, sequences, semantics, micro_batch, seed))
+            sampler = eimf_batches(cfg, users, sequences, semantics, micro_batch, seed)
+            stats = {} if sampler.overlap_share is None else {"window_overlap_share": sampler.overlap_share}
+            return iter(sampler), stats
         return iter(TrainSampler(sequences, maxlen=cfg.model.maxlen, batch_size=micro_batch,
-                                 min_cut=cfg.train.min_cut, seed=seed))
+                                 min_cut=cfg.train.min_cut, seed=seed)), {}
     if cfg.train.input != "ray_data":
         raise ValueError(f"train.input must be memory or ray_data, got {cfg.train.input!r}")
     if semantics is not None:
@@ -132,7 +136,7 @@ def _shard_batches(cfg: Config, micro_batch: int, seed: int, semantics=None):
                                         local_shuffle_buffer_size=4 * micro_batch, local_shuffle_seed=None):
                 yield b["hist"], b["mask"], b["target"]
 
-    return epochs()
+    return epochs(), {}
 
 
 def _cut_dataset(data_path: str, cfg: Config):
@@ -228,7 +232,7 @@ def _train_worker(loop_config: dict) -> None:
     # Each rank (and each resume) draws its own instances and negatives; weights start identical.
     stream_seed = cfg.train.seed * 1_000_003 + rank * 7919 + start_step
     loss_fn.generator = torch.Generator().manual_seed(stream_seed + 1)
-    batches = _shard_batches(cfg, micro_batch, stream_seed, semantics)
+    batches, input_stats = _shard_batches(cfg, micro_batch, stream_seed, semantics)
 
     trainer_cls = Trainer
     if semantics is not None:
@@ -276,6 +280,7 @@ def _train_worker(loop_config: dict) -> None:
             "resumes": len(state.resumes),
             "first_resume_step": state.resumes[0] if state.resumes else -1,
             "world_size": ctx.get_world_size(),
+            **input_stats,
             "done": 1,
         }
     )
