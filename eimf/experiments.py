@@ -534,3 +534,60 @@ def format_where_table(rows: List[dict], split: str = "test", metric: str = "rec
                 cells = [f"{q['delta']:+.4f} [{q['low']:+.4f}, {q['high']:+.4f}] ({q['range']})" for q in quart]
                 lines.append("| " + " | ".join([dataset, model, name, col.replace("_", " ")] + cells) + " |")
     return "\n".join(lines)
+
+
+#: The summary's comparisons: (treated, reference) variant pairs, each a column when a grid has both.
+SUMMARY_PAIRS = (("eimf", "backbone"), ("eimf", "no-aux"), ("eimf", "text-init"), ("no-aux", "backbone"),
+                 ("text-init", "backbone"))
+
+
+def _arm(runs: Dict[int, dict], seeds: Sequence[int], split: str):
+    tables = {s: load_per_user(runs[s], split) for s in seeds}
+    return tables if all(t is not None for t in tables.values()) else None
+
+
+def summary_rows(rows: List[dict], split: str = "test", metrics: Sequence[str] = ("recall@20", "recall@50"),
+                 pairs: Sequence[Tuple[str, str]] = SUMMARY_PAIRS, n_boot: int = 10_000) -> List[dict]:
+    """One record per (dataset, model, treated, reference) of ``pairs`` present in ``rows``: seeds paired, each
+    arm's mean ± std of the last metric, and Δ of each metric with its per-user paired bootstrap 95 % CI."""
+    from eimf.evaluation.compare import paired_bootstrap
+
+    groups: Dict[Tuple[str, str], Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        groups[(r["dataset"], r["model"])][r.get("variant", "backbone")][r["seed"]] = r
+    out = []
+    for (dataset, model), by_variant in sorted(groups.items()):
+        for treated, reference in pairs:
+            a, b = by_variant.get(treated, {}), by_variant.get(reference, {})
+            seeds = sorted(set(a) & set(b))
+            if not seeds:
+                continue
+            ta, tb = _arm(a, seeds, split), _arm(b, seeds, split)
+            if ta is None or tb is None:
+                continue
+            rec = {"dataset": dataset, "model": model, "treated": treated, "reference": reference, "seeds": seeds}
+            key = metric_key(split, metrics[-1])
+            rec["treated_mean"], rec["treated_std"] = _mean_std([a[s]["metrics"][key] for s in seeds])
+            rec["reference_mean"], rec["reference_std"] = _mean_std([b[s]["metrics"][key] for s in seeds])
+            rec["deltas"] = {m: paired_bootstrap(ta, tb, m, n_boot=n_boot) for m in metrics}
+            out.append(rec)
+    return out
+
+
+def format_summary(named_rows: Sequence[Tuple[str, List[dict]]], split: str = "test",
+                   metrics: Sequence[str] = ("recall@20", "recall@50"), n_boot: int = 10_000) -> str:
+    """Markdown: the comparisons of :data:`SUMMARY_PAIRS` found in each named grid, one line each."""
+    last = metrics[-1]
+    head = (["grid", "dataset", "model", "comparison", "seeds", f"{split} {last} (treated)",
+             f"{split} {last} (reference)"] + [f"Δ {m} [95 % CI]" for m in metrics] + [f"per-seed Δ {last}", "verdict"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, rows in named_rows:
+        for rec in summary_rows(rows, split, metrics, n_boot=n_boot):
+            d = rec["deltas"]
+            lines.append("| " + " | ".join([
+                name, rec["dataset"], rec["model"], f"{rec['treated']} vs {rec['reference']}", str(len(rec["seeds"])),
+                f"{rec['treated_mean']:.4f} ± {rec['treated_std']:.4f}",
+                f"{rec['reference_mean']:.4f} ± {rec['reference_std']:.4f}",
+                *[d[m].describe() for m in metrics],
+                ", ".join(f"{d[last].per_seed[s]:+.4f}" for s in d[last].seeds), d[last].verdict]) + " |")
+    return "\n".join(lines)

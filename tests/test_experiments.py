@@ -300,3 +300,24 @@ def test_valid_tables_read_the_best_valid_metrics_and_specs_sort_after_their_var
     against = format_eimf_table(rows, split="valid", n_boot=300, reference="no-aux")
     assert [line.split(" | ")[2] for line in against.splitlines()[2:]] == ["eimf", "eimf[eimf.lambda_ma=0.1]",
                                                                            "no-aux"]
+
+
+def test_summary_pairs_eimf_with_each_reference_a_grid_has(tmp_path):
+    from eimf.experiments import format_summary
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for seed in (1, 2, 3):
+        base = rng.uniform(0, 0.5, 400)
+        for variant, r50 in {"backbone": base, "eimf": base + 0.04, "no-aux": base + rng.normal(0, 0.02, 400)}.items():
+            path = tmp_path / f"{variant}-{seed}.test.parquet"
+            pd.DataFrame({"user": np.arange(400), "recall@20": r50 / 2, "recall@50": r50}).to_parquet(path)
+            rows.append(_row(variant, seed, float(r50.mean()), float(r50.mean() / 2), per_user={"test": str(path)}))
+    table = format_summary([("g", rows), ("old", [_row("backbone", 1, 0.2), _row("eimf", 1, 0.3)])], n_boot=300)
+    lines = table.splitlines()[2:]
+    assert [line.split(" | ")[3] for line in lines] == ["eimf vs backbone", "eimf vs no-aux", "no-aux vs backbone"]
+    eimf = [c.strip() for c in lines[0].strip("| ").split(" | ")]
+    assert eimf[4] == "3" and eimf[8].startswith("+0.04") and eimf[10] == "gain"
+    assert [c.strip() for c in lines[2].strip("| ").split(" | ")][10] == "no difference"
+    # rows without per-user tables give no interval, so no line
+    assert not any(line.startswith("| old") for line in lines)
