@@ -111,8 +111,8 @@ def training_config(cfg: Config, max_steps: Optional[int] = None, eimf: bool = F
     train = _without(train, operational_fields(cfg.train))
     if max_steps is not None:
         train["max_steps"] = max_steps
-    out = {"model": d["model"], "negatives": d["negatives"], "eval": d["eval"], "retrieval": d["retrieval"],
-           "train": train}
+    out = {"model": d["model"], "negatives": d["negatives"], "eval": _without(d["eval"], operational_fields(cfg.eval)),
+           "retrieval": d["retrieval"], "train": train}
     if eimf:
         out["eimf"] = _without(d["eimf"], ("enabled", "annotations"))
     return out

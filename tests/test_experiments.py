@@ -50,6 +50,8 @@ def test_annotation_sets_are_keyed_by_the_pipelines_fingerprints(tmp_path):
     # where the cache lives or how many prompts go per chunk does not change the answers
     assert same == fp(_apply(base, [*VARIANTS["eimf"].annotation, "semantic.chunk_size=7",
                                     "semantic.cache_dir=/elsewhere"]))
+    # nor does scoring the warm-up on valid only: a grid choosing settings reuses the final grid's annotation sets
+    assert same == fp(_apply(base, [*VARIANTS["eimf"].annotation, "eval.score_test=false"]))
     sp = annotation_plan(base, "w", lambda f: str(tmp_path / f[:10]))
     assert not sp.skip and sp.reason == "not run yet" and sp.dir.startswith(str(tmp_path))
 
