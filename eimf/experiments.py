@@ -466,7 +466,9 @@ def format_eimf_table(rows: List[dict], split: str = "test", metrics: Sequence[s
         for name in sorted(by_variant, key=_variant_order):
             if reference != "backbone" and name != reference and not _is_eimf(name):
                 continue
-            runs = by_variant[name]
+            runs = {seed: r for seed, r in by_variant[name].items() if metric_key(split, metrics[-1]) in r["metrics"]}
+            if not runs:  # e.g. runs that chose settings on valid, in a table of test
+                continue
             ms = [r["metrics"] for r in runs.values()]
             cells = [dataset, model, name, str(len(ms))]
             for m in TABLE_METRICS:

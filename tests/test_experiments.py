@@ -298,6 +298,8 @@ def test_valid_tables_read_the_best_valid_metrics_and_specs_sort_after_their_var
     tuned = _cells(table, "eimf[eimf.lambda_ma=0.1]")
     assert tuned[11].startswith("+0.03") and tuned[13] == "gain" and tuned[7].startswith("0.")
     assert _cells(table, "eimf")[13] == "no difference"
+    # in a table of test, runs scored on valid only are left out
+    assert format_eimf_table(rows, n_boot=300).count("\n") == 1
     # against the sampler control a spec counts as the EIMF variant it extends
     against = format_eimf_table(rows, split="valid", n_boot=300, reference="no-aux")
     assert [line.split(" | ")[2] for line in against.splitlines()[2:]] == ["eimf", "eimf[eimf.lambda_ma=0.1]",
