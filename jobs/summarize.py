@@ -3,6 +3,7 @@ control (no-aux) and the text-initialised baseline, with per-user paired bootstr
 
     python jobs/summarize.py docs/results_r2_beauty_sa.jsonl docs/results_r2_ml1m_remi.jsonl \\
         --output docs/results_eimf_summary.md [--split valid]
+    python jobs/summarize.py docs/results_r2_*.jsonl --backbones     # the backbones of those grids, one table
 
 Each grid is named by its file's stem; its per-user tables are found relative to the file (read_rows).
 """
@@ -14,20 +15,26 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    from eimf.experiments import format_summary, read_rows
+    from eimf.experiments import format_summary, format_table, read_rows
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("grids", nargs="+", help="the grids' .jsonl files")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--metrics", nargs="+", default=["recall@20", "recall@50"])
     p.add_argument("--n-boot", type=int, default=10_000)
+    p.add_argument("--backbones", action="store_true",
+                   help="instead: the backbone runs of all the grids, mean ± std over seeds per (dataset, model)")
     p.add_argument("--output", help="also write the table here")
     args = p.parse_args(argv)
     missing = [g for g in args.grids if not Path(g).exists()]
     if missing:
         p.error(f"no such grid file: {', '.join(missing)}")
     named = [(Path(g).stem.removeprefix("results_"), read_rows(Path(g))) for g in args.grids]
-    table = format_summary(named, split=args.split, metrics=args.metrics, n_boot=args.n_boot)
+    if args.backbones:
+        table = format_table([r for _, rows in named for r in rows if r.get("variant", "backbone") == "backbone"
+                              and r["model"] != "mostpop"], split=args.split)
+    else:
+        table = format_summary(named, split=args.split, metrics=args.metrics, n_boot=args.n_boot)
     print(table)
     if args.output:
         command = "python jobs/summarize.py " + " ".join(sys.argv[1:] if argv is None else argv)
