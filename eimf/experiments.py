@@ -437,6 +437,14 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
     return rows
 
 
+def by_variant_and_seed(rows: List[dict]) -> Dict[Tuple[str, str], Dict[str, Dict[int, dict]]]:
+    """``{(dataset, model): {variant: {seed: row}}}``: how every EIMF table pairs a grid's runs."""
+    groups: Dict[Tuple[str, str], Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        groups[(r["dataset"], r["model"])][r.get("variant", "backbone")][r["seed"]] = r
+    return groups
+
+
 def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
     a = np.asarray(vals, dtype=float)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
@@ -452,9 +460,7 @@ def format_eimf_table(rows: List[dict], split: str = "test", metrics: Sequence[s
     reference other than the backbone only the EIMF variants are listed."""
     from eimf.evaluation.compare import paired_bootstrap
 
-    groups: Dict[Tuple[str, str], Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
-    for r in rows:
-        groups[(r["dataset"], r["model"])][r.get("variant", "backbone")][r["seed"]] = r
+    groups = by_variant_and_seed(rows)
     head = (["dataset", "model", "variant", "seeds"] + list(TABLE_METRICS)
             + [f"Δ {m} [95 % CI]" for m in metrics] + [f"per-seed Δ {metrics[-1]}", "verdict", "train s", "ex/s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -510,9 +516,7 @@ def format_where_table(rows: List[dict], split: str = "test", metric: str = "rec
     from eimf.evaluation.compare import delta_by_quartile, user_features
     from eimf.serving.folder import ModelFolder
 
-    groups: Dict[Tuple[str, str], Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
-    for r in rows:
-        groups[(r["dataset"], r["model"])][r.get("variant", "backbone")][r["seed"]] = r
+    groups = by_variant_and_seed(rows)
     head = ["dataset", "model", "variant", "by"] + [f"Q{k} Δ [95 % CI] (range)" for k in range(1, 5)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (dataset, model), by_variant in sorted(groups.items()):
@@ -554,9 +558,7 @@ def summary_rows(rows: List[dict], split: str = "test", metrics: Sequence[str] =
     arm's mean ± std of the last metric, and Δ of each metric with its per-user paired bootstrap 95 % CI."""
     from eimf.evaluation.compare import paired_bootstrap
 
-    groups: Dict[Tuple[str, str], Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
-    for r in rows:
-        groups[(r["dataset"], r["model"])][r.get("variant", "backbone")][r["seed"]] = r
+    groups = by_variant_and_seed(rows)
     out = []
     for (dataset, model), by_variant in sorted(groups.items()):
         for treated, reference in pairs:
