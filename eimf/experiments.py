@@ -340,7 +340,7 @@ def run_eimf_grid(base: Config, datasets: Sequence[str], backbones: Sequence[str
     from eimf.semantic.annotate import STATS_FILE
     from eimf.steps import annotate, train
 
-    resolved = {v: resolve_variant(v) for v in variants}
+    resolved = {v: resolve_variant(v) for v in ["backbone", *variants]}  # the backbone: at least the warm-up
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     per_user_dir = Path(per_user_dir) if per_user_dir is not None else Path(out_dir) / "per_user"
     rows = read_rows(raw_path)

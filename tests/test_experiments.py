@@ -203,7 +203,7 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
     # without training it again, and the .jsonl's last row of that run counts
     spec = "eimf[eimf.lambda_ma=0.05]"
     valid_only = load_config(None, [*base_overrides, "eval.score_test=false"])
-    tuned = run_eimf_grid(valid_only, ["ml-100k"], ["comirec_sa"], [1], ["backbone", spec], raw_path=raw,
+    tuned = run_eimf_grid(valid_only, ["ml-100k"], ["comirec_sa"], [1], [spec], raw_path=raw,  # warm-up implied
                           grid_name="g1", out_dir=str(tmp_path / "work"))[-1]
     assert tuned["variant"] == spec and not any(k.startswith("test/") for k in tuned["metrics"])
     assert set(tuned["per_user"]) == {"valid"}
