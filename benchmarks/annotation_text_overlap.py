@@ -9,7 +9,9 @@ the mean sentence embedding of the item texts it cites as evidence (the same enc
 * cos(s_m, t_m), against cos(s_m, t_m') for the evidence of another interest drawn at random (the same set);
 * the share of the variance of s that a ridge map of t explains on held-out interests (k-fold R^2);
 * how often t_m, among the evidence means of all interests of the set, is the nearest to s_m (top-1) and its
-  rank's median.
+  rank's median;
+* how alike the targets are: distinct interest names, and the mean cos(s_m, s_m') of two interests drawn at random
+  (coarse targets, e.g. a few genre labels, make many in-batch negatives near-duplicates of the positive).
 
 High values say the targets are close to a function of the cited items' texts: an annotator whose interests are
 built from the catalogue (``metadata``) cannot add to the items' texts what they do not hold. Markdown to stdout.
@@ -52,7 +54,9 @@ def overlap(annotations: str, data_path: str, encoder: str, folds: int = 5, ridg
         total += ((s[test] - s[train].mean(0)) ** 2).sum()
     sims = s @ t.T
     rank = (sims > sims[np.arange(n), np.arange(n)][:, None]).sum(1)  # 0: its own evidence is the nearest
-    return {"interests": n, "users": int(ok["user"].nunique()), "cos_own": float(own.mean()),
+    pairs = (s * s[rng.permutation(n)]).sum(1)
+    return {"interests": n, "users": int(ok["user"].nunique()), "names": int(ok["name"].nunique()),
+            "cos_pairs": float(pairs.mean()), "cos_own": float(own.mean()),
             "cos_other": float(other.mean()), "r2": float(1 - resid / total), "top1": float((rank == 0).mean()),
             "median_rank": float(np.median(rank))}
 
@@ -69,12 +73,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = load_config(None, [f"data.dataset={args.dataset}", *args.overrides])
     data_path = str(prepare(cfg.data).path)
-    print("| annotations | users | interests | cos(s, own evidence) | cos(s, other evidence) | R² of s from "
-          "evidence text (held out) | own evidence nearest | median rank |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| annotations | users | interests | distinct names | cos(s, s') random pair | cos(s, own evidence) | "
+          "cos(s, other evidence) | R² of s from evidence text (held out) | own evidence nearest | median rank |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for a in args.annotations:
         r = overlap(a, data_path, cfg.semantic.encoder, folds=args.folds)
-        print(f"| {a} | {r['users']} | {r['interests']} | {r['cos_own']:.3f} | {r['cos_other']:.3f} | "
+        print(f"| {a} | {r['users']} | {r['interests']} | {r['names']} | {r['cos_pairs']:.3f} | "
+              f"{r['cos_own']:.3f} | {r['cos_other']:.3f} | "
               f"{r['r2']:.3f} | {100 * r['top1']:.1f} % | {r['median_rank']:.0f} |")
     return 0
 
