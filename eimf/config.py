@@ -137,6 +137,8 @@ class ModelConfig:
     reg_lambda: float = 0.0
     #: The item table's initial rows: ``random`` (Glorot uniform) | ``text`` (the item texts through
     #: ``semantic.encoder``, PCA to ``dim``, scaled to the random init's spread; eimf.models.text_init).
+    #: ``text`` won on Beauty's valid split for every backbone; ``random`` stays the default because the
+    #: backbones are compared as published and a catalogue need not have texts (docs/results.md).
     item_init: str = "random"
 
     def __post_init__(self):
@@ -393,7 +395,7 @@ class EIMFConfig:
     #: Semantic prediction weight: 1 - cos(g(v_k), s_pi(k)). Project default, not tuned by the paper.
     lambda_sp: float = 0.1
     #: Modality alignment weight: symmetric InfoNCE between v_k and P(s_pi(k)), in-batch negatives; 0.1 pulled
-    #: the retrieval interests too far on the ML-100K valid split (docs/results.md).
+    #: the retrieval interests too far on the ML-100K valid split (docs/results_eimf_round1.md).
     lambda_ma: float = 0.01
     temperature: float = 0.1
     #: ``hungarian`` (optimal one-to-one) | ``greedy`` (best remaining pair first, one-to-one).
@@ -402,12 +404,14 @@ class EIMFConfig:
     typical_share: float = 0.25
     #: ``oversample`` (typical users fill ``typical_share`` of the batch and its recommendation loss) | ``extra``
     #: (the batch stays the backbone's; ``typical_share`` x batch typical rows are added for the auxiliary
-    #: losses only, so a small budget does not skew the recommendation loss toward a few users).
+    #: losses only, so a small budget does not skew the recommendation loss toward a few users). ``oversample``:
+    #: at least ``extra``'s score on REMI/Beauty's valid split.
     typical_sampling: str = "oversample"
     #: Hidden width of the predictor g (d -> hidden -> semantic dim, GELU); 0: a linear map.
     predictor_hidden: int = 256
     #: ``none``: the alignment's InfoNCE acts on the retrieval interests v themselves | ``mlp``: on h(v), a
-    #: behaviour-side MLP (as RLMRec aligns through projections), so v changes only through h.
+    #: behaviour-side MLP (as RLMRec aligns through projections), so v changes only through h. This, the two
+    #: masks and ``evidence`` matching stay off: together (variant eimf-r2) they lowered REMI/Beauty's valid score.
     ma_projection: str = "none"
     #: Semantic interests of the batch at least this similar (cosine) to the positive are not its negatives.
     duplicate_cos: float = 0.999999
@@ -418,6 +422,7 @@ class EIMFConfig:
     matching_space: str = "model"
     #: A typical row's cut is drawn so that at least this share of its history lies in the part of the
     #: sequence its prompt showed; 0: any cut, as the backbone draws. The share reached is logged either way.
+    #: 0: 0.5 lowered REMI's valid score on ML-1M, the one dataset whose sequences outrun the prompt.
     window_overlap: float = 0.0
     #: Item-level alignment weight: InfoNCE between the batch's target item embeddings and an MLP of their text
     #: embeddings (``semantic.encoder``), other targets as negatives, on every batch; 0: off.
