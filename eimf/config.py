@@ -137,7 +137,7 @@ class ModelConfig:
     reg_lambda: float = 0.0
     #: The item table's initial rows: ``random`` (Glorot uniform) | ``text`` (the item texts through
     #: ``semantic.encoder``, PCA to ``dim``, scaled to the random init's spread; eimf.models.text_init).
-    #: ``text`` won on Beauty's valid split for every backbone; ``random`` stays the default because the
+    #: ``text`` won on Beauty's valid split for SA, DR and REMI; ``random`` stays the default because the
     #: backbones are compared as published and a catalogue need not have texts (docs/results.md).
     item_init: str = "random"
 
@@ -422,7 +422,7 @@ class EIMFConfig:
     matching_space: str = "model"
     #: A typical row's cut is drawn so that at least this share of its history lies in the part of the
     #: sequence its prompt showed; 0: any cut, as the backbone draws. The share reached is logged either way.
-    #: 0: 0.5 lowered REMI's valid score on ML-1M, the one dataset whose sequences outrun the prompt.
+    #: 0: 0.5 lowered REMI's valid score on ML-1M, where sequences outrun the prompt.
     window_overlap: float = 0.0
     #: Item-level alignment weight: InfoNCE between the batch's target item embeddings and an MLP of their text
     #: embeddings (``semantic.encoder``), other targets as negatives, on every batch; 0: off.
