@@ -188,8 +188,9 @@ def test_profiles_reject_unknown_keys(path, tmp_path, monkeypatch):
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_mlflow_server_stores_artifacts_on_s3(moto_s3, moto_s3_endpoint, monkeypatch, tmp_path, free_port):
-    """cluster/mlflow_server.sh with --artifacts-destination s3://... on moto: eimf.tracking logs a run over
-    HTTP, the artifact lands in the bucket, and reads back through the server."""
+    """cluster/mlflow_server.sh with --artifacts-destination s3://... on moto: a request without credentials gets
+    401; with the jobs' account, eimf.tracking logs a run over HTTP, the artifact lands in the bucket, and reads back
+    through the server."""
     from eimf import tracking
     from eimf.config import Config
 
@@ -203,6 +204,18 @@ def test_mlflow_server_stores_artifacts_on_s3(moto_s3, moto_s3_endpoint, monkeyp
     try:
         assert out.returncode == 0, out.stdout + out.stderr
         uri = f"http://127.0.0.1:{port}"
+        # basic auth: nothing without credentials; the jobs' account from job.env (mode 600) works
+        import requests
+
+        search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert requests.get(search, timeout=10).status_code == 401
+        job_env = tmp_path / "mlflow" / "job.env"
+        assert job_env.stat().st_mode & 0o077 == 0 and (tmp_path / "mlflow" / "basic_auth.ini").stat().st_mode & 0o077 == 0
+        creds = dict(line.split("=", 1) for line in job_env.read_text().split())
+        assert creds["MLFLOW_TRACKING_USERNAME"] == "eimf-jobs"
+        assert requests.get(search, auth=("eimf-jobs", "not-the-password"), timeout=10).status_code == 401
+        for k, v in creds.items():
+            monkeypatch.setenv(k, v)
         monkeypatch.delenv("EIMF_ARTIFACT_ROOT", raising=False)
         cfg = Config()
         cfg.tracking.tracking_uri = uri
@@ -225,3 +238,31 @@ def test_mlflow_server_stores_artifacts_on_s3(moto_s3, moto_s3_endpoint, monkeyp
     finally:
         subprocess.run([script, "--stop"], env=env, capture_output=True, timeout=60)
     print(f"mlflow server round trip: {time.time() - t0:.1f}s")
+
+
+# --- the GPU node stack (cluster/setup_node.sh) resolves --------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_gpu_node_requirements_resolve_together(tmp_path):
+    """`setup_node.sh --check`: pip resolves the nodes' exact requirements (the CUDA vLLM with its torch, the
+    TorchRec/FBGEMM pair, DeepSpeed, Ray) from the package index without installing anything. A conflict fails
+    here, not on a cluster. Needs the package index (CI has it)."""
+    import json
+    import sys
+
+    report = tmp_path / "report.json"
+    out = subprocess.run([str(CLUSTER / "setup_node.sh"), "--check", str(report)], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHON=sys.executable), timeout=880)
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+           for i in json.loads(report.read_text())["install"]}
+    reqs = subprocess.run([str(CLUSTER / "setup_node.sh"), "--requirements"], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=sys.executable), check=True).stdout.split()
+    pinned = dict(r.split("==") for r in reqs if "==" in r)
+    for name, version in pinned.items():
+        assert got[name.split("[")[0].lower().replace("_", "-")] == version, name
+    # vLLM's own torch pin decides the node's torch; FBGEMM 1.9 is built for that torch (setup_node.sh)
+    assert got["vllm"] == "0.33.0" and got["torch"].startswith("2.14.")
+    assert got["fbgemm-gpu"] == "1.9.0" and got["torchrec"] == "1.9.2"
