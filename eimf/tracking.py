@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -96,17 +97,125 @@ def start_run(cfg: Config, run_name: str, tags: Optional[Dict[str, str]] = None)
     return run.info.run_id
 
 
-def log_metrics(uri: str, run_id: Optional[str], metrics: Dict[str, float], step: int) -> None:
-    if not run_id:
-        return
-    import time
-
+def _metric_batch(metrics: Dict[str, float], step: int) -> list:
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    batch = [Metric(metric_key(k), float(v), ts, step) for k, v in metrics.items()
-             if isinstance(v, (int, float))]
-    client(uri).log_batch(run_id, metrics=batch)
+    return [Metric(metric_key(k), float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+
+
+def log_metrics(uri: str, run_id: Optional[str], metrics: Dict[str, float], step: int) -> None:
+    if run_id:
+        client(uri).log_batch(run_id, metrics=_metric_batch(metrics, step))
+
+
+class _Refused(Exception):
+    pass
+
+
+class MetricSender:
+    """Sends a run's metrics from a background thread, so that a slow or absent tracking server never stalls
+    training. Batches wait in order; one that fails is retried with backoff until the server answers, for at
+    most ``give_up_s`` seconds of outage, then dropped and counted (as is the oldest batch when more than
+    ``max_pending`` wait). :meth:`close` waits for the queue to drain and returns the counts."""
+
+    def __init__(self, uri: str, run_id: Optional[str], give_up_s: float = 600.0, max_pending: int = 100_000):
+        import collections
+        import threading
+
+        self.uri, self.run_id, self.give_up_s, self.max_pending = uri, run_id, give_up_s, max_pending
+        self.counts = {"sent": 0, "retries": 0, "dropped": 0}
+        self._pending: "collections.deque" = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="eimf-metrics", daemon=True) if run_id else None
+        if self._thread:
+            self._thread.start()
+
+    def log(self, metrics: Dict[str, float], step: int) -> None:
+        if not self._thread:
+            return
+        with self._wake:
+            if len(self._pending) >= self.max_pending:
+                self._pending.popleft()
+                self.counts["dropped"] += 1
+            self._pending.append(_metric_batch(metrics, step))
+            self._wake.notify()
+
+    def _send(self, batch: list) -> None:
+        """One batch, without MLflow's own retries (their backoff grows to minutes, ours stays <= 10 s): over the
+        documented REST API for a tracking server, through the client for a local store."""
+        if not self.uri.startswith(("http://", "https://")):
+            client(self.uri).log_batch(self.run_id, metrics=batch)
+            return
+        import requests
+
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        headers = {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"} \
+            if os.environ.get("MLFLOW_TRACKING_TOKEN") else {}
+        r = requests.post(f"{self.uri.rstrip('/')}/api/2.0/mlflow/runs/log-batch", timeout=30, headers=headers,
+                          auth=(user, password) if user else None,
+                          json={"run_id": self.run_id, "metrics": [
+                              {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                              for m in batch]})
+        if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
+            raise _Refused(f"{r.status_code} {r.text[:200]}")
+        r.raise_for_status()
+
+    def _run(self) -> None:
+        outage_since, backoff = None, 0.5
+        while True:
+            with self._wake:
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                if not self._pending:
+                    return
+                batch = self._pending[0]
+            try:
+                self._send(batch)
+            except _Refused as e:  # the server answered no (bad run, no permission): retrying changes nothing
+                log.warning("tracking server refused a metric batch: %s", e)
+                self._done(dropped=True)
+                continue
+            except Exception as e:  # noqa: BLE001 - the server is down or overloaded: retry, then drop
+                outage_since = outage_since or time.monotonic()
+                if time.monotonic() - outage_since > self.give_up_s:
+                    log.warning("tracking server unreachable for %.0f s: dropping a metric batch (%s)",
+                                self.give_up_s, e)
+                    self._done(dropped=True)
+                    continue
+                self.counts["retries"] += 1
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            outage_since, backoff = None, 0.5
+            self._done(dropped=False)
+
+    def _done(self, dropped: bool) -> None:
+        with self._wake:
+            if not self._pending:  # close() gave up on the queue meanwhile and counted it
+                return
+            self._pending.popleft()
+            self.counts["dropped" if dropped else "sent"] += 1
+
+    def close(self, timeout: Optional[float] = None) -> Dict[str, int]:
+        """Send what is left (waiting at most ``timeout`` s); batches still unsent then count as dropped."""
+        if self._thread:
+            with self._wake:
+                self._closing = True
+                self._wake.notify()
+            self._thread.join(timeout)
+            with self._wake:
+                self.counts["dropped"] += len(self._pending)
+                self._pending.clear()
+        return dict(self.counts)
+
+
+def set_tags(uri: str, run_id: Optional[str], tags: Dict[str, str]) -> None:
+    if run_id:
+        from mlflow.entities import RunTag
+
+        client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def log_artifacts(uri: str, run_id: Optional[str], folder: str, artifact_path: Optional[str] = None) -> None:
