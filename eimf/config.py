@@ -187,6 +187,9 @@ class TrainConfig:
     use_gpu: bool = False
     #: CPUs each worker reserves (and torch threads it uses); None: the node's CPUs / num_workers.
     cpus_per_worker: Optional[int] = None
+    #: How Ray places the workers on nodes: PACK (fewest nodes: fast collectives within a node) | SPREAD |
+    #: STRICT_SPREAD (one worker per node: a lost node costs one worker) | STRICT_PACK (all on one node).
+    placement_strategy: str = operational("PACK")
     #: ``auto`` (DeepSpeed when num_workers > 1 or zero_stage > 0, else plain torch) | torch | deepspeed |
     #: ``sharded`` (the item table split by rows across workers with TorchRec; docs/scaling.md says when it wins)
     strategy: str = "auto"
@@ -206,6 +209,9 @@ class TrainConfig:
     input: str = "memory"
     #: Fault tolerance: how many times Ray Train replaces failed workers and resumes from the checkpoint.
     max_failures: int = operational(2)
+    #: How long a restart after a failure waits for its workers' resources (a lost host replaced, say) before the
+    #: run fails, naming the hosts it lost. Ray Train alone would wait forever.
+    restart_timeout_s: float = operational(600.0)
     #: Where runs and checkpoints go (local or ``s3://``); None: <EIMF_HOME>/runs.
     storage_path: Optional[str] = operational()
     #: Same name again resumes the run instead of starting over; None: generated.
@@ -214,6 +220,8 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("train.strategy", self.strategy, ("auto", "torch", "deepspeed", "sharded"))
         _check_choice("train.input", self.input, ("memory", "ray_data"))
+        _check_choice("train.placement_strategy", self.placement_strategy,
+                      ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
         _check_choice("train.precision", self.precision, ("fp32", "bf16"))
         _check_choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _check_choice("train.sparse_optimizer", self.sparse_optimizer,
@@ -222,6 +230,7 @@ class TrainConfig:
                      "cpus_per_worker"):
             _check_min(f"train.{name}", getattr(self, name), 1)
         _check_min("train.max_failures", self.max_failures, 0)
+        _check_min("train.restart_timeout_s", self.restart_timeout_s, 1)
         for name in ("lr", "sparse_lr"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from eimf import fs, tracking
 from eimf.config import Config, eimf_home, to_dict
 from eimf.ray_init import init_ray
+from eimf.training.host_stats import WorkerPlacement, as_dicts, link_bytes, placement_metrics, placement_tags
 from eimf.training.loop import BEST_HEAD_FILE
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,10 @@ def _cut_dataset(data_path: str, cfg: Config):
     return users.map_batches(cut, batch_format="numpy")
 
 
+#: How long the end of training waits for metrics held back by a tracking-server outage.
+METRICS_DRAIN_S = 300.0
+
+
 def _train_worker(loop_config: dict) -> None:
     """Runs inside each Ray Train worker."""
     import ray.train
@@ -241,10 +246,11 @@ def _train_worker(loop_config: dict) -> None:
                       is_chief=is_chief)
     trainer.best_state, trainer.best_head_state = best_state, best_head_state
     run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("mlflow_uri")
+    # off the training thread: an unreachable tracking server delays the metrics, not the steps
+    metrics_out = tracking.MetricSender(uri, run_id if is_chief else None)
 
     def report(metrics, loop_state, is_eval):
-        if is_chief:
-            tracking.log_metrics(uri, run_id, metrics, step=loop_state.step)
+        metrics_out.log(metrics, step=loop_state.step)
         if not is_eval:
             return
         with tempfile.TemporaryDirectory() as tmp:
@@ -256,13 +262,16 @@ def _train_worker(loop_config: dict) -> None:
             )
 
     t0 = time.perf_counter()
+    net0 = link_bytes()
     state = trainer.fit(state, report)
     # Before the final evaluation (its index copies the table): training's own peak, the worst worker's.
     train_rss = peak_rss_mb()
+    placement = [WorkerPlacement.measure(rank, net0, state.step - start_step)]
     if torch.distributed.is_initialized():
         every = [None] * ctx.get_world_size()
-        torch.distributed.all_gather_object(every, train_rss)
-        train_rss = max(every)
+        torch.distributed.all_gather_object(every, (train_rss, placement[0]))
+        train_rss = max(r for r, _ in every)
+        placement = [p for _, p in every]
     gathered = getattr(step_runner.model, "gathered_rows_per_step", None)
     final = trainer.final_metrics()
     final.update(
@@ -280,19 +289,42 @@ def _train_worker(loop_config: dict) -> None:
             "resumes": len(state.resumes),
             "first_resume_step": state.resumes[0] if state.resumes else -1,
             "world_size": ctx.get_world_size(),
+            **placement_metrics(placement),
             **input_stats,
             "done": 1,
         }
     )
+    sent = metrics_out.close(timeout=METRICS_DRAIN_S)
+    final.update({f"tracking/metric_batches_{k}": v for k, v in sent.items()})
     if is_chief:
+        if sent["dropped"]:
+            log.warning("%d metric batches could not reach the tracking server and were dropped", sent["dropped"])
         tracking.log_metrics(uri, run_id, final, step=state.step)
+        tracking.set_tags(uri, run_id, placement_tags(placement))
         log.info("final: %s", json.dumps({k: round(v, 4) for k, v in final.items()}))
+        log.info("workers: %s", json.dumps(as_dicts(placement)))
     with tempfile.TemporaryDirectory() as tmp:
         # with g of the best model beside it: it labels that model's interests (eimf.explain)
         save_training_state(Path(tmp), step_runner, state, trainer.best_state, is_chief, trainer.best_head_state)
         if is_chief:
             (Path(tmp) / "metrics.json").write_text(json.dumps(final, indent=2))
         ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def restart_attempts(timeout_s: float) -> int:
+    """Ray Train retries a worker group that cannot get its resources every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+    (60 s by default), without limit: this many tries spend ``timeout_s``."""
+    import math
+
+    every = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    return max(1, math.ceil(timeout_s / every))
+
+
+def _alive_nodes() -> Dict[str, str]:
+    """Node id -> ``hostname (ip)`` of the cluster's live nodes."""
+    import ray
+
+    return {n["NodeID"]: f"{n['NodeManagerHostname']} ({n['NodeManagerAddress']})" for n in ray.nodes() if n["Alive"]}
 
 
 def load_item_init(model, table) -> None:
@@ -429,20 +461,26 @@ def train(cfg: Config, data_path: Optional[str] = None, tags: Optional[Dict[str,
         datasets={"train": _cut_dataset(data_path, cfg)},
         scaling_config=ScalingConfig(
             num_workers=n_workers, use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker},
+            resources_per_worker={"CPU": cpus_per_worker}, placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                                         controller_failure_limit=restart_attempts(cfg.train.restart_timeout_s)),
         ),
     )
+    nodes_before = _alive_nodes()
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as e:
         tracking.end_run(uri, run_id, status="FAILED")
+        lost = sorted(set(nodes_before) - set(_alive_nodes()))
+        if lost:
+            raise RuntimeError(f"training failed after losing host(s) {', '.join(nodes_before[n] for n in lost)}: "
+                               f"{type(e).__name__}: {str(e)[:2000]}") from e
         raise
     export_dir = fs.join(storage, run_name, "export")
     with result.checkpoint.as_directory() as folder:
