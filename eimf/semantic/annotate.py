@@ -297,6 +297,7 @@ def annotate_users(prepared, selected_users: Union[pd.DataFrame, Sequence[int]],
         "encoder": getattr(encoder, "name", type(encoder).__name__),
         "max_interests": int(K),
         "token_budget": int(token_budget),
+        **({"engine_hosts": annotator.engine_hosts} if getattr(annotator, "engine_hosts", None) else {}),
         **(extra_stats or {}),
     }
     log.info("annotated %d users: %d prompts sent, %d cache hits, %d failed, %.1f tokens/s", stats["users"],

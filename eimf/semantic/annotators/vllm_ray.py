@@ -55,6 +55,22 @@ MAP_TASK_CPUS = 0.1
 ERROR_COLUMN = "__inference_error__"
 
 
+def _engine_hosts() -> List[str]:
+    """Node addresses of this job's vLLM engine actors, from Ray's state API ([] if it fails). An engine that
+    ended before it was ready loses its node in that API: ask while the pass runs."""
+    import ray
+    from ray.util.state import list_actors
+
+    try:
+        job = ray.get_runtime_context().get_job_id()
+        ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        actors = list_actors(filters=[("job_id", "=", job)], limit=10_000, detail=True, raise_on_missing_output=False)
+    except Exception as e:  # noqa: BLE001 - a bookkeeping number, never a reason to fail annotation
+        log.warning("vllm annotator: could not list the engine actors: %s", e)
+        return []
+    return sorted({ips.get(a.node_id, a.node_id) for a in actors if "vLLMEngineStage" in a.class_name and a.node_id})
+
+
 def decoding_schema(req: AnnotationRequest) -> dict:
     """The schema the engine decodes against for ``req``: K of the request, evidence in 1..n_items."""
     return interest_schema(req.max_interests, max(1, int(req.n_items or 1)))
@@ -123,6 +139,8 @@ class VLLMRayAnnotator(Annotator):
         #: Per pass: prompts, tokens, wall time (engine start included) and the engines' generation span
         #: (first request queued -> last token, from vLLM's request stats; None when not reported).
         self.pass_stats: List[dict] = []
+        #: Addresses of the nodes the engines ran on, over every pass so far (the fan-out across hosts).
+        self.engine_hosts: List[str] = []
 
     @classmethod
     def from_config(cls, cfg, **kwargs) -> "VLLMRayAnnotator":
@@ -191,7 +209,8 @@ class VLLMRayAnnotator(Annotator):
         light = {"num_cpus": LIGHT_STAGE_CPUS, "concurrency": 1}
         config = vLLMEngineProcessorConfig(
             model_source=self.model_path, engine_kwargs=engine_kwargs, runtime_env=runtime_env,
-            concurrency=self.concurrency, batch_size=self.batch_size, log_engine_metrics=False,
+            # (n, n): a fixed pool of n engines; a bare n lets Ray start 1 and add more only under a long queue
+            concurrency=(self.concurrency, self.concurrency), batch_size=self.batch_size, log_engine_metrics=False,
             should_continue_on_error=True, chat_template_stage=light,
             # the engine tokenizes the templated prompt and returns the text: two actors fewer
             tokenize_stage=False, detokenize_stage=False, **extra)
@@ -281,6 +300,8 @@ class VLLMRayAnnotator(Annotator):
         t0 = time.perf_counter()
         seen, group, tok_in, tok_out, q_ts, e_ts = set(), [], 0, 0, [], []
         for row in self._rows(rows):
+            if not seen:  # every engine of the fixed pool has been placed by the first answer; one may still start
+                self.engine_hosts = sorted(set(self.engine_hosts) | set(_engine_hosts()))
             i = int(row["idx"])
             if i in seen:
                 continue
@@ -302,6 +323,7 @@ class VLLMRayAnnotator(Annotator):
         span = (max(e_ts) - min(q_ts)) if q_ts and e_ts and max(e_ts) > min(q_ts) else None
         self.pass_stats.append(dict(attempt=attempt, prompts=len(requests), wall_s=wall, generation_s=span,
                                     tokens_in=tok_in, tokens_out=tok_out))
+        self.engine_hosts = sorted(set(self.engine_hosts) | set(_engine_hosts()))
         log.info("vllm pass (attempt %d): %d prompts in %.1fs (generation %s), %d tokens out", attempt,
                  len(requests), wall, f"{span:.1f}s" if span else "n/a", tok_out)
 
