@@ -313,11 +313,11 @@ def _train_worker(loop_config: dict) -> None:
 
 def restart_attempts(timeout_s: float) -> int:
     """Ray Train retries a worker group that cannot get its resources every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
-    (60 s by default), without limit: this many tries spend ``timeout_s``."""
+    (60 s by default), without limit: the retries after the first try that together spend about ``timeout_s``."""
     import math
 
     every = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
-    return max(1, math.ceil(timeout_s / every))
+    return max(0, math.ceil(timeout_s / every) - 1)
 
 
 def _alive_nodes() -> Dict[str, str]:

@@ -1,0 +1,38 @@
+"""The small pieces behind training on a cluster: the restart bound, where workers ran and what crossed their links,
+and the settings that choose them."""
+from __future__ import annotations
+
+import pytest
+
+from eimf.config import ConfigError, load_config
+from eimf.training.host_stats import WorkerPlacement, link_bytes, placement_metrics, placement_tags
+from eimf.training.runner import restart_attempts
+
+
+def test_restart_attempts_spend_about_the_timeout(monkeypatch):
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
+    assert [restart_attempts(t) for t in (1, 60, 61, 120, 600)] == [0, 0, 1, 1, 9]
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    assert restart_attempts(600) == 19
+
+
+def test_placement_tags_and_per_step_bytes():
+    workers = [WorkerPlacement(0, "eimf-w2", "10.0.0.12", 2_000, 4_000, 100),
+               WorkerPlacement(1, "eimf-w1", "10.0.0.11", 1_000, 1_000, 0)]
+    assert placement_tags(workers) == {"worker.0.host": "eimf-w2 (10.0.0.12)", "worker.1.host": "eimf-w1 (10.0.0.11)"}
+    m = placement_metrics(workers)
+    assert m["hosts"] == 2 and m["net/worker0_rx_bytes_per_step"] == 20 and m["net/worker0_tx_bytes_per_step"] == 40
+    assert m["net/worker1_rx_bytes_per_step"] == 1_000  # no step taken: per one step, not a division by zero
+
+
+def test_link_bytes_count_this_hosts_interfaces_without_loopback():
+    got = link_bytes()
+    assert set(got) == {"rx", "tx"} and min(got.values()) >= 0
+
+
+@pytest.mark.parametrize("override, field", [("train.placement_strategy=ANYWHERE", "train.placement_strategy"),
+                                             ("train.restart_timeout_s=0", "train.restart_timeout_s")])
+def test_cluster_settings_are_checked(override, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config(None, [override])
+    assert load_config(None, ["train.placement_strategy=STRICT_SPREAD"]).train.placement_strategy == "STRICT_SPREAD"
