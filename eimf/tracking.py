@@ -6,13 +6,17 @@ artifacts at the end. Metric names are the same in every run so runs compare sid
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Optional
+
+import requests
 
 from eimf.config import Config, eimf_home, flatten, to_dict
 
@@ -120,9 +124,6 @@ class MetricSender:
     ``max_pending`` wait). :meth:`close` waits for the queue to drain and returns the counts."""
 
     def __init__(self, uri: str, run_id: Optional[str], give_up_s: float = 600.0, max_pending: int = 100_000):
-        import collections
-        import threading
-
         self.uri, self.run_id, self.give_up_s, self.max_pending = uri, run_id, give_up_s, max_pending
         self.counts = {"sent": 0, "retries": 0, "dropped": 0}
         self._pending: "collections.deque" = collections.deque()
@@ -148,8 +149,6 @@ class MetricSender:
         if not self.uri.startswith(("http://", "https://")):
             client(self.uri).log_batch(self.run_id, metrics=batch)
             return
-        import requests
-
         user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
         headers = {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"} \
             if os.environ.get("MLFLOW_TRACKING_TOKEN") else {}
