@@ -48,7 +48,8 @@ ROOT = Path(os.environ.get("EIMF_CLUSTER_ROOT", "/var/tmp/eimf-cluster"))
 PREFIX = "eimfc-"
 SUBNET = "10.213.0"  # every cluster has network namespaces of its own: two clusters never share this subnet
 CLIENT_IP = f"{SUBNET}.1"
-S3_PORT, MLFLOW_PORT, RAY_PORT, DASHBOARD_PORT = 9000, 5000, 6379, 8265
+#: S3 (moto) itself, and the fault proxy in front of it through which every host reaches it (cluster/s3_fault_proxy.py).
+S3_PORT, S3_PROXY_PORT, MLFLOW_PORT, RAY_PORT, DASHBOARD_PORT = 9000, 9001, 5000, 6379, 8265
 BUCKET = "eimf-cluster"
 #: Variables of the caller that must not leak into a host (it would join another cluster, log elsewhere).
 _DROPPED_ENV = ("RAY_", "MLFLOW_", "AWS_", "EIMF_", "VIRTUAL_ENV", "PYTHONPATH")
@@ -155,10 +156,24 @@ class LocalCluster:
         """A host's private disk, seen from outside the hosts: ``tmp/``, ``home/``, ``eimf/``."""
         return self.dir / "hosts" / host
 
-    def s3_env(self) -> Dict[str, str]:
+    def s3_env(self, through_proxy: bool = True) -> Dict[str, str]:
+        """S3 settings: the hosts go through the fault proxy (no faults until :meth:`set_s3_faults`); a client
+        outside the hosts checks S3 directly."""
+        url = f"http://{self.head_ip}:{S3_PROXY_PORT}" if through_proxy else self.s3_endpoint
         return {"AWS_ACCESS_KEY_ID": self.state.s3_access_key, "AWS_SECRET_ACCESS_KEY": self.state.s3_secret_key,
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.s3_endpoint,
-                "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint}
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url}
+
+    def set_s3_faults(self, slowdown: float = 0.0, reset: float = 0.0) -> None:
+        """The share of S3 requests from the hosts answered ``503 SlowDown``, and of connections dropped."""
+        path = self.disk("head") / "home" / "s3_faults.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"slowdown": slowdown, "reset": reset}))
+        os.replace(tmp, path)
+
+    def s3_fault_counts(self) -> Dict[str, int]:
+        """Requests the proxy saw, and the faults it injected (each one a request a client retried)."""
+        path = self.disk("head") / "home" / "s3_faults.json.counts.json"
+        return json.loads(path.read_text()) if path.exists() else {"requests": 0, "slowdowns": 0, "resets": 0}
 
     def mlflow_job_credentials(self) -> Dict[str, str]:
         """The jobs' MLflow account (head's ``~/.eimf/mlflow.env``): ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``."""
@@ -176,7 +191,8 @@ class LocalCluster:
         """Environment of a client outside the hosts: the Ray token (copied out of the head, as
         ``ray rsync-down`` does on AWS), the S3 endpoint and keys."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(_DROPPED_ENV)}
-        env.update(self.s3_env(), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.dir / "client" / "auth_token"),
+        env.update(self.s3_env(through_proxy=False), RAY_AUTH_MODE="token",
+                   RAY_AUTH_TOKEN_PATH=str(self.dir / "client" / "auth_token"),
                    RAY_ADDRESS=self.dashboard_url, RAY_USAGE_STATS_ENABLED="0",
                    PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra)
         return env
@@ -343,11 +359,12 @@ class LocalCluster:
             raise RuntimeError(f"mlflow_server.sh {action} on the head failed: {r.stderr[-2000:]}")
 
     def set_link(self, name: str, netem: Optional[str]) -> None:
-        """``tc netem`` on a host's link (e.g. ``"delay 50ms loss 1%"``), or None to clear it."""
-        link = self.state.hosts[name].link
-        _run("tc", "-n", self.state.bridge_ns, "qdisc", "del", "dev", link, "root", check=False)
-        if netem:
-            _run("tc", "-n", self.state.bridge_ns, "qdisc", "add", "dev", link, "root", "netem", *netem.split())
+        """``tc netem`` on both ends of a host's link (e.g. ``"delay 20ms loss 1%"``), or None to clear it."""
+        host = self.state.hosts[name]
+        for ns, dev in ((self.state.bridge_ns, host.link), (host.netns, "eth0")):
+            _run("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
+            if netem:
+                _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "netem", *netem.split())
 
     def down(self) -> None:
         """End every process of every host, remove the namespaces and the state folder."""
@@ -417,6 +434,10 @@ def _init_script(cluster: LocalCluster, host: Host) -> str:
     if host.name == "head":
         lines += [
             f"{q(str(VENV_BIN / 'moto_server'))} -H {host.ip} -p {S3_PORT} > $LOGS/s3.log 2>&1 &",
+            f"python {q(str(REPO / 'cluster' / 's3_fault_proxy.py'))} --listen {host.ip}:{S3_PROXY_PORT} "
+            f"--upstream {cluster.s3_endpoint} --control $HOME/s3_faults.json > $LOGS/s3_proxy.log 2>&1 &",
+            f"for i in $(seq 60); do python -c \"import socket; socket.create_connection(('{host.ip}', {S3_PROXY_PORT}), 1)\""
+            " 2>/dev/null && break; sleep 0.5; done",
             # the bucket, once the endpoint answers
             f"for i in $(seq 60); do python -c \"import s3fs; s3fs.S3FileSystem(endpoint_url='{cluster.s3_endpoint}')"
             f".mkdir('{BUCKET}')\" 2>/dev/null && break; sleep 0.5; done",
