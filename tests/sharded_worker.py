@@ -107,3 +107,52 @@ def merged_search(rank: int, world: int, port: int, n_items: int, out: str) -> N
     torch.save({"ids": ids, "scores": scores, "table": table, "interests": interests, "exclude": exclude},
                f"{out}/search.{rank}.pt")
     dist.destroy_process_group()
+
+
+def _runner(n_items: int, seed: int):
+    from eimf.training.sharded import ShardedItemModel, ShardedStepRunner, sparse_optimizer_params
+
+    cfg = tiny_cfg()
+    torch.manual_seed(seed)
+    return cfg, ShardedStepRunner(ShardedItemModel(cfg.model, n_items), 1e-3, 0.0,
+                                  sparse_optimizer_params("rowwise_adagrad", 0.1, False), torch.device("cpu"),
+                                  init_seed=seed)
+
+
+def _state(runner) -> dict:
+    rows, offset = runner.model.local_rows()
+    return {"rows": rows.detach().clone(), "offset": offset,
+            "optimizer": {k: v.detach().clone() for k, v in runner._optimizer_states().items()}}
+
+
+def reshard_save(rank: int, world: int, port: int, n_items: int, out: str) -> None:
+    """One step (so the row-wise optimizer state is not all zero), then a checkpoint and a best snapshot."""
+    init(rank, world, port)
+    from pathlib import Path
+
+    from eimf.models.negatives import Negatives, build_loss
+
+    cfg, runner = _runner(n_items, seed=1)
+    loss_fn = build_loss(cfg.negatives, n_items, 5, cfg.model)
+    hist, mask, target = batch(rank, n_items)
+    negs = Negatives(torch.randint(1, n_items + 1, (12,), generator=torch.Generator().manual_seed(7)), 12.0)
+    runner.forward(hist, mask, target, loss_fn, False, negs)["loss"].backward()
+    folder = Path(out) / "ckpt"
+    folder.mkdir(exist_ok=True)
+    runner.save(folder)
+    runner.save_best(folder, runner.snapshot(), rank == 0)
+    torch.save(_state(runner), f"{out}/saved.{rank}.pt")
+    dist.destroy_process_group()
+
+
+def reshard_load(rank: int, world: int, port: int, n_items: int, out: str) -> None:
+    """A fresh runner (other initial rows) at this world size loads the checkpoint of another one."""
+    init(rank, world, port)
+    from pathlib import Path
+
+    _, runner = _runner(n_items, seed=2)
+    runner.load(Path(out) / "ckpt")
+    best = runner.load_best(Path(out) / "ckpt")
+    torch.save({**_state(runner), "best_rows": best["rows"], "best_offset": best["offset"]},
+               f"{out}/loaded.{rank}.pt")
+    dist.destroy_process_group()

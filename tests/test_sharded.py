@@ -1,7 +1,7 @@
 """The row-sharded item table (train.strategy=sharded): equal lookups and gradients to the dense path from the
 same weights, the merged per-shard search equal to an exact search, a 2-worker Ray Train run on a synthetic
-catalogue whose export (the table in row blocks) loads and serves, a SIGKILLed worker resumed from its checkpoint,
-and a 2-worker run on a 1M-item catalogue. No licensed data."""
+catalogue whose export (the table in row blocks) loads and serves and whose checkpoint resumes at 2, 1 and 2 workers
+again, a SIGKILLed worker resumed from its checkpoint, and a 2-worker run on a 1M-item catalogue. No licensed data."""
 from __future__ import annotations
 
 import socket
@@ -84,6 +84,13 @@ def test_two_sharded_workers_train_resume_export_and_serve(tmp_path, ray_session
     again = train(cfg, data_path=str(data.path)).metrics
     assert again["resumes"] == 1 and again["first_resume_step"] == 300 and again["step"] == 400
     assert again["best_valid/recall@50"] >= m["best_valid/recall@50"] - 0.02
+
+    # and at another number of workers, 2 -> 1 -> 2: each worker reads its row range out of the saved row blocks
+    for resumes, (workers, steps) in enumerate(((1, 450), (2, 500)), start=2):
+        cfg.train.num_workers, cfg.train.max_steps = workers, steps
+        moved = train(cfg, data_path=str(data.path)).metrics
+        assert moved["world_size"] == workers and moved["step"] == steps and moved["resumes"] == resumes
+        assert moved["best_valid/recall@50"] >= m["best_valid/recall@50"] - 0.02
 
 
 @pytest.mark.e2e
@@ -205,3 +212,25 @@ def test_index_built_from_row_blocks_equals_the_whole_table_build(spec):
     np.testing.assert_array_equal(whole.search(q, 30)[0], blocks.search(q, 30)[0])
     with pytest.raises(ValueError, match="hold 1999 items"):
         ItemIndex.from_blocks(lambda: iter([table[1:2000]]), 2000, 16, RetrievalConfig(index="Flat"))
+
+
+@pytest.mark.parametrize("saved_world, loaded_world", [(2, 1), (1, 2)])
+def test_a_sharded_checkpoint_loads_at_another_number_of_workers(tmp_path, saved_world, loaded_world):
+    """The table, its row-wise optimizer state and the best snapshot are saved as row blocks with their global
+    offsets; a worker of another world size reads its own row range out of whichever blocks overlap it."""
+    n_items = 23
+    mp.spawn(sharded_worker.reshard_save, args=(saved_world, _port(), n_items, str(tmp_path)), nprocs=saved_world)
+    mp.spawn(sharded_worker.reshard_load, args=(loaded_world, _port(), n_items, str(tmp_path)), nprocs=loaded_world)
+
+    def whole(prefix, world):
+        parts = sorted((torch.load(tmp_path / f"{prefix}.{r}.pt") for r in range(world)), key=lambda s: s["offset"])
+        return (torch.cat([p["rows"] for p in parts]),
+                {k: torch.cat([p["optimizer"][k] for p in parts]) for k in parts[0]["optimizer"]}, parts)
+
+    saved_rows, saved_opt, _ = whole("saved", saved_world)
+    loaded_rows, loaded_opt, parts = whole("loaded", loaded_world)
+    assert saved_rows.shape == (n_items + 1, 8) and torch.equal(loaded_rows, saved_rows)
+    assert saved_opt and all(torch.equal(loaded_opt[k], saved_opt[k]) for k in saved_opt)
+    assert any(v.abs().sum() > 0 for v in saved_opt.values())  # the step left optimizer state to carry over
+    best = torch.cat([p["best_rows"] for p in parts])
+    assert torch.equal(best, saved_rows)

@@ -274,8 +274,8 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
         rows, offset = self.model.local_rows()
         if offset != snap["offset"] or rows.shape != snap["rows"].shape:
             raise RuntimeError(f"table shard mismatch: this worker holds rows {offset}+{tuple(rows.shape)}, the "
-                               f"snapshot {snap['offset']}+{tuple(snap['rows'].shape)} (resume with the same "
-                               f"train.num_workers)")
+                               f"snapshot {snap['offset']}+{tuple(snap['rows'].shape)} (a snapshot of another "
+                               f"worker layout)")
         with torch.no_grad():
             rows.copy_(snap["rows"])
         self.model.backbone.load_state_dict(snap["dense"])
@@ -302,14 +302,40 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
                 torch.save({"head": self.head.state_dict(), "optimizer": self.head_optimizer.state_dict()},
                            folder / HEAD_FILE)
 
+    def _read_row_blocks(self, folder: Path, prefix: str, optimizer: bool) -> Optional[dict]:
+        """This worker's rows (and their optimizer state) out of a checkpoint's row blocks, whatever number of
+        workers wrote them: each block holds its global offset, and the blocks that overlap this worker's range are
+        read one at a time, memory-mapped, so no worker ever holds the whole table. None: no blocks there."""
+        paths = shard_files(folder, prefix)
+        if not paths:
+            return None
+        rows, offset = self.model.local_rows()
+        n = rows.shape[0]
+        out = {"rows": torch.empty_like(rows), "offset": offset}
+        states = {k: torch.empty_like(v) for k, v in self._optimizer_states().items()} if optimizer else {}
+        covered = 0
+        for path in paths:
+            saved = torch.load(path, map_location="cpu", mmap=True)
+            lo = int(saved["offset"])
+            a, z = max(lo, offset), min(lo + saved["rows"].shape[0], offset + n)
+            if a >= z:
+                continue
+            out["rows"][a - offset:z - offset].copy_(saved["rows"][a - lo:z - lo])
+            for key, value in states.items():
+                value[a - offset:z - offset].copy_(saved["optimizer"][key][a - lo:z - lo])
+            covered += z - a
+        if covered != n:
+            raise RuntimeError(f"{folder}: the {prefix} blocks ({[p.name for p in paths]}) cover {covered} of the "
+                               f"{n} rows from {offset} that worker {self.rank} of {self.world} holds")
+        out["optimizer"] = states
+        return out
+
     def load(self, folder: Path) -> None:
+        """Resume from a checkpoint written by any number of workers (the table is re-cut to this world size)."""
         folder = Path(folder)
-        path = folder / shard_file(TABLE_PREFIX, self.rank, self.world)
-        if not path.is_file():
-            found = [p.name for p in shard_files(folder, TABLE_PREFIX)]
-            raise FileNotFoundError(f"{path}: no table shard for worker {self.rank} of {self.world} in the "
-                                    f"checkpoint (it holds {found or 'none'}; resume with the same num_workers)")
-        saved = torch.load(path, map_location="cpu")
+        saved = self._read_row_blocks(folder, TABLE_PREFIX, optimizer=True)
+        if saved is None:
+            raise FileNotFoundError(f"{folder}: no item-table blocks ({TABLE_PREFIX}.*) in the checkpoint")
         self.restore({"rows": saved["rows"], "offset": saved["offset"],
                       "dense": torch.load(folder / "model.pt", map_location="cpu")})
         live = self._optimizer_states()
@@ -332,10 +358,9 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
 
     def load_best(self, folder: Path) -> Optional[dict]:
         folder = Path(folder)
-        path = folder / shard_file(BEST_TABLE_PREFIX, self.rank, self.world)
-        if not path.is_file():
+        saved = self._read_row_blocks(folder, BEST_TABLE_PREFIX, optimizer=False)
+        if saved is None:
             return None
-        saved = torch.load(path, map_location="cpu")
         return {"rows": saved["rows"], "offset": saved["offset"],
                 "dense": torch.load(folder / "best_model.pt", map_location="cpu")}
 
