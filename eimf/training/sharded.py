@@ -19,8 +19,9 @@ table's gradient is the average over workers, as DDP's is: the step computes the
 
 Evaluation is collective: every worker computes the same users' interests (the lookups are collective), searches
 its own rows with faiss (:class:`ShardedItemIndex`), and the per-shard top lists are merged, which equals a
-search over the whole table for an exact index. Checkpoints and the best model are one file per worker
-(``table.<rank>-of-<W>.pt``) beside the dense weights, so a resume needs the same number of workers.
+search over the whole table for an exact index. Checkpoints and the best model are one row block per worker
+(``table.<rank>-of-<W>.pt``: its rows, their optimizer state and their global offset) beside the dense weights; a
+resume at any number of workers reads each worker's row range out of the blocks that overlap it.
 """
 from __future__ import annotations
 
