@@ -358,13 +358,28 @@ class LocalCluster:
         if r.returncode != 0:
             raise RuntimeError(f"mlflow_server.sh {action} on the head failed: {r.stderr[-2000:]}")
 
-    def set_link(self, name: str, netem: Optional[str]) -> None:
-        """``tc netem`` on both ends of a host's link (e.g. ``"delay 20ms loss 1%"``), or None to clear it."""
+    def set_link(self, name: str, rate: Optional[str] = None, loss_pct: float = 0.0) -> None:
+        """A worse link for a host: ``rate`` (``tc tbf``, e.g. ``"20mbit"``) on both ends, and ``loss_pct`` of its
+        packets dropped each way (nftables in the host's namespace). No arguments: a clean link again. (``tc
+        netem``, for delay, is not in every kernel: not in the one these tests were written on.)"""
         host = self.state.hosts[name]
         for ns, dev in ((self.state.bridge_ns, host.link), (host.netns, "eth0")):
             _run("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
-            if netem:
-                _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "netem", *netem.split())
+            if rate:
+                _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "64kbit",
+                     "latency", "100ms")
+        nft = ["ip", "netns", "exec", host.netns, "nft"]
+        _run(*nft, "delete", "table", "inet", "eimf_faults", check=False)
+        if loss_pct:
+            if not shutil.which("nft"):
+                raise RuntimeError("set_link(loss_pct=...) needs nftables: apt-get install nftables")
+            per_10k = str(int(round(loss_pct * 100)))
+            _run(*nft, "add", "table", "inet", "eimf_faults")
+            for hook in ("input", "output"):
+                _run(*nft, "add", "chain", "inet", "eimf_faults", hook,
+                     f"{{ type filter hook {hook} priority 0; }}")
+                _run(*nft, "add", "rule", "inet", "eimf_faults", hook, "iifname" if hook == "input" else "oifname",
+                     "eth0", "numgen", "random", "mod", "10000", "<", per_10k, "drop")
 
     def down(self) -> None:
         """End every process of every host, remove the namespaces and the state folder."""
