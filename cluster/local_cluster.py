@@ -395,8 +395,7 @@ def _prebuild_deepspeed_ops() -> None:
     """DeepSpeed JIT-compiles its CPU op into TORCH_EXTENSIONS_DIR on first use. The hosts share the venv
     read-only, as nodes share an image, so the op is built into the image here once (a no-op when it exists) and
     each host copies it onto its own disk."""
-    code = ("import deepspeed.ops.op_builder as b\n"
-            "from deepspeed.accelerator import get_accelerator\n"
+    code = ("from deepspeed.accelerator import get_accelerator\n"
             "get_accelerator().create_op_builder('ShareMemCommBuilder').load()\n")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(REPO / ".venv" / "torch_extensions"), "DS_ACCELERATOR": "cpu"}
     subprocess.run([str(VENV_BIN / "python"), "-c", code], env=env, capture_output=True, timeout=600)
@@ -440,7 +439,8 @@ def _init_script(cluster: LocalCluster, host: Host) -> str:
         f"hostname eimf-{host.name}",
         # The node image's prebuilt DeepSpeed op, onto the host's disk: torch takes a lock in that folder even to
         # load a built op, and the image is read-only (timestamps kept, so nothing is rebuilt).
-        f"mkdir -p $HOME/.cache && cp -a {q(str(REPO / '.venv' / 'torch_extensions'))} $TORCH_EXTENSIONS_DIR",
+        f"mkdir -p $HOME/.cache && {{ [ ! -d {q(str(REPO / '.venv' / 'torch_extensions'))} ] || "
+        f"cp -a {q(str(REPO / '.venv' / 'torch_extensions'))} $TORCH_EXTENSIONS_DIR; }}",
         'LOGS=$HOME/../logs',
         'echo "host $(hostname) $EIMF_HOST_IP up"',
     ]
