@@ -303,14 +303,18 @@ def _wait_job(cluster, sid: str, timeout: float) -> tuple:
     return status, logs
 
 
-def _wait_for_checkpoint(cluster, run: str, timeout: float = 900) -> None:
+#: Ray Train writes this once a checkpoint is registered (its upload complete): the one a resume loads.
+REGISTERED = "checkpoint_manager_snapshot.json"
+
+
+def _wait_for_checkpoint(cluster, folder: str, timeout: float = 900) -> None:
+    """Until a registered checkpoint is on S3 below ``folder`` (a checkpoint folder alone may be mid-upload)."""
     cluster.python_on_client(f"""
 import time
 from eimf import fs
 deadline = time.time() + {timeout}
-while not any(f.startswith("checkpoint_") for f in (fs.list_files({BUCKET + '/runs/' + run!r})
-                                                    if fs.exists({BUCKET + '/runs/' + run!r}) else [])):
-    assert time.time() < deadline, "no checkpoint"
+while not any(f.endswith({REGISTERED!r}) for f in (fs.list_files({folder!r}) if fs.exists({folder!r}) else [])):
+    assert time.time() < deadline, "no registered checkpoint"
     time.sleep(1)
 """, timeout=timeout + 60)
 
@@ -333,7 +337,7 @@ def test_a_worker_host_lost_mid_training_is_replaced_and_training_resumes_from_s
     checkpoint it resumed from."""
     run = os.environ.get("EIMF_TEST_RUN_PREFIX", "") + "fault-host"
     sid = _start_job(cluster, "jobs/train.py", [*FAULT_TRAIN, f"train.run_name={run}"])
-    _wait_for_checkpoint(cluster, run)
+    _wait_for_checkpoint(cluster, f"{BUCKET}/runs/{run}")
     t_kill = time.time()
     cluster.kill_host("w2")
     time.sleep(30)
@@ -360,7 +364,7 @@ def test_the_mlflow_server_down_for_60_s_neither_stops_training_nor_loses_its_me
     (no restart), and every step logged meanwhile reaches the server once it is back, none dropped."""
     run = os.environ.get("EIMF_TEST_RUN_PREFIX", "") + "fault-mlflow"
     sid = _start_job(cluster, "jobs/train.py", [*FAULT_TRAIN, f"train.run_name={run}"])
-    _wait_for_checkpoint(cluster, run)
+    _wait_for_checkpoint(cluster, f"{BUCKET}/runs/{run}")
     cluster.mlflow_server("--stop")
     time.sleep(60)
     assert _job_status(cluster, sid) == "RUNNING"
@@ -384,15 +388,7 @@ def test_the_driver_killed_and_the_same_job_submitted_again_skips_finished_stage
             "semantic.budget=5", "train.max_steps=300", "train.eval_every=40", "tracking.log_model=false"]
     sid = _start_job(cluster, "jobs/pipeline.py", args)
     root = f"{BUCKET}/pipelines/{run}"
-    cluster.python_on_client(f"""
-import time
-from eimf import fs
-deadline = time.time() + 1200
-while not (fs.exists({root + '/train/manifest.json'!r})
-           and any("/checkpoint_" in f for f in fs.list_files({root + '/train'!r}))):
-    assert time.time() < deadline, "no EIMF checkpoint"
-    time.sleep(1)
-""", timeout=1300)
+    _wait_for_checkpoint(cluster, f"{root}/train", timeout=1200)
     # inside the head's own PID namespace, a kill by name touches that host only
     killed = cluster.exec_host("head", ["pkill", "-9", "-f", "jobs/pipeline.py"])
     assert killed.returncode == 0
@@ -441,7 +437,7 @@ def test_a_worker_host_lost_with_none_to_replace_it_fails_in_bounded_time_naming
     run = os.environ.get("EIMF_TEST_RUN_PREFIX", "") + "fault-none"
     victim = cluster.workers[-1]
     sid = _start_job(cluster, "jobs/train.py", [*FAULT_TRAIN, f"train.run_name={run}", "train.restart_timeout_s=60"])
-    _wait_for_checkpoint(cluster, run)
+    _wait_for_checkpoint(cluster, f"{BUCKET}/runs/{run}")
     t_kill = time.time()
     cluster.kill_host(victim)
     status, logs = _wait_job(cluster, sid, timeout=900)
