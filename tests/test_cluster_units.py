@@ -19,10 +19,15 @@ def test_restart_attempts_spend_about_the_timeout(monkeypatch):
 def test_placement_tags_and_per_step_bytes():
     workers = [WorkerPlacement(0, "eimf-w2", "10.0.0.12", 2_000, 4_000, 100),
                WorkerPlacement(1, "eimf-w1", "10.0.0.11", 1_000, 1_000, 0)]
-    assert placement_tags(workers) == {"worker.0.host": "eimf-w2 (10.0.0.12)", "worker.1.host": "eimf-w1 (10.0.0.11)"}
+    tags = placement_tags(workers)
+    assert tags["worker.0.host"] == "eimf-w2 (10.0.0.12)" and tags["worker.1.host"] == "eimf-w1 (10.0.0.11)"
+    assert tags["worker.0.link"] == "rx 20 B/step, tx 40 B/step"
+    assert tags["worker.1.link"] == "rx 1000 B/step, tx 1000 B/step"  # no step taken: per one step, not a 0 division
     m = placement_metrics(workers)
-    assert m["hosts"] == 2 and m["net/worker0_rx_bytes_per_step"] == 20 and m["net/worker0_tx_bytes_per_step"] == 40
-    assert m["net/worker1_rx_bytes_per_step"] == 1_000  # no step taken: per one step, not a division by zero
+    assert m == {"hosts": 2.0, "net/rx_bytes_per_step_mean": 510.0, "net/rx_bytes_per_step_max": 1000.0,
+                 "net/tx_bytes_per_step_mean": 520.0, "net/tx_bytes_per_step_max": 1000.0}
+    # the same metric names at any number of workers: runs of different sizes line up in the MLflow UI
+    assert set(placement_metrics(workers[:1])) == set(m)
 
 
 def test_link_bytes_count_this_hosts_interfaces_without_loopback():

@@ -40,18 +40,24 @@ class WorkerPlacement:
 
 
 def placement_tags(workers: List[WorkerPlacement]) -> Dict[str, str]:
-    """MLflow tags: ``worker.<rank>.host`` = ``hostname (ip)``."""
-    return {f"worker.{w.rank}.host": f"{w.host} ({w.ip})" for w in workers}
+    """MLflow tags, one per worker: ``worker.<rank>.host`` = ``hostname (ip)`` and ``worker.<rank>.link`` = its
+    bytes per step received and sent (tags, since metric names must not depend on the number of workers)."""
+    tags = {}
+    for w in workers:
+        steps = max(w.steps, 1)
+        tags[f"worker.{w.rank}.host"] = f"{w.host} ({w.ip})"
+        tags[f"worker.{w.rank}.link"] = f"rx {w.rx_bytes / steps:.0f} B/step, tx {w.tx_bytes / steps:.0f} B/step"
+    return tags
 
 
 def placement_metrics(workers: List[WorkerPlacement]) -> Dict[str, float]:
-    """MLflow metrics: each worker's link bytes per training step, received and sent, and the hosts used."""
-    out: Dict[str, float] = {"hosts": float(len({w.ip for w in workers}))}
-    for w in workers:
-        steps = max(w.steps, 1)
-        out[f"net/worker{w.rank}_rx_bytes_per_step"] = w.rx_bytes / steps
-        out[f"net/worker{w.rank}_tx_bytes_per_step"] = w.tx_bytes / steps
-    return out
+    """MLflow metrics, the same names at any number of workers: the hosts used, and the bytes per training step
+    that crossed a worker's links, received and sent, the mean and the busiest worker's."""
+    rx = [w.rx_bytes / max(w.steps, 1) for w in workers]
+    tx = [w.tx_bytes / max(w.steps, 1) for w in workers]
+    return {"hosts": float(len({w.ip for w in workers})),
+            "net/rx_bytes_per_step_mean": sum(rx) / len(rx), "net/rx_bytes_per_step_max": max(rx),
+            "net/tx_bytes_per_step_mean": sum(tx) / len(tx), "net/tx_bytes_per_step_max": max(tx)}
 
 
 def as_dicts(workers: List[WorkerPlacement]) -> List[dict]:
