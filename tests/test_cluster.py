@@ -227,7 +227,7 @@ def _check_pipeline(cluster, run: str, status: str, logs: str) -> tuple:
     for rank in (0, 1):
         assert re.fullmatch(r"rx [1-9]\d* B/step, tx [1-9]\d* B/step", train["tags"][f"worker.{rank}.link"])
     assert train["metrics"]["net/rx_bytes_per_step_max"] > 0 and train["metrics"]["net/tx_bytes_per_step_max"] > 0
-    assert train["metrics"]["step"] == 100 and train["metrics"]["hosts"] == 2
+    assert train["metrics"]["step"] == float(train["params"]["train.max_steps"]) and train["metrics"]["hosts"] == 2
     print(f"{run}: stage seconds " + ", ".join(f"{s} {m['wall_seconds']:.0f}" for s, m in manifests.items()))
     print(f"{run}: link bytes per step: worker 0 {train['tags']['worker.0.link']}, "
           f"worker 1 {train['tags']['worker.1.link']}")
@@ -419,8 +419,10 @@ def test_s3_slow_and_failing_and_a_lossy_link_the_pipeline_completes_through_ret
     cluster.set_s3_faults(slowdown=0.05, reset=0.01)
     cluster.set_link("w1", rate="20mbit", loss_pct=1.0)
     try:
+        # fewer steps than the other pipelines: every stage still reads and writes S3, in less CI time
         status, logs = _submit(cluster, [*PIPELINE, f"pipeline.run_name={run}", "train.strategy=sharded",
-                                         "semantic.annotator=metadata", "semantic.budget=5"])
+                                         "semantic.annotator=metadata", "semantic.budget=5",
+                                         "pipeline.warmup_steps=40", "train.max_steps=40", "train.eval_every=20"])
     finally:
         cluster.set_s3_faults(0.0, 0.0)
         cluster.set_link("w1")
