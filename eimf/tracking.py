@@ -196,6 +196,21 @@ class MetricSender:
                 return
             self._pending.popleft()
             self.counts["dropped" if dropped else "sent"] += 1
+            self._wake.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until every batch logged so far is sent (or dropped); True if it was. Before a
+        checkpoint: a run killed after it resumes past those steps, so their metrics must be out by then."""
+        if not self._thread:
+            return True
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(left)
+        return True
 
     def close(self, timeout: Optional[float] = None) -> Dict[str, int]:
         """Send what is left (waiting at most ``timeout`` s); batches still unsent then count as dropped."""

@@ -82,3 +82,28 @@ def test_a_full_queue_drops_its_oldest_batch_and_counts_it(free_port):
         sender.log({"loss": 1.0}, step=step)
     counts = sender.close(timeout=30)
     assert counts["sent"] == 0 and counts["dropped"] == 50
+
+
+@pytest.mark.timeout(120)
+def test_flush_waits_for_what_was_logged_and_gives_up_at_its_timeout(tmp_path, free_port):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start(tmp_path, port)
+    try:
+        cfg = Config()
+        cfg.tracking.tracking_uri, cfg.tracking.experiment = uri, "flush"
+        run_id = tracking.start_run(cfg, "flush-run")
+        sender = tracking.MetricSender(uri, run_id)
+        for step in range(20):
+            sender.log({"loss": 1.0}, step=step)
+        assert sender.flush(timeout=30)  # everything logged is on the server when flush returns
+        assert len(tracking.client(uri).get_metric_history(run_id, "loss")) == 20
+        _stop(server)
+        sender.log({"loss": 2.0}, step=20)
+        t0 = time.perf_counter()
+        assert not sender.flush(timeout=1.0)  # the server is away: flush gives up, the batch stays queued
+        assert time.perf_counter() - t0 < 5
+        assert sender.close(timeout=0.1)["dropped"] == 1
+    finally:
+        if server.poll() is None:
+            _stop(server)

@@ -163,6 +163,8 @@ def _cut_dataset(data_path: str, cfg: Config):
 
 #: How long the end of training waits for metrics held back by a tracking-server outage.
 METRICS_DRAIN_S = 300.0
+#: How long a checkpoint waits for the metrics logged before it (a reachable server takes milliseconds).
+METRICS_BEFORE_CHECKPOINT_S = 10.0
 
 
 def _train_worker(loop_config: dict) -> None:
@@ -253,6 +255,9 @@ def _train_worker(loop_config: dict) -> None:
         metrics_out.log(metrics, step=loop_state.step)
         if not is_eval:
             return
+        # a resume starts after this checkpoint: what was logged up to it must reach the server first, unless the
+        # server is away (then training goes on and the batches follow when it returns)
+        metrics_out.flush(timeout=METRICS_BEFORE_CHECKPOINT_S)
         with tempfile.TemporaryDirectory() as tmp:
             save_training_state(Path(tmp), step_runner, loop_state, trainer.best_state, is_chief,
                                 trainer.best_head_state)
