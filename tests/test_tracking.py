@@ -32,6 +32,12 @@ def _start(root, port):
     raise AssertionError("mlflow server did not start")
 
 
+def _new_run(uri: str, experiment: str) -> str:
+    cfg = Config()
+    cfg.tracking.tracking_uri, cfg.tracking.experiment = uri, experiment
+    return tracking.start_run(cfg, f"{experiment}-run")
+
+
 def _stop(proc):
     import os
 
@@ -45,9 +51,7 @@ def test_metrics_logged_while_the_server_is_down_arrive_when_it_returns(tmp_path
     uri = f"http://127.0.0.1:{port}"
     server = _start(tmp_path, port)
     try:
-        cfg = Config()
-        cfg.tracking.tracking_uri, cfg.tracking.experiment = uri, "outage"
-        run_id = tracking.start_run(cfg, "outage-run")
+        run_id = _new_run(uri, "outage")
         sender = tracking.MetricSender(uri, run_id, give_up_s=120)
         for step in range(5):
             sender.log({"loss": 1.0 / (step + 1)}, step=step)
@@ -90,9 +94,7 @@ def test_flush_waits_for_what_was_logged_and_gives_up_at_its_timeout(tmp_path, f
     uri = f"http://127.0.0.1:{port}"
     server = _start(tmp_path, port)
     try:
-        cfg = Config()
-        cfg.tracking.tracking_uri, cfg.tracking.experiment = uri, "flush"
-        run_id = tracking.start_run(cfg, "flush-run")
+        run_id = _new_run(uri, "flush")
         sender = tracking.MetricSender(uri, run_id)
         for step in range(20):
             sender.log({"loss": 1.0}, step=step)
