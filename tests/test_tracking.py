@@ -3,6 +3,7 @@ the caller, every batch held during the outage arrives once the server returns (
 what cannot arrive within the give-up bound is counted as dropped."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -38,36 +39,46 @@ def _new_run(uri: str, experiment: str) -> str:
     return tracking.start_run(cfg, f"{experiment}-run")
 
 
-def _stop(proc):
-    import os
+class _Server:
+    """A real `mlflow server` on one port that a test can stop (SIGKILL) and start again on the same store."""
 
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    def __init__(self, root, port):
+        self.root, self.port, self.uri = root, port, f"http://127.0.0.1:{port}"
+        self.proc = _start(root, port)
+
+    def stop(self):
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def restart(self):
+        self.proc = _start(self.root, self.port)
+
+
+@pytest.fixture
+def server(tmp_path, free_port):
+    srv = _Server(tmp_path, free_port())
+    yield srv
+    if srv.proc.poll() is None:
+        srv.stop()
 
 
 @pytest.mark.timeout(300)
-def test_metrics_logged_while_the_server_is_down_arrive_when_it_returns(tmp_path, free_port):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _start(tmp_path, port)
-    try:
-        run_id = _new_run(uri, "outage")
-        sender = tracking.MetricSender(uri, run_id, give_up_s=120)
-        for step in range(5):
-            sender.log({"loss": 1.0 / (step + 1)}, step=step)
-        _stop(server)
-        t0 = time.perf_counter()
-        for step in range(5, 15):  # the server is gone: each call must return at once
-            sender.log({"loss": 1.0 / (step + 1)}, step=step)
-        assert time.perf_counter() - t0 < 5  # a blocking client would wait out MLflow's retries (minutes)
-        time.sleep(3)
-        server = _start(tmp_path, port)
-        counts = sender.close(timeout=120)
-        assert counts["dropped"] == 0 and counts["sent"] == 15 and counts["retries"] > 0
-        history = tracking.client(uri).get_metric_history(run_id, "loss")
-        assert sorted(m.step for m in history) == list(range(15))  # every step once
-    finally:
-        _stop(server)
+def test_metrics_logged_while_the_server_is_down_arrive_when_it_returns(server):
+    run_id = _new_run(server.uri, "outage")
+    sender = tracking.MetricSender(server.uri, run_id, give_up_s=120)
+    for step in range(5):
+        sender.log({"loss": 1.0 / (step + 1)}, step=step)
+    server.stop()
+    t0 = time.perf_counter()
+    for step in range(5, 15):  # the server is gone: each call must return at once
+        sender.log({"loss": 1.0 / (step + 1)}, step=step)
+    assert time.perf_counter() - t0 < 5  # a blocking client would wait out MLflow's retries (minutes)
+    time.sleep(3)
+    server.restart()
+    counts = sender.close(timeout=120)
+    assert counts["dropped"] == 0 and counts["sent"] == 15 and counts["retries"] > 0
+    history = tracking.client(server.uri).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(15))  # every step once
 
 
 @pytest.mark.timeout(120)
@@ -89,23 +100,16 @@ def test_a_full_queue_drops_its_oldest_batch_and_counts_it(free_port):
 
 
 @pytest.mark.timeout(120)
-def test_flush_waits_for_what_was_logged_and_gives_up_at_its_timeout(tmp_path, free_port):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _start(tmp_path, port)
-    try:
-        run_id = _new_run(uri, "flush")
-        sender = tracking.MetricSender(uri, run_id)
-        for step in range(20):
-            sender.log({"loss": 1.0}, step=step)
-        assert sender.flush(timeout=30)  # everything logged is on the server when flush returns
-        assert len(tracking.client(uri).get_metric_history(run_id, "loss")) == 20
-        _stop(server)
-        sender.log({"loss": 2.0}, step=20)
-        t0 = time.perf_counter()
-        assert not sender.flush(timeout=1.0)  # the server is away: flush gives up, the batch stays queued
-        assert time.perf_counter() - t0 < 5
-        assert sender.close(timeout=0.1)["dropped"] == 1
-    finally:
-        if server.poll() is None:
-            _stop(server)
+def test_flush_waits_for_what_was_logged_and_gives_up_at_its_timeout(server):
+    run_id = _new_run(server.uri, "flush")
+    sender = tracking.MetricSender(server.uri, run_id)
+    for step in range(20):
+        sender.log({"loss": 1.0}, step=step)
+    assert sender.flush(timeout=30)  # everything logged is on the server when flush returns
+    assert len(tracking.client(server.uri).get_metric_history(run_id, "loss")) == 20
+    server.stop()
+    sender.log({"loss": 2.0}, step=20)
+    t0 = time.perf_counter()
+    assert not sender.flush(timeout=1.0)  # the server is away: flush gives up, the batch stays queued
+    assert time.perf_counter() - t0 < 5
+    assert sender.close(timeout=0.1)["dropped"] == 1
