@@ -152,6 +152,11 @@ class LocalCluster:
     def workers(self) -> List[str]:
         return [n for n in self.state.hosts if n != "head"]
 
+    @property
+    def live_workers(self) -> List[str]:
+        """Worker hosts that are running (a killed host keeps its entry, disk and namespace)."""
+        return [n for n, h in self.state.hosts.items() if n != "head" and h.pid is not None]
+
     def disk(self, host: str) -> Path:
         """A host's private disk, seen from outside the hosts: ``tmp/``, ``home/``, ``eimf/``."""
         return self.dir / "hosts" / host
