@@ -26,7 +26,7 @@ import numpy as np
 def overlap(annotations: str, data_path: str, encoder: str, folds: int = 5, ridge: float = 1.0,
             seed: int = 0) -> dict:
     from eimf.models.text_init import item_text_embeddings
-    from eimf.semantic.annotate import STATUS_OK, read_annotations
+    from eimf.formats.annotations import STATUS_OK, read_annotations
 
     ann = read_annotations(annotations)
     ok = ann[(ann["status"] == STATUS_OK) & ann["evidence_items"].map(lambda x: x is not None and len(x) > 0)]

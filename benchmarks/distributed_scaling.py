@@ -3,7 +3,7 @@ memory each configuration spends per catalogue item.
 
     python benchmarks/distributed_scaling.py --dataset ml-1m --steps 300 --output docs/benchmarks/distributed.md
 
-Part 1 trains the real model on the real dataset through ``eimf.training.runner.train`` (the same code path as
+Part 1 trains the real model on the real dataset through ``eimf.steps.train.train`` (the same code path as
 ``eimf train``) and reads examples/s, input share and peak RSS of the chief worker from its final report.
 Part 2 measures bytes per item: each configuration builds the model for two synthetic catalogue sizes, runs a
 few steps (so gradients and Adam states exist), and records every rank's resident memory growth; the
@@ -30,7 +30,7 @@ CONFIGS = [  # (label, workers, strategy, zero stage)
 def throughput(args) -> list:
     from eimf.config import load_config
     from eimf.data.preprocess import prepare
-    from eimf.training.runner import train
+    from eimf.steps.train import train
 
     base = load_config(None, [f"data.dataset={args.dataset}"])
     data_path = str(prepare(base.data).path)
@@ -38,8 +38,8 @@ def throughput(args) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         for label, workers, strategy, stage in CONFIGS:
             cfg = load_config(None, [
-                f"data.dataset={args.dataset}", f"train.num_workers={workers}", f"train.strategy={strategy}",
-                f"train.zero_stage={stage}", f"train.max_steps={args.steps}", "train.eval_every=1000000",
+                f"data.dataset={args.dataset}", f"train.scaling.num_workers={workers}", f"train.strategy={strategy}",
+                f"train.deepspeed.zero_stage={stage}", f"train.max_steps={args.steps}", "train.eval_every=1000000",
                 f"train.log_every={args.steps}", f"train.storage_path={tmp}", "tracking.enabled=false",
                 f"train.run_name=bench-{workers}-{strategy}-{stage}", f"train.batch_size={args.batch_size}",
             ])
@@ -63,7 +63,7 @@ def _probe(loop_config: dict) -> None:
     import ray.train
     import torch
 
-    from eimf.training.runner import build_components, config_from_dict, peak_rss_mb, per_worker_batch
+    from eimf.training.components import build_components, config_from_dict, peak_rss_mb, per_worker_batch
 
     torch.set_num_threads(1)
     cfg = config_from_dict(loop_config["config"])
@@ -75,7 +75,7 @@ def _probe(loop_config: dict) -> None:
     if loop_config["strategy"] == "deepspeed":
         from eimf.training.deepspeed_step import DeepSpeedStepRunner, deepspeed_config
 
-        runner = DeepSpeedStepRunner(model, runner.optimizer, deepspeed_config(micro, cfg.train.zero_stage, "fp32"))
+        runner = DeepSpeedStepRunner(model, runner.optimizer, deepspeed_config(micro, cfg.train.deepspeed.zero_stage, "fp32"))
     rng = np.random.default_rng(rank)
     for _ in range(3):
         hist = torch.as_tensor(rng.integers(1, n_items + 1, (micro, cfg.model.maxlen)))
@@ -106,7 +106,7 @@ def bytes_per_item(args) -> list:
             for n_items in args.catalogue_sizes:
                 out = Path(tmp, f"{workers}-{strategy}-{stage}-{n_items}")
                 out.mkdir()
-                cfg = load_config(None, [f"train.num_workers={workers}", f"train.zero_stage={stage}",
+                cfg = load_config(None, [f"train.scaling.num_workers={workers}", f"train.deepspeed.zero_stage={stage}",
                                          f"train.batch_size={args.batch_size}"])
                 TorchTrainer(
                     _probe,

@@ -22,7 +22,7 @@ from eimf.config import load_config
 from eimf.data.preprocess import load_prepared, prepare
 from eimf.data.sampling import TrainSampler, eval_batches
 from eimf.training.loop import seed_everything
-from eimf.training.runner import build_components
+from eimf.training.components import build_components
 
 
 def train_step_cost(cfg, data, annotations, steps: int, warmup: int) -> dict:

@@ -28,7 +28,7 @@ def sharded(rank, world, n, q):
     if rank == 0: q.put(("sharded-2w", n, dt * 1000, 2 * 128 / dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 def dense(n):
     torch.set_num_threads(2)
-    from eimf.training.runner import build_components
+    from eimf.training.components import build_components
     c = cfg_(); model, loss, r, _ = build_components(c, n, 128); g = torch.Generator().manual_seed(0)
     for i in range(15):
         if i == 5: t = time.perf_counter()

@@ -19,7 +19,7 @@ from eimf.config import load_config
 from eimf.data.preprocess import load_prepared, prepare
 from eimf.data.sampling import TrainSampler
 from eimf.training.loop import Trainer, seed_everything
-from eimf.training.runner import build_components, peak_rss_mb
+from eimf.training.components import build_components, peak_rss_mb
 
 
 def bench(cfg, data, steps: int, warmup: int) -> dict:

@@ -49,7 +49,7 @@ def test_read_by_the_normal_ingestion_and_learnable(tmp_path):
     from eimf.data.sampling import TrainSampler
     from eimf.evaluation import most_popular
     from eimf.training.loop import Trainer, seed_everything
-    from eimf.training.runner import build_components
+    from eimf.training.components import build_components
 
     synthesize(str(tmp_path / "synth"), users=1500, items=2000, interactions=45000, seed=3, clusters=50)
     cfg = load_config(None, custom_overrides(str(tmp_path / "synth")) + [

@@ -24,7 +24,7 @@ def gloo_group(free_port):
 def _runner(stage: int, precision: str, n_items: int = 50):
     from eimf.training.deepspeed_step import DeepSpeedStepRunner, deepspeed_config
     from eimf.training.loop import seed_everything
-    from eimf.training.runner import build_components
+    from eimf.training.components import build_components
 
     cfg = load_config(None, ["model.dim=16", "model.maxlen=8", "train.batch_size=8", "negatives.num_negatives=10",
                              "train.lr=0.01"])

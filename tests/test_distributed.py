@@ -43,13 +43,13 @@ def _rest(url, path, **params):
 
 def test_zero2_two_workers_matches_one_worker_logged_to_mlflow_server(prepared, tmp_path, ray_session,
                                                                       mlflow_server, monkeypatch):
-    from eimf.training.runner import train
+    from eimf.steps.train import train
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     common = ["train.max_steps=300", f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=dist-test"]
     one = train(_cfg(prepared, tmp_path, *common, "train.run_name=w1"), data_path=str(prepared.path)).metrics
-    two = train(_cfg(prepared, tmp_path, *common, "train.run_name=w2z2", "train.num_workers=2",
-                     "train.zero_stage=2"), data_path=str(prepared.path)).metrics
+    two = train(_cfg(prepared, tmp_path, *common, "train.run_name=w2z2", "train.scaling.num_workers=2",
+                     "train.deepspeed.zero_stage=2"), data_path=str(prepared.path)).metrics
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert one["step"] == two["step"] == 300
     # Same global batch (128 = 2 x 64), same number of steps: the same model quality within seed noise
@@ -65,7 +65,7 @@ def test_zero2_two_workers_matches_one_worker_logged_to_mlflow_server(prepared, 
     assert set(by_name) == {"w1", "w2z2"}
     run = by_name["w2z2"]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params["train.num_workers"] == "2" and params["train.zero_stage"] == "2"
+    assert params["train.scaling.num_workers"] == "2" and params["train.deepspeed.zero_stage"] == "2"
     assert params["model.backbone"] == "comirec_sa"
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["dataset_fingerprint"] == prepared.manifest["fingerprint"]
@@ -90,7 +90,7 @@ def test_zero2_two_workers_matches_one_worker_logged_to_mlflow_server(prepared, 
 
 def test_same_run_name_resumes_instead_of_starting_over(prepared, tmp_path, ray_session, monkeypatch):
     from eimf import tracking
-    from eimf.training.runner import train
+    from eimf.steps.train import train
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -120,7 +120,7 @@ def test_eimf_on_two_zero2_workers_trains_and_exports_the_head(prepared, tmp_pat
     from eimf.semantic.annotate import annotate_users
     from eimf.semantic.annotators.metadata import MetadataAnnotator
     from eimf.semantic.encoder import SemanticEncoder
-    from eimf.training.runner import train
+    from eimf.steps.train import train
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     users = np.asarray(prepared.train["user"])[::8]  # ~95 users spread over both workers' shards
@@ -128,7 +128,7 @@ def test_eimf_on_two_zero2_workers_trains_and_exports_the_head(prepared, tmp_pat
     annotate_users(prepared, users, MetadataAnnotator(embed=encoder), None, encoder, K=4, token_budget=512,
                    out_dir=str(tmp_path / "ann"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = _cfg(prepared, tmp_path, "train.num_workers=2", "train.zero_stage=2", "train.max_steps=100",
+    cfg = _cfg(prepared, tmp_path, "train.scaling.num_workers=2", "train.deepspeed.zero_stage=2", "train.max_steps=100",
                "eimf.enabled=true", f"eimf.annotations={tmp_path / 'ann'}", f"tracking.tracking_uri={uri}",
                "train.log_every=20")
     result = train(cfg, data_path=str(prepared.path))
@@ -144,11 +144,11 @@ def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(prepar
                                                                           monkeypatch):
     """SIGKILL one of two DeepSpeed ZeRO-3 workers after the first checkpoint; Ray Train replaces the worker
     group, every rank reloads its parameter shard, and the step counter continues from the checkpoint."""
-    from eimf.training.runner import train
+    from eimf.steps.train import train
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
-    cfg = _cfg(prepared, tmp_path, "train.run_name=killed", "train.max_steps=400", "train.num_workers=2",
-               "train.zero_stage=3", "train.max_failures=2", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db")
+    cfg = _cfg(prepared, tmp_path, "train.run_name=killed", "train.max_steps=400", "train.scaling.num_workers=2",
+               "train.deepspeed.zero_stage=3", "train.failure.max_failures=2", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db")
     thread, killed = kill_a_worker_after_first_checkpoint(tmp_path / "runs" / "killed")
     m = train(cfg, data_path=str(prepared.path)).metrics
     thread.join(timeout=5)

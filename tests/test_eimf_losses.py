@@ -378,7 +378,7 @@ def test_evidence_matching_follows_the_cited_items_not_the_random_head():
 
 
 def test_sampler_carries_each_typical_rows_cited_items():
-    from eimf.semantic.annotate import semantic_evidence
+    from eimf.formats.annotations import semantic_evidence
     import pandas as pd
 
     ann = pd.DataFrame({"user": [7, 7, 9, 9], "interest_idx": [1, 0, 0, -1], "status": ["ok", "ok", "ok", "failed"],
@@ -398,9 +398,9 @@ def test_sampler_carries_each_typical_rows_cited_items():
 
 
 def test_trainer_step_with_evidence_matching_looks_up_the_cited_rows():
-    cfg = load_config(None, ["eimf.matching_space=evidence"])
+    cfg = load_config(None, ["eimf.experimental.matching_space=evidence"])
     model, loss_fn, runner = _tiny_setup()
-    runner.attach_head(EIMFHead.from_config(load_config(None, ["eimf.matching_space=evidence", "model.dim=8",
+    runner.attach_head(EIMFHead.from_config(load_config(None, ["eimf.experimental.matching_space=evidence", "model.dim=8",
                                                                 "eimf.predictor_hidden=4"]), 5))
     batch = _tiny_batch()
     evidence = np.zeros((3, 2, 2), dtype=np.int64)
@@ -486,7 +486,8 @@ def test_fit_reports_aux_metrics_only_with_eimf():
 
 
 def test_head_is_checkpointed_but_not_in_the_best_model(tmp_path):
-    from eimf.training.loop import HEAD_FILE, LoopState, load_best_head, load_training_state, save_training_state
+    from eimf.formats.checkpoints import HEAD as HEAD_FILE
+    from eimf.training.loop import LoopState, load_best_head, load_training_state, save_training_state
 
     cfg = load_config(None, ["model.dim=8", "model.num_interests=3", "model.maxlen=6"])
     model, loss_fn, runner = _tiny_setup(head=True)
@@ -518,7 +519,7 @@ def test_head_is_checkpointed_but_not_in_the_best_model(tmp_path):
 def test_labels_are_the_nearest_phrases_through_g():
     import pandas as pd
 
-    from eimf.explain import PhraseTable, label_interests
+    from eimf.serving.explain import PhraseTable, label_interests
 
     D = 4
     head = EIMFHead(D, D, predictor_hidden=0)
@@ -565,10 +566,10 @@ def ml100k_annotated(tmp_path_factory):
 @pytest.mark.timeout(900)
 @needs_ml100k
 def test_eimf_trains_on_ml100k_and_aux_losses_decrease(ml100k_annotated):
-    from eimf.explain import PhraseTable, label_interests
+    from eimf.serving.explain import PhraseTable, label_interests
     from eimf.training.loop import seed_everything
     from eimf.training.multitask import EIMFTrainer, build_eimf, eimf_batches
-    from eimf.training.runner import build_components
+    from eimf.training.components import build_components
 
     base, data, ann_dir, df = ml100k_annotated
     cfg = load_config(None, ["eimf.enabled=true", f"eimf.annotations={ann_dir}", "eimf.typical_share=0.25",
@@ -618,7 +619,8 @@ def test_exported_eimf_model_serves_the_same_without_the_annotation_files(ml100k
     from eimf.serving.folder import ModelFolder
     from eimf.training.loop import save_training_state, seed_everything
     from eimf.training.multitask import EIMFTrainer, build_eimf, eimf_batches
-    from eimf.training.runner import build_components, export_model
+    from eimf.steps.export import export_checkpoint
+    from eimf.training.components import build_components
 
     base, data, shared_ann, _ = ml100k_annotated
     ann_dir = tmp_path / "ann"
@@ -635,7 +637,7 @@ def test_exported_eimf_model_serves_the_same_without_the_annotation_files(ml100k
     save_training_state(ckpt, runner, state, trainer.best_state, best_head_state=trainer.best_head_state)
     (ckpt / "metrics.json").write_text(json.dumps({"step": state.step}))
     export = tmp_path / "export"
-    export_model(ckpt, str(export), cfg, str(data.path))
+    export_checkpoint(ckpt, str(export), cfg, str(data.path))
     # g and the phrases label interests; they sit beside the model, never inside it
     assert {"eimf_head.pt", "phrases.parquet"} <= set(os.listdir(export))
 
@@ -695,7 +697,8 @@ def test_aligned_sampler_draws_typical_cuts_inside_the_annotated_window():
 
 
 def test_annotations_record_the_prompted_window(tmp_path):
-    from eimf.semantic.annotate import annotations_frame, annotations_table, semantic_windows
+    from eimf.formats.annotations import annotations_table, semantic_windows
+    from eimf.semantic.annotate import annotations_frame
     from eimf.semantic.annotators.base import AnnotationRequest, AnnotationResult
     import pandas as pd
 
@@ -714,7 +717,7 @@ def test_annotations_record_the_prompted_window(tmp_path):
 def test_item_alignment_pulls_the_target_rows_toward_their_texts():
     """lambda_item > 0: every EIMF step adds InfoNCE(item rows of the distinct targets, q(their texts)); the
     table's target rows and q get its gradient, items without text take no part."""
-    cfg = load_config(None, ["eimf.lambda_item=0.5"])
+    cfg = load_config(None, ["eimf.experimental.lambda_item=0.5"])
     model, loss_fn, runner = _tiny_setup()
     head = EIMFHead(8, 5, predictor_hidden=4, lambda_sp=1.0, lambda_ma=1.0, lambda_item=0.5)
     runner.attach_head(head)

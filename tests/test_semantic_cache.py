@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from eimf import fs
-from eimf.semantic.annotate import (ANNOTATIONS_FILE, STATS_FILE, annotate_users, build_requests,
-                                    read_annotations, semantic_vectors)
+from eimf.formats.annotations import ANNOTATIONS_FILE, STATS_FILE, read_annotations, semantic_vectors
+from eimf.semantic.annotate import annotate_users, build_requests
 from eimf.semantic.annotators import Annotator, Generation
 from eimf.semantic.cache import AnnotationCache, cache_key
 from eimf.semantic.prompts import PROMPT_VERSION
@@ -213,7 +213,8 @@ def test_annotate_from_config_selects_and_annotates(tmp_path):
 
     from eimf.config import load_config
     from eimf.models import build_model
-    from eimf.semantic.annotate import SELECTION_FILE, annotate_from_config
+    from eimf.formats.annotations import SELECTION_FILE
+    from eimf.semantic.annotate import annotate_from_config
 
     prep = prepared()
     cfg = load_config(None, ["model.dim=8", "model.num_interests=3", "model.maxlen=10", "semantic.budget=6",
@@ -237,8 +238,8 @@ def test_merged_annotations_take_the_overlay_where_it_answered(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from eimf.semantic.annotate import (annotations_table, merge_annotations, read_annotations, semantic_vectors,
-                                        write_parquet)
+    from eimf.formats.annotations import (annotations_table, merge_annotations, read_annotations, semantic_vectors,
+                                          write_parquet)
 
     def ann(rows):
         df = pd.DataFrame(rows)

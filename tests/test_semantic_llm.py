@@ -40,8 +40,8 @@ def test_resolve_llm_local_folders_and_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError) as e:
         resolve_llm("Qwen/Qwen2.5-7B-Instruct")
     msg = str(e.value)
-    assert "semantic.vllm_model" in msg and "EIMF_MODELS_DIR" in msg and "Qwen2.5-7B-Instruct" in msg
-    with pytest.raises(ModelNotFoundError, match="semantic.vllm_model is empty"):
+    assert "semantic.vllm.model" in msg and "EIMF_MODELS_DIR" in msg and "Qwen2.5-7B-Instruct" in msg
+    with pytest.raises(ModelNotFoundError, match="semantic.vllm.model is empty"):
         resolve_llm("  ")
     empty = tmp_path / "not-a-model"
     empty.mkdir()
@@ -54,7 +54,7 @@ def test_resolve_llm_local_folders_and_clear_errors(tmp_path, monkeypatch):
     assert resolve_llm("Qwen/Qwen2.5-7B-Instruct") == str(local)
     assert resolve_llm(str(local)) == str(local.resolve())
     # the annotator resolves at construction: a missing model fails before Ray starts anything
-    with pytest.raises(ModelNotFoundError, match="semantic.vllm_model"):
+    with pytest.raises(ModelNotFoundError, match="semantic.vllm.model"):
         build_annotator(SemanticConfig(annotator="vllm", vllm_model="Some/Missing-7B"))
 
 
@@ -77,9 +77,9 @@ def test_smollm2_folder_is_a_working_plain_hf_model(smollm2_dir):
 def test_vllm_annotator_config_rules(smollm2_dir):
     from eimf.semantic.annotators.vllm_ray import VLLMRayAnnotator, decoding_schema
 
-    cfg = load_config(None, ["semantic.annotator=vllm", f"semantic.vllm_model={smollm2_dir}",
-                             "semantic.vllm_concurrency=3", "semantic.vllm_batch_size=7",
-                             "semantic.vllm_tensor_parallel_size=2", "semantic.vllm_max_model_len=1024",
+    cfg = load_config(None, ["semantic.annotator=vllm", f"semantic.vllm.model={smollm2_dir}",
+                             "semantic.vllm.concurrency=3", "semantic.vllm.batch_size=7",
+                             "semantic.vllm.tensor_parallel_size=2", "semantic.vllm.max_model_len=1024",
                              "semantic.max_tokens=200"]).semantic
     ann = build_annotator(cfg)
     assert isinstance(ann, VLLMRayAnnotator) and ann.model_path == str(smollm2_dir)
@@ -131,7 +131,7 @@ def _first_round_users(ann):
 @pytest.mark.e2e
 @needs_ml100k
 def test_vllm_ray_annotates_real_users_with_cache_and_resume(ml100k, smollm2_dir, ray_session, tmp_path):
-    from eimf.semantic.annotate import ANNOTATIONS_FILE, PROMPTS_FILE, STATS_FILE, read_annotations
+    from eimf.formats.annotations import ANNOTATIONS_FILE, PROMPTS_FILE, STATS_FILE, read_annotations
     from eimf.semantic.cache import AnnotationCache
     from eimf.semantic.encoder import SemanticEncoder
 

@@ -27,7 +27,7 @@ def _folder(with_head: bool = False, index: str = "Flat") -> ModelFolder:
                           "count": np.arange(N_ITEMS, 0, -1)})
     head = phrases = None
     if with_head:
-        from eimf.explain import PhraseTable
+        from eimf.serving.explain import PhraseTable
         from eimf.modules.alignment import EIMFHead
 
         head = EIMFHead.from_config(cfg, 8).eval()
@@ -177,7 +177,7 @@ def test_k_up_to_the_whole_catalogue_and_fewer_after_exclusion():
 
 
 def test_eimf_models_label_each_interest_with_the_nearest_phrase():
-    from eimf.explain import label_interests
+    from eimf.serving.explain import label_interests
 
     f = _folder(with_head=True)
     answer = Recommender(f).recommend([{"history": ["sku-0001", "sku-0100"]}])[0]

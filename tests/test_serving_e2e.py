@@ -32,7 +32,7 @@ def registered(tmp_path_factory, mlflow_server, ray_session):
     from eimf.data.preprocess import load_prepared
     from eimf.evaluation import ItemIndex, history_batch
     from eimf.serving.folder import ModelFolder
-    from eimf.training.runner import train
+    from eimf.steps.train import train
 
     root = tmp_path_factory.mktemp("serving")
     cfg = load_config(None, [

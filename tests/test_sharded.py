@@ -56,13 +56,13 @@ def test_two_sharded_workers_train_resume_export_and_serve(tmp_path, ray_session
     from eimf.evaluation import most_popular
     from eimf.serving.folder import ModelFolder
     from eimf.serving.recommender import Recommender
-    from eimf.training.runner import train
+    from eimf.steps.train import train
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     synthesize(str(tmp_path / "synth"), users=1500, items=2000, interactions=45000, seed=3, clusters=50)
     cfg = load_config(None, custom_overrides(str(tmp_path / "synth")) + [
         f"data.output_dir={tmp_path / 'prepared'}", "model.dim=32", "train.max_steps=300", "train.eval_every=100",
-        "train.log_every=100", "train.num_workers=2", "train.strategy=sharded", "train.run_name=sharded",
+        "train.log_every=100", "train.scaling.num_workers=2", "train.strategy=sharded", "train.run_name=sharded",
         f"train.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
     data = prepare(cfg.data, engine="local")
     result = train(cfg, data_path=str(data.path))
@@ -87,7 +87,7 @@ def test_two_sharded_workers_train_resume_export_and_serve(tmp_path, ray_session
 
     # and at another number of workers, 2 -> 1 -> 2: each worker reads its row range out of the saved row blocks
     for resumes, (workers, steps) in enumerate(((1, 450), (2, 500)), start=2):
-        cfg.train.num_workers, cfg.train.max_steps = workers, steps
+        cfg.train.scaling.num_workers, cfg.train.max_steps = workers, steps
         moved = train(cfg, data_path=str(data.path)).metrics
         assert moved["world_size"] == workers and moved["step"] == steps and moved["resumes"] == resumes
         assert moved["best_valid/recall@50"] >= m["best_valid/recall@50"] - 0.02
@@ -107,19 +107,20 @@ def test_eimf_head_trains_beside_two_sharded_workers_and_resumes(tmp_path, ray_s
     from eimf.semantic.annotate import annotate_users
     from eimf.semantic.annotators.metadata import MetadataAnnotator
     from eimf.semantic.encoder import SemanticEncoder
-    from eimf.training.runner import train
+    from eimf.steps.train import train
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     synthesize(str(tmp_path / "synth"), users=800, items=1000, interactions=24000, seed=5, clusters=20)
     uri = f"sqlite:///{tmp_path}/m.db"
     overrides = custom_overrides(str(tmp_path / "synth")) + [
         f"data.output_dir={tmp_path / 'prepared'}", "model.dim=32", "train.max_steps=120", "train.eval_every=60",
-        "train.log_every=20", "train.num_workers=2", "train.strategy=sharded", "train.run_name=eimf-sharded",
+        "train.log_every=20", "train.scaling.num_workers=2", "train.strategy=sharded", "train.run_name=eimf-sharded",
         f"train.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}",
         "eimf.enabled=true", f"eimf.annotations={tmp_path / 'ann'}",
         # the round-2 options too: the cited items' rows come from their owners (a collective lookup each step)
-        "eimf.matching_space=evidence", "eimf.ma_projection=mlp", "eimf.mask_own_interests=true",
-        "eimf.window_overlap=0.5", "eimf.lambda_item=0.1"]
+        "eimf.experimental.matching_space=evidence", "eimf.experimental.ma_projection=mlp",
+        "eimf.experimental.mask_own_interests=true", "eimf.experimental.window_overlap=0.5",
+        "eimf.experimental.lambda_item=0.1"]
     cfg = load_config(None, overrides)
     data = prepare(cfg.data, engine="local")
     encoder = SemanticEncoder()
@@ -154,14 +155,14 @@ def test_killed_sharded_worker_is_replaced_and_resumes_its_rows(tmp_path, ray_se
     from eimf.data.preprocess import prepare
     from eimf.data.synthetic import custom_overrides, synthesize
     from eimf.evaluation import most_popular
-    from eimf.training.runner import train
+    from eimf.steps.train import train
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     synthesize(str(tmp_path / "synth"), users=1500, items=2000, interactions=45000, seed=4, clusters=50)
     cfg = load_config(None, custom_overrides(str(tmp_path / "synth")) + [
         f"data.output_dir={tmp_path / 'prepared'}", "model.dim=32", "train.max_steps=300", "train.eval_every=100",
-        "train.log_every=100", "train.num_workers=2", "train.strategy=sharded", "train.run_name=killed",
-        "train.max_failures=2", f"train.storage_path={tmp_path / 'runs'}", "tracking.enabled=false"])
+        "train.log_every=100", "train.scaling.num_workers=2", "train.strategy=sharded", "train.run_name=killed",
+        "train.failure.max_failures=2", f"train.storage_path={tmp_path / 'runs'}", "tracking.enabled=false"])
     data = prepare(cfg.data, engine="local")
     thread, killed = kill_a_worker_after_first_checkpoint(tmp_path / "runs" / "killed")
     m = train(cfg, data_path=str(data.path)).metrics
@@ -179,13 +180,13 @@ def test_two_sharded_workers_on_a_million_item_catalogue(tmp_path, ray_session, 
     from eimf.data.preprocess import prepare
     from eimf.data.synthetic import custom_overrides, synthesize
     from eimf.serving.folder import ModelFolder
-    from eimf.training.runner import train
+    from eimf.steps.train import train
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     synthesize(str(tmp_path / "synth"), users=50_000, items=1_000_000, interactions=2_000_000, seed=0, zipf=0.6)
     cfg = load_config(None, custom_overrides(str(tmp_path / "synth")) + [
         f"data.output_dir={tmp_path / 'prepared'}", "data.min_count=1", "model.dim=16", "train.max_steps=60",
-        "train.eval_every=60", "eval.max_valid_users=500", "train.log_every=30", "train.num_workers=2",
+        "train.eval_every=60", "eval.max_valid_users=500", "train.log_every=30", "train.scaling.num_workers=2",
         "train.strategy=sharded", "train.run_name=million", f"train.storage_path={tmp_path / 'runs'}",
         "tracking.enabled=false"])
     data = prepare(cfg.data, engine="local")

@@ -42,7 +42,7 @@ def test_text_table_has_the_init_spread_and_the_topics_geometry(synthetic_prepar
 
 def test_load_item_init_copies_the_table_and_checks_its_shape():
     from eimf.models import ComiRecSA
-    from eimf.training.runner import load_item_init
+    from eimf.training.components import load_item_init
 
     model = ComiRecSA(9, dim=4, num_interests=2, maxlen=5)
     table = np.arange(40, dtype=np.float32).reshape(10, 4)

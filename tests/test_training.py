@@ -23,7 +23,7 @@ def ml100k(tmp_path_factory):
 def _trainer(cfg, data, steps):
     from eimf.data.sampling import TrainSampler
     from eimf.training.loop import Trainer, seed_everything
-    from eimf.training.runner import build_components
+    from eimf.training.components import build_components
 
     cfg.train.max_steps, cfg.train.eval_every, cfg.train.log_every = steps, steps // 2, steps // 2
     seed_everything(cfg.train.seed)
@@ -90,9 +90,9 @@ def test_checkpoint_round_trip(ml100k, tmp_path):
 def test_ray_train_end_to_end_export_and_mlflow(ml100k, tmp_path, ray_session, monkeypatch):
     """Ray Train worker -> checkpoints -> exported model that evaluates identically without Ray."""
     from eimf import tracking
-    from eimf.evaluation.exported import evaluate_exported
+    from eimf.steps.evaluate import evaluate_exported
     from eimf.serving.folder import ModelFolder
-    from eimf.training.runner import train
+    from eimf.steps.train import train
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     cfg, data = ml100k

@@ -30,7 +30,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from eimf import fs as efs
-from eimf.semantic.annotators.base import STATUS_OK, AnnotationRequest, AnnotationResult
+from eimf.formats.annotations import STATUS_OK
+from eimf.semantic.annotators.base import AnnotationRequest, AnnotationResult
 
 log = logging.getLogger(__name__)
 

@@ -86,7 +86,7 @@ def log_recommender(model_folder: str, tracking_uri: str, run_id: str, registere
     import eimf
     from eimf import fs
 
-    from eimf.serving.folder import ITEMS
+    from eimf.formats.model_folder import ITEMS
 
     with _tracking_uri(tracking_uri), fs.local_dir(str(model_folder)) as local:
         # the input example is checked at logging time: the model must answer it, or logging fails
@@ -126,7 +126,7 @@ def load_recommender(uri_or_folder: str):
     """A :class:`~eimf.serving.recommender.Recommender` from a model folder (local or ``s3://``) or an MLflow model
     URI (``models:/eimf-ml-1m/3``, ``runs:/<id>/recommender``, a local pyfunc folder)."""
     from eimf import fs
-    from eimf.serving.folder import MANIFEST
+    from eimf.formats.model_folder import MANIFEST
     from eimf.serving.recommender import Recommender
 
     if fs.exists(fs.join(str(uri_or_folder), MANIFEST)):

@@ -157,7 +157,7 @@ class Recommender:
         f = self.folder
         if f.head is None or f.phrases is None:
             return None
-        from eimf.explain import label_interests
+        from eimf.serving.explain import label_interests
 
         return [[names[0][0] for names in user] for user in label_interests(f.head, interests, f.phrases, topk=1)]
 

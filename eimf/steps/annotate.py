@@ -45,7 +45,8 @@ def run(cfg, inputs: Optional[dict] = None, out_dir: Optional[str] = None, tags:
     """See the module doc. ``out_dir`` None: ``<EIMF_HOME>/annotations/<run_name>``."""
     from eimf import fs, tracking
     from eimf.config import eimf_home
-    from eimf.semantic.annotate import ANNOTATIONS_FILE, SELECTION_FILE, STATS_FILE, annotate_from_config
+    from eimf.formats.annotations import ANNOTATIONS_FILE, SELECTION_FILE, STATS_FILE
+    from eimf.semantic.annotate import annotate_from_config
 
     model_dir = (inputs or {}).get("model_dir")
     if model_dir:

@@ -1,24 +1,29 @@
 """Step ``evaluate``: an exported model on its prepared data, MostPopular beside it (no Ray, no LLM).
 
-The model, its index and the data are loaded once for all splits. With ``per_user=True`` each split's per-user
-metrics go to ``<out_dir>/per_user.<split>.parquet`` too, for paired comparisons (eimf.evaluation.compare).
+The model, its index and the data are loaded once for all splits (:func:`evaluate_splits`), through the folder's
+own retrieval index. With ``per_user=True`` each split's per-user metrics go to
+``<out_dir>/per_user.<split>.parquet`` too, for paired comparisons (eimf.evaluation.compare).
 """
 from __future__ import annotations
 
 import contextlib
 import io
+from typing import Dict, Optional, Sequence
 
-from typing import Optional, Sequence
+import pandas as pd
+import torch
 
+from eimf import fs, tracking
+from eimf.data.preprocess import load_prepared
+from eimf.evaluation.evaluate import evaluate, most_popular
+from eimf.evaluation.metrics import MetricAccumulator
+from eimf.serving.folder import ModelFolder, ModelFolderError
 from eimf.steps import StepOutput, mlflow_run, numbers
 
 
 def run(cfg, inputs: dict, out_dir: str, tags: Optional[dict] = None, run_name: str = "evaluate",
         splits: Sequence[str] = ("valid", "test"), with_baseline: bool = True, per_user: bool = False,
         log_to_mlflow: bool = True) -> StepOutput:
-    from eimf import fs, tracking
-    from eimf.evaluation.exported import evaluate_splits
-
     frames: Optional[dict] = {} if per_user else None
     with mlflow_run(cfg, run_name, tags) if log_to_mlflow else contextlib.nullcontext() as run_id:
         metrics = evaluate_splits(inputs["model_dir"], splits, with_baseline=with_baseline,
@@ -34,3 +39,44 @@ def run(cfg, inputs: dict, out_dir: str, tags: Optional[dict] = None, run_name: 
             tracking.log_metrics(tracking.tracking_uri(cfg), run_id, metrics, step=0)
     return StepOutput(outputs, numbers(metrics), run_id, {"model_dir": inputs["model_dir"]})
 
+
+def evaluate_exported(model_dir: str, split: str = "test", with_baseline: bool = True,
+                      data_path: Optional[str] = None) -> Dict[str, float]:
+    """One split; see :func:`evaluate_splits`."""
+    return evaluate_splits(model_dir, (split,), with_baseline, data_path)
+
+
+def evaluate_splits(model_dir: str, splits: Sequence[str] = ("valid", "test"), with_baseline: bool = True,
+                    data_path: Optional[str] = None,
+                    per_user: Optional[Dict[str, pd.DataFrame]] = None) -> Dict[str, float]:
+    """``{"<split>/recall@50": ..., "<split>/mostpop/recall@50": ...}`` for each split, through the folder's own
+    retrieval index (the ``retrieval`` setting it was exported with). The model and the data are read once.
+    ``data_path``: the prepared dataset, by default the one recorded in the folder. ``per_user``: a dict that
+    receives each split's per-user metrics (``MetricAccumulator.per_user``), for paired comparisons."""
+    folder = ModelFolder.load(model_dir)
+    path = data_path or folder.data_path
+    if not path:
+        raise ModelFolderError(f"{model_dir}: the folder records no prepared dataset; pass data_path")
+    data = load_prepared(path)
+    if data.n_items != folder.n_items:
+        raise ModelFolderError(f"{model_dir}: a model of {folder.n_items} items, {path} has {data.n_items}")
+    cfg, model = folder.cfg, folder.model
+
+    def interest_fn(hist, mask):
+        with torch.no_grad():
+            return model.interests(torch.as_tensor(hist), torch.as_tensor(mask)).numpy()
+
+    topk = tuple(cfg.eval.topk)
+    out: Dict[str, float] = {}
+    for split in splits:
+        split_df = getattr(data, split)
+        acc = MetricAccumulator(topk, keep_users=per_user is not None)
+        got = evaluate(interest_fn, None, split_df, topk=topk, batch_size=cfg.eval.batch_size,
+                       maxlen=cfg.model.maxlen, exclude_history=cfg.eval.exclude_history, index=folder.index,
+                       accumulator=acc)
+        if per_user is not None:
+            per_user[split] = acc.per_user()
+        out.update({f"{split}/{k}": v for k, v in got.items()})
+        if with_baseline:
+            out.update({f"{split}/mostpop/{k}": v for k, v in most_popular(data.train, split_df, topk=topk).items()})
+    return out

@@ -1,21 +1,154 @@
-"""Step ``export``: the final model folder (the trained export + ``evaluation.json`` + ``pipeline.json``), logged
-to MLflow as artifacts and, with ``tracking.log_model``, as a registered pyfunc model (eimf.serving.pyfunc)."""
+"""Step ``export``, and the export of a training run: model folders made and logged to MLflow.
+
+* :func:`export_checkpoint`: a training checkpoint's best model -> a model folder (:mod:`eimf.formats.model_folder`):
+  weights, config, the raw-id map and item texts, the retrieval index (built once, here), and the EIMF head with
+  its phrase table. It serves without Ray, an LLM, or the prepared data. The train step calls it.
+* :func:`log_run_artifacts`: a training run's dataset manifest, item embeddings, learning curve and model folder
+  to its MLflow run, and the model as a pyfunc model (registered as :func:`registered_model_name`).
+* :func:`run`, the pipeline's last step: the final model folder (the trained export + ``evaluation.json`` +
+  ``pipeline.json``), logged to MLflow as artifacts and, with ``tracking.log_model``, as a registered model.
+"""
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import logging
 import os
 import tempfile
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional
 
+import numpy as np
+import torch
+
+from eimf import fs, tracking
+from eimf.config import Config
+from eimf.evaluation.retrieval import ItemIndex
+from eimf.formats import checkpoints as ckpt
+from eimf.formats.annotations import read_annotations
+from eimf.formats.model_folder import ModelFolderError, read_manifest
+from eimf.data.preprocess import read_split
+from eimf.models import build_model
+from eimf.plots import learning_curve
+from eimf.serving.explain import PhraseTable
+from eimf.serving.folder import ModelFolder, backbone_from_file, build_index, head_from_state
+from eimf.serving.pyfunc import log_recommender
 from eimf.steps import StepOutput, mlflow_run, numbers
 
+log = logging.getLogger(__name__)
 
+
+# ------------------------------------------------------------------------------------- checkpoint -> folder
+def from_checkpoint(checkpoint_dir: Path, cfg: Config, data_path: str, weights: str = ckpt.BEST_MODEL,
+                    head_file: Optional[str] = ckpt.BEST_HEAD, threads: Optional[int] = None) -> ModelFolder:
+    """A model folder from a training checkpoint (its best weights and head), the prepared data's item table,
+    and, for an EIMF model, the phrase table of its annotations. The retrieval index is built here, once."""
+    checkpoint_dir = Path(checkpoint_dir)
+    items = read_split(data_path, "items")
+    items = items.sort_values("item").reset_index(drop=True)
+    items["raw_id"] = items["raw_id"].astype(str)
+    items["text"] = items["text"].fillna("").astype(str)
+    shards = ckpt.shard_files(checkpoint_dir, ckpt.BEST_TABLE_PREFIX)
+    scratch, parts = None, None
+    if shards:  # the row-sharded table: one block per worker, never assembled here
+        from eimf.training.sharded import BatchRows  # TorchRec, optional: only sharded checkpoints need it
+
+        scratch = tempfile.TemporaryDirectory(prefix="eimf-table-")
+        parts = _table_parts(shards, len(items), Path(scratch.name))
+        model = build_model(cfg.model, len(items), item_table=BatchRows())
+        model.load_state_dict(torch.load(checkpoint_dir / weights, map_location="cpu"))
+        model.eval()
+    else:
+        model = backbone_from_file(cfg, checkpoint_dir / weights, len(items))
+    metrics_file = checkpoint_dir / ckpt.METRICS
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    head = phrases = None
+    if head_file and (checkpoint_dir / head_file).exists():
+        head = head_from_state(cfg, torch.load(checkpoint_dir / head_file, map_location="cpu"))
+        if cfg.eimf.annotations:
+            try:
+                phrases = PhraseTable.from_annotations(read_annotations(cfg.eimf.annotations))
+            except (ValueError, FileNotFoundError) as e:  # labels are an extra; the model serves without them
+                log.warning("model folder: no interest phrase table (%s): answers carry no interest labels", e)
+    if parts:
+        def blocks():  # rows of ids 1..N: the padding row 0 heads the first block
+            for i, p in enumerate(parts):
+                block = np.load(p, mmap_mode="r")
+                yield block[1:] if i == 0 else block
+
+        index = ItemIndex.from_blocks(blocks, len(items), int(cfg.model.dim), cfg.retrieval, threads)
+    else:
+        index = build_index(model, cfg, threads=threads)
+    return ModelFolder(model=model, cfg=cfg, items=items, index=index, metrics=metrics, head=head,
+                       phrases=phrases, data_path=str(data_path), table_parts=parts, _scratch=scratch)
+
+
+def _table_parts(shards: List[Path], n_items: int, out: Path) -> List[str]:
+    """The checkpoint's per-worker best rows as ``.npy`` blocks, one at a time, checked to tile 0..N."""
+    parts, expect = [], 0
+    for i, path in enumerate(shards):
+        saved = torch.load(path, map_location="cpu")
+        rows = saved["rows"].float().numpy()
+        if int(saved["offset"]) != expect:
+            raise ModelFolderError(f"{path}: rows from {saved['offset']}, expected {expect} (a shard is missing)")
+        expect += len(rows)
+        parts.append(str(out / f"part{i:05d}.npy"))
+        np.save(parts[-1], rows)
+        del saved, rows
+    if expect != n_items + 1:
+        raise ModelFolderError(f"{shards[0].parent}: table shards hold {expect} rows, the catalogue needs "
+                               f"{n_items + 1}")
+    return parts
+
+
+def export_checkpoint(checkpoint_dir: Path, export_dir: str, cfg: Config, data_path: str) -> str:
+    """The model folder of a checkpoint's best model, written to ``export_dir`` (local or ``s3://``)."""
+    return from_checkpoint(Path(checkpoint_dir), cfg, data_path).write(str(export_dir))
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+def registered_model_name(cfg: Config) -> Optional[str]:
+    """``tracking.registered_model``, default ``eimf-<dataset>``; None for "" (log the model, do not register it)."""
+    name = cfg.tracking.registered_model
+    return f"eimf-{cfg.data.dataset}" if name is None else (name or None)
+
+
+def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: str, data_path: str,
+                      cfg: Optional[Config] = None) -> Optional[str]:
+    """Dataset manifest, item embeddings, the learning curve and the model folder to MLflow, and the model as a
+    pyfunc model (registered as :func:`registered_model_name`). ``export_dir`` and ``data_path`` may be local or
+    ``s3://``. Returns the logged model's URI (None with tracking or model logging off)."""
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory() as tmp, fs.local_dir(str(export_dir)) as local_export:
+        tmp = Path(tmp)
+        if "item_table" not in read_manifest(local_export):  # sharded: the row blocks are in model/
+            folder = ModelFolder.load(local_export, index=False)
+            np.save(tmp / "item_embeddings.npy", folder.model.item_embeddings().detach().numpy())
+        manifest = fs.join(str(data_path), "manifest.json")
+        if fs.exists(manifest):
+            (tmp / "dataset_manifest.json").write_bytes(fs.read_bytes(manifest))
+        history = tracking.client(uri).get_metric_history(run_id, tracking.metric_key("valid/recall@50"))
+        if history:
+            learning_curve(
+                [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)],
+                tmp / "learning_curve.png", ylabel="valid Recall@50",
+            )
+        tracking.log_artifacts(uri, run_id, str(tmp))
+        tracking.log_artifacts(uri, run_id, local_export, "model")
+        if cfg is None or not cfg.tracking.log_model:
+            return None
+        model_uri = log_recommender(local_export, uri, run_id, registered_model_name(cfg))
+        tracking.client(uri).set_tag(run_id, "model_uri", model_uri)
+        log.info("MLflow model: %s", model_uri)
+        return model_uri
+
+
+# ------------------------------------------------------------------------------------------ the export step
 def run(cfg, inputs: dict, out_dir: str, tags: Optional[dict] = None, run_name: str = "export",
         lineage: Optional[dict] = None) -> StepOutput:
     """``inputs``: ``model_dir`` (a trained export) and ``metrics`` (the evaluate step's metrics.json);
     ``lineage``: what produced it (the pipeline's stages and fingerprints), written to ``pipeline.json``."""
-    from eimf import fs, tracking
-
     final = fs.join(out_dir, "model")
     uri = tracking.tracking_uri(cfg)
     info = {}
@@ -29,9 +162,6 @@ def run(cfg, inputs: dict, out_dir: str, tags: Optional[dict] = None, run_name: 
         fs.upload_dir(tmp, final)
         tracking.log_artifacts(uri, run_id, tmp, "model")
         if run_id and cfg.tracking.log_model:
-            from eimf.serving.pyfunc import log_recommender
-            from eimf.training.runner import registered_model_name
-
             info["model_uri"] = log_recommender(tmp, uri, run_id, registered_model_name(cfg))
             tracking.client(uri).set_tag(run_id, "model_uri", info["model_uri"])
     return StepOutput({"model_dir": final}, numbers(metrics), run_id, info)

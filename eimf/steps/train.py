@@ -1,21 +1,72 @@
-"""Step ``train``: Ray Train on the prepared data, the best model exported (:func:`eimf.training.runner.train`).
+"""Step ``train``: Ray Train on the prepared data (eimf.training.runner), the best model exported and logged.
 
-``inputs["data_path"]`` is the prepared dataset; with ``inputs["annotations"]`` the run is EIMF training on
-them (``train.input`` becomes ``memory``: the Ray Data cut carries no semantic vectors), without it the backbone
-alone. The Ray Train run (and its checkpoints) is ``<out_dir>/<run_name>``, so the same name resumes.
+:func:`train` is one training run from start to end: the MLflow run opened, the workers fitted, the best model
+exported to ``<storage>/<run_name>/export`` (eimf.steps.export) and logged with its artifacts, the run closed.
+:func:`run` is the pipeline's step around it: ``inputs["data_path"]`` is the prepared dataset; with
+``inputs["annotations"]`` the run is EIMF training on them (``train.input`` becomes ``memory``: the Ray Data cut
+carries no semantic vectors), without it the backbone alone. The Ray Train run (and its checkpoints) is
+``<out_dir>/<run_name>``, so the same name resumes.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from typing import Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
 
+from eimf import fs, tracking
+from eimf.config import Config
+from eimf.data.preprocess import prepare, read_manifest
+from eimf.formats import checkpoints as ckpt
+from eimf.ray_init import init_ray
 from eimf.steps import StepOutput, numbers
+from eimf.steps.export import export_checkpoint, log_run_artifacts
+from eimf.training.runner import fit, run_name_of, storage_of
 
 log = logging.getLogger(__name__)
 
 #: Training metrics a step keeps (besides best_valid/* and test/*).
 KEYS = ("step", "best_step", "train_seconds", "examples_per_s", "resumes", "first_resume_step", "window_overlap_share")
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    metrics: Dict[str, float]
+    export_dir: str
+    storage_path: str
+    #: The MLflow run (None with tracking off).
+    mlflow_run_id: Optional[str] = None
+    #: The logged pyfunc model (``models:/eimf-<dataset>/<version>`` when registered), or None.
+    model_uri: Optional[str] = None
+
+
+def train(cfg: Config, data_path: Optional[str] = None, tags: Optional[Dict[str, str]] = None) -> TrainResult:
+    """Prepare the data (unless given), train with Ray Train, export the best model. ``tags``: extra MLflow
+    run tags (a pipeline passes its parent run as ``mlflow.parentRunId``)."""
+    init_ray()
+    if data_path is None:
+        data_path = str(prepare(cfg.data).path)
+    run_name, storage = run_name_of(cfg), storage_of(cfg)
+    fingerprint = str(read_manifest(data_path).get("fingerprint", "unknown"))
+    run_tags = {"eimf": "on" if cfg.eimf.enabled else "off", "dataset_fingerprint": fingerprint, **(tags or {})}
+    run_id = tracking.start_run(cfg, run_name, tags=run_tags)
+    uri = tracking.tracking_uri(cfg)
+    try:
+        result = fit(cfg, data_path, run_name, run_id, uri)
+    except Exception:
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise
+    export_dir = fs.join(storage, run_name, "export")
+    with result.checkpoint.as_directory() as folder:
+        export_checkpoint(Path(folder), export_dir, cfg, data_path)
+        metrics = json.loads((Path(folder) / ckpt.METRICS).read_text())
+    model_uri = log_run_artifacts(uri, run_id, export_dir, data_path, cfg)
+    tracking.end_run(uri, run_id)
+    return TrainResult(run_name=run_name, metrics=metrics, export_dir=export_dir, storage_path=storage,
+                       mlflow_run_id=run_id, model_uri=model_uri)
 
 
 def eimf_train_config(train_cfg):
@@ -29,9 +80,6 @@ def eimf_train_config(train_cfg):
 
 def run(cfg, inputs: dict, out_dir: Optional[str] = None, tags: Optional[dict] = None,
         run_name: Optional[str] = None) -> StepOutput:
-    from eimf import fs
-    from eimf.training.runner import train
-
     annotations = inputs.get("annotations")
     info = {}
     train_cfg = cfg.train

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from eimf.config import Config
+from eimf.formats import checkpoints as ckpt
 from eimf.evaluation import evaluate
 from eimf.evaluation.retrieval import ItemIndex
 
@@ -48,8 +49,6 @@ class LoopState:
         return cls(**json.loads(text))
 
 
-#: Checkpoint file of the EIMF head (P, g); ``best_model.pt`` and exports never hold it.
-HEAD_FILE = "eimf_head.pt"
 
 
 def seed_everything(seed: int) -> None:
@@ -117,23 +116,23 @@ class StepRunner:
 
     def save_best(self, folder: Path, snap: Optional[dict], is_chief: bool) -> None:
         if snap is not None and is_chief:
-            torch.save(snap, folder / "best_model.pt")
+            torch.save(snap, folder / ckpt.BEST_MODEL)
 
     def load_best(self, folder: Path) -> Optional[dict]:
-        best = folder / "best_model.pt"
+        best = folder / ckpt.BEST_MODEL
         return torch.load(best, map_location="cpu") if best.exists() else None
 
     def save(self, folder: Path) -> None:
-        torch.save(self.model.state_dict(), folder / "model.pt")
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(self.model.state_dict(), folder / ckpt.MODEL)
+        torch.save(self.optimizer.state_dict(), folder / ckpt.OPTIMIZER)
         if self.head is not None:
-            torch.save(self.head.state_dict(), folder / HEAD_FILE)
+            torch.save(self.head.state_dict(), folder / ckpt.HEAD)
 
     def load(self, folder: Path) -> None:
-        self.model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
+        self.model.load_state_dict(torch.load(folder / ckpt.MODEL, map_location="cpu"))
         if self.head is not None:
-            self.head.load_state_dict(torch.load(folder / HEAD_FILE, map_location="cpu"))
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu"))
+            self.head.load_state_dict(torch.load(folder / ckpt.HEAD, map_location="cpu"))
+        self.optimizer.load_state_dict(torch.load(folder / ckpt.OPTIMIZER, map_location="cpu"))
 
 
 def to_tensors(batch, device) -> tuple:
@@ -359,10 +358,6 @@ def _copy_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-#: The EIMF head's weights at the best evaluation, beside ``best_model.pt`` (and in the export).
-BEST_HEAD_FILE = "best_eimf_head.pt"
-
-
 def save_training_state(folder: Path, runner: StepRunner, state: LoopState, best_state, is_chief=True,
                         best_head_state: Optional[dict] = None) -> None:
     """Weights and optimizer (per rank under DeepSpeed), plus, from the chief, loop state, best weights and the
@@ -372,18 +367,18 @@ def save_training_state(folder: Path, runner: StepRunner, state: LoopState, best
     runner.save_best(folder, best_state, is_chief)
     if is_chief:
         if best_head_state is not None:
-            torch.save(best_head_state, folder / BEST_HEAD_FILE)
-        (folder / "state.json").write_text(json.dumps(asdict(state)))
+            torch.save(best_head_state, folder / ckpt.BEST_HEAD)
+        (folder / ckpt.STATE).write_text(json.dumps(asdict(state)))
 
 
 def load_best_head(folder: Path) -> Optional[dict]:
     """The best evaluation's EIMF head from a checkpoint, or None (no EIMF, or no evaluation yet)."""
-    f = Path(folder) / BEST_HEAD_FILE
+    f = Path(folder) / ckpt.BEST_HEAD
     return torch.load(f, map_location="cpu") if f.exists() else None
 
 
 def load_training_state(folder: Path, runner: StepRunner):
     runner.load(folder)
     best_state = runner.load_best(folder)
-    state = LoopState.from_json((folder / "state.json").read_text())
+    state = LoopState.from_json((folder / ckpt.STATE).read_text())
     return state, best_state

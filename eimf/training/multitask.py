@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def load_semantics(path: str) -> Dict[int, np.ndarray]:
     """``{user: [M_u, D] float32}`` from ``annotations.parquet`` (file or folder, local or ``s3://``): ok rows only."""
-    from eimf.semantic.annotate import read_annotations, semantic_vectors
+    from eimf.formats.annotations import read_annotations, semantic_vectors
 
     semantics = semantic_vectors(read_annotations(path))
     if not semantics:
@@ -53,16 +53,18 @@ def eimf_batches(cfg, users: Sequence[int], sequences: Sequence, semantics: Dict
     """Batches with ``eimf.typical_share`` typical rows carrying their semantic interests, drawn as
     ``eimf.typical_sampling`` says (see :class:`SemanticTrainSampler`). Under N workers ``users`` is one
     worker's shard, which may hold no typical user at a small budget: it then trains without typical rows."""
-    from eimf.semantic.annotate import read_annotations, semantic_evidence, semantic_windows
+    from eimf.formats.annotations import read_annotations, semantic_evidence, semantic_windows
 
-    needs = cfg.eimf.matching_space == "evidence" or cfg.eimf.window_overlap > 0
+    x = cfg.eimf.experimental
+    needs = x.matching_space == "evidence" or x.window_overlap > 0
     if needs and not cfg.eimf.annotations:
-        raise ValueError("eimf.matching_space=evidence and eimf.window_overlap > 0 read eimf.annotations")
+        raise ValueError("eimf.experimental.matching_space=evidence and eimf.experimental.window_overlap > 0 read "
+                         "eimf.annotations")
     annotations = read_annotations(cfg.eimf.annotations) if cfg.eimf.annotations else None
     # the cited items ground the matching (EIMFHead.match)
-    evidence = semantic_evidence(annotations) if cfg.eimf.matching_space == "evidence" else None
+    evidence = semantic_evidence(annotations) if x.matching_space == "evidence" else None
     windows = None
-    if cfg.eimf.window_overlap > 0:
+    if x.window_overlap > 0:
         windows = semantic_windows(annotations)
     elif annotations is not None:  # only measured (logged): older annotation sets do not record it
         try:
@@ -71,8 +73,8 @@ def eimf_batches(cfg, users: Sequence[int], sequences: Sequence, semantics: Dict
             pass
     return SemanticTrainSampler(sequences, users, semantics, maxlen=cfg.model.maxlen, batch_size=batch_size,
                                 typical_share=cfg.eimf.typical_share, min_cut=cfg.train.min_cut, seed=seed,
-                                mode=cfg.eimf.typical_sampling, require_typical=cfg.train.num_workers == 1,
-                                evidence=evidence, windows=windows, window_overlap_share=cfg.eimf.window_overlap)
+                                mode=cfg.eimf.typical_sampling, require_typical=cfg.train.scaling.num_workers == 1,
+                                evidence=evidence, windows=windows, window_overlap_share=x.window_overlap)
 
 
 class EIMFTrainer(Trainer):
@@ -113,7 +115,7 @@ class EIMFTrainer(Trainer):
         grounding = None
         if head.needs_evidence:  # before the row check: on the sharded path the lookup is collective
             if batch.evidence is None:
-                raise ValueError("eimf.matching_space=evidence, but the batches carry no evidence items")
+                raise ValueError("eimf.experimental.matching_space=evidence, but the batches carry no evidence items")
             evidence = torch.as_tensor(batch.evidence, device=self.device)
             with torch.no_grad():
                 cited = self.runner.item_rows(evidence)  # [b, M, E, d]

@@ -13,7 +13,7 @@ same module and would see the sharded table's parameters as its own. The dense p
 ZeRO would save nothing there.
 
 Optimizers: the fused kernels on CPU offer SGD, Adagrad and row-wise Adagrad only (no Adam), GPUs add Adam.
-``train.sparse_optimizer=auto`` takes row-wise Adagrad on CPU (one state float per row) and Adam on GPU. The
+``train.sharded.optimizer=auto`` takes row-wise Adagrad on CPU (one state float per row) and Adam on GPU. The
 table's gradient is the average over workers, as DDP's is: the step computes the dense path's gradients exactly
 (tests/test_sharded.py), only the table's optimizer differs.
 
@@ -35,7 +35,9 @@ import torch
 from torch import nn
 
 from eimf.evaluation.retrieval import ItemIndex, resolve_index
-from eimf.training.loop import HEAD_FILE, StepRunner
+from eimf.formats import checkpoints as ckpt
+from eimf.formats.checkpoints import BEST_TABLE_PREFIX, TABLE_PREFIX, shard_file, shard_files
+from eimf.training.loop import StepRunner
 from eimf.training.replicated_head import ReplicatedHead, broadcast_object
 
 log = logging.getLogger(__name__)
@@ -48,17 +50,6 @@ INIT_BLOCK = 1 << 16
 SPARSE_OPTIMIZERS = ("auto", "rowwise_adagrad", "adagrad", "sgd", "adam")
 
 
-#: File prefixes of a worker's table shard in a checkpoint (latest) and of the best model's.
-TABLE_PREFIX, BEST_TABLE_PREFIX = "table", "best_table"
-
-
-def shard_file(prefix: str, rank: int, world: int) -> str:
-    return f"{prefix}.{rank:05d}-of-{world:05d}.pt"
-
-
-def shard_files(folder: Path, prefix: str) -> list:
-    """The table shards with ``prefix`` in a checkpoint folder, in rank order."""
-    return sorted(Path(folder).glob(f"{prefix}.*-of-*.pt"))
 
 
 class BatchRows(nn.Module):
@@ -174,17 +165,17 @@ class ShardedItemModel(nn.Module):
 def resolve_sparse_optimizer(name: str, use_gpu: bool) -> str:
     """``auto``: Adam on GPUs, row-wise Adagrad on CPU (fbgemm's CPU kernels have no Adam)."""
     if name not in SPARSE_OPTIMIZERS:
-        raise ValueError(f"train.sparse_optimizer must be one of {SPARSE_OPTIMIZERS}, got {name!r}")
+        raise ValueError(f"train.sharded.optimizer must be one of {SPARSE_OPTIMIZERS}, got {name!r}")
     return ("adam" if use_gpu else "rowwise_adagrad") if name == "auto" else name
 
 
 def sparse_optimizer_params(name: str, lr: float, use_gpu: bool) -> dict:
-    """fbgemm's fused-optimizer settings for ``train.sparse_optimizer``."""
+    """fbgemm's fused-optimizer settings for ``train.sharded.optimizer``."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
     name = resolve_sparse_optimizer(name, use_gpu)
     if name == "adam" and not use_gpu:
-        raise ValueError("train.sparse_optimizer=adam needs GPUs: fbgemm's CPU kernels offer sgd, adagrad and "
+        raise ValueError("train.sharded.optimizer=adam needs GPUs: fbgemm's CPU kernels offer sgd, adagrad and "
                          "rowwise_adagrad only")
     kind = {"rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "adagrad": EmbOptimType.EXACT_ADAGRAD,
             "sgd": EmbOptimType.EXACT_SGD, "adam": EmbOptimType.ADAM}[name]
@@ -297,11 +288,11 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
                     "optimizer": {k: v.detach().clone() for k, v in self._optimizer_states().items()}},
                    folder / shard_file(TABLE_PREFIX, self.rank, self.world))
         if self.rank == 0:  # the dense part is identical on every worker
-            torch.save(self.model.backbone.state_dict(), folder / "model.pt")
-            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(self.model.backbone.state_dict(), folder / ckpt.MODEL)
+            torch.save(self.optimizer.state_dict(), folder / ckpt.OPTIMIZER)
             if self.head is not None:
                 torch.save({"head": self.head.state_dict(), "optimizer": self.head_optimizer.state_dict()},
-                           folder / HEAD_FILE)
+                           folder / ckpt.HEAD)
 
     def _read_row_blocks(self, folder: Path, prefix: str, optimizer: bool) -> Optional[dict]:
         """This worker's rows (and their optimizer state) out of a checkpoint's row blocks, whatever number of
@@ -338,14 +329,14 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
         if saved is None:
             raise FileNotFoundError(f"{folder}: no item-table blocks ({TABLE_PREFIX}.*) in the checkpoint")
         self.restore({"rows": saved["rows"], "offset": saved["offset"],
-                      "dense": torch.load(folder / "model.pt", map_location="cpu")})
+                      "dense": torch.load(folder / ckpt.MODEL, map_location="cpu")})
         live = self._optimizer_states()
         with torch.no_grad():
             for key, value in saved["optimizer"].items():
                 live[key].copy_(value)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu"))
+        self.optimizer.load_state_dict(torch.load(folder / ckpt.OPTIMIZER, map_location="cpu"))
         if self.head is not None:
-            state = torch.load(folder / HEAD_FILE, map_location="cpu")
+            state = torch.load(folder / ckpt.HEAD, map_location="cpu")
             self.head.load_state_dict(state["head"])
             self.head_optimizer.load_state_dict(state["optimizer"])
 
@@ -355,7 +346,7 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
         torch.save({"rows": snap["rows"], "offset": snap["offset"], "n_items": self.model.n_items},
                    Path(folder) / shard_file(BEST_TABLE_PREFIX, self.rank, self.world))
         if is_chief:
-            torch.save(snap["dense"], Path(folder) / "best_model.pt")
+            torch.save(snap["dense"], Path(folder) / ckpt.BEST_MODEL)
 
     def load_best(self, folder: Path) -> Optional[dict]:
         folder = Path(folder)
@@ -363,7 +354,7 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
         if saved is None:
             return None
         return {"rows": saved["rows"], "offset": saved["offset"],
-                "dense": torch.load(folder / "best_model.pt", map_location="cpu")}
+                "dense": torch.load(folder / ckpt.BEST_MODEL, map_location="cpu")}
 
 
 class ShardedItemIndex(ItemIndex):

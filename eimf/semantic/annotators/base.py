@@ -19,12 +19,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+from eimf.formats.annotations import STATUS_FAILED, STATUS_OK
 from eimf.semantic.prompts import PROMPT_VERSION, parse_answer
 
 log = logging.getLogger(__name__)
-
-STATUS_OK = "ok"
-STATUS_FAILED = "failed"
 
 
 @dataclass
