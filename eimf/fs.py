@@ -21,7 +21,10 @@ import contextlib
 import fnmatch
 import json
 import os
+import shutil
+import tempfile
 from typing import Any, Iterator, List, Optional, Tuple
+from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
@@ -245,8 +248,6 @@ def upload_dir(local_dir: str | os.PathLike, url: str) -> str:
         raise FileNotFoundError(f"upload_dir: no local folder at {local_dir}")
     files = _local_files(local_dir)
     if not is_s3(url):
-        import shutil
-
         dest = resolve(url)[1]
         if os.path.abspath(local_dir) != dest:
             shutil.copytree(local_dir, dest, dirs_exist_ok=True)
@@ -265,8 +266,6 @@ def download_dir(url: str, local_dir: str | os.PathLike) -> str:
     files = list_files(url)
     os.makedirs(local_dir, exist_ok=True)
     if not is_s3(url):
-        import shutil
-
         shutil.copytree(resolve(url)[1], local_dir, dirs_exist_ok=True)
         return local_dir
     s3 = s3fs_filesystem()
@@ -289,7 +288,6 @@ def local_dir(path: str) -> Iterator[str]:
             raise FileNotFoundError(f"no folder at {path}")
         yield local
         return
-    import tempfile
 
     with tempfile.TemporaryDirectory(prefix="eimf-s3-") as tmp:
         yield download_dir(path, tmp)
@@ -303,7 +301,6 @@ def pyarrow_s3_filesystem() -> pafs.S3FileSystem:
     (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, its scheme decides http/https), keys when set, and
     region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``. It pickles with these settings, so Ray workers use
     the driver's endpoint and keys."""
-    from urllib.parse import urlparse
 
     opts = s3_options()
     kwargs: dict = {}

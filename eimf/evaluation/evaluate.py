@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from eimf.data.sampling import last_items
 from eimf.evaluation.metrics import MetricAccumulator, pad_truth
 from eimf.evaluation.retrieval import ItemIndex, merge_candidates
 
@@ -22,8 +23,6 @@ InterestFn = Callable[[torch.Tensor, torch.Tensor], "np.ndarray | torch.Tensor"]
 
 def history_batch(histories: Sequence[Sequence[int]], maxlen: int) -> Tuple[np.ndarray, np.ndarray]:
     """Last ``maxlen`` items of each history, right-padded with 0: :func:`eimf.data.sampling.last_items`."""
-    from eimf.data.sampling import last_items
-
     return last_items(histories, maxlen)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
+import pandas as pd
 
 TruthLike = Union[np.ndarray, Sequence[Sequence[int]]]
 
@@ -179,8 +180,6 @@ class MetricAccumulator:
 
     def per_user(self) -> "pd.DataFrame":
         """One row per scored user: ``user`` and every ``metric@n`` (their means are :meth:`result`)."""
-        import pandas as pd
-
         if self._rows is None:
             raise RuntimeError("per_user() needs MetricAccumulator(keep_users=True)")
         cols = ["user"] + [f"{m}@{n}" for n in self.topk for m in METRICS]

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from eimf.config import eimf_home
+from eimf.data.preprocess import read_manifest, read_split
+from eimf.semantic.encoder import SemanticEncoder
+
 log = logging.getLogger(__name__)
 
 ITEM_INITS = ("random", "text")
 
 
 def _cache_path(data_path: str, encoder: str, suffix: str) -> Path:
-    from eimf.config import eimf_home
-    from eimf.data.preprocess import read_manifest
-
     fingerprint = str(read_manifest(data_path).get("fingerprint", "unknown"))
     return Path(eimf_home()) / "cache" / "text_init" / f"{fingerprint}-{encoder.replace('/', '_')}-{suffix}.npy"
 
@@ -31,8 +32,6 @@ def _cache_path(data_path: str, encoder: str, suffix: str) -> Path:
 def item_text_embeddings(data_path: str, encoder: str, chunk: int = 4096) -> str:
     """``[N + 1, D]`` float32: each item's text through the sentence encoder (unit rows; zero for the padding row
     and for items without text), cached; returns the path. Encoded in chunks into a memory-mapped file."""
-    from eimf.data.preprocess import read_manifest, read_split
-    from eimf.semantic.encoder import SemanticEncoder
 
     path = _cache_path(data_path, encoder, "raw")
     if path.exists():

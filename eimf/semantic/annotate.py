@@ -22,6 +22,7 @@ Users whose listed items are identical share one prompt.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -31,11 +32,24 @@ import numpy as np
 import pandas as pd
 
 from eimf import fs as efs
-from eimf.formats.annotations import (ANNOTATIONS_FILE, PROMPTS_FILE, SELECTION_FILE, STATS_FILE, STATUS_FAILED,
-                                      STATUS_OK, annotations_table, write_parquet)
+from eimf.config import eimf_home
+from eimf.formats.annotations import (
+    ANNOTATIONS_FILE,
+    PROMPTS_FILE,
+    SELECTION_FILE,
+    STATS_FILE,
+    STATUS_FAILED,
+    STATUS_OK,
+    annotations_table,
+    write_parquet,
+)
+from eimf.progress import progress
+from eimf.semantic.annotators import build_annotator
 from eimf.semantic.annotators.base import AnnotationRequest, AnnotationResult, Annotator
 from eimf.semantic.cache import AnnotationCache, with_user
+from eimf.semantic.encoder import SemanticEncoder, interest_text
 from eimf.semantic.prompts import PROMPT_VERSION, Prompt, build_prompt
+from eimf.semantic.typical import select_random_users, select_users, user_representations
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +104,6 @@ def _encode(encoder: Any, texts: List[str]) -> np.ndarray:
 def annotations_frame(requests: Sequence[AnnotationRequest], results: Sequence[AnnotationResult],
                       encoder: Any) -> pd.DataFrame:
     """Rows per interest (see module doc); vectors from ``encoder`` (``.encode(texts)`` or a callable)."""
-    from eimf.semantic.encoder import interest_text
-
     rows, texts = [], []
     for req, res in zip(requests, results):
         common = dict(user=int(req.user), cached=bool(res.cached), history_hash=req.history_hash,
@@ -162,7 +174,6 @@ def annotate_users(prepared, selected_users: Union[pd.DataFrame, Sequence[int]],
 
     t0 = time.perf_counter()
     new_results: List[AnnotationResult] = []
-    from eimf.progress import progress
 
     # One stream over every prompt the cache lacks (one engine start for vLLM); each batch of ``chunk_size``
     # answers is stored as it arrives, so a kill loses at most the answers not yet flushed.
@@ -249,13 +260,6 @@ def annotate_from_config(cfg, prepared, model, out_dir: str, annotator: Optional
     annotations. ``annotator``/``encoder``/``cache`` default to the ones ``cfg.semantic`` names.
     ``model=None`` (no warm-up model): the budget is drawn at random (``semantic.selection=random``), logged.
     """
-    import dataclasses
-
-    from eimf.config import eimf_home
-    from eimf.semantic.annotators import build_annotator
-    from eimf.semantic.encoder import SemanticEncoder
-    from eimf.semantic.typical import select_random_users, select_users, user_representations
-
     sem = cfg.semantic
     k = sem.max_interests or cfg.model.num_interests
     if model is None:

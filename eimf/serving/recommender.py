@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from eimf.data.sampling import last_items
+from eimf.serving.explain import label_interests
 from eimf.serving.folder import ModelFolder
 
 DEFAULT_K = 10
@@ -157,7 +158,6 @@ class Recommender:
         f = self.folder
         if f.head is None or f.phrases is None:
             return None
-        from eimf.serving.explain import label_interests
 
         return [[names[0][0] for names in user] for user in label_interests(f.head, interests, f.phrases, topk=1)]
 

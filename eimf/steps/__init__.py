@@ -16,6 +16,8 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional
 
+from eimf import tracking
+
 
 @dataclass
 class StepOutput:
@@ -35,8 +37,6 @@ def numbers(d: dict) -> Dict[str, float]:
 @contextlib.contextmanager
 def mlflow_run(cfg, run_name: str, tags: Optional[dict]) -> Iterator[Optional[str]]:
     """An MLflow run for the steps that have none of their own (prepare, evaluate, export); FAILED on error."""
-    from eimf import tracking
-
     run_id = tracking.start_run(cfg, run_name, tags=dict(tags or {}))
     status = "FAILED"
     try:

@@ -16,6 +16,12 @@ import logging
 import time
 from typing import Any, Optional
 
+from eimf import fs, tracking
+from eimf.config import eimf_home
+from eimf.data.preprocess import load_prepared, prepare
+from eimf.formats.annotations import ANNOTATIONS_FILE, SELECTION_FILE, STATS_FILE
+from eimf.semantic.annotate import annotate_from_config
+from eimf.serving.folder import ModelFolder
 from eimf.steps import StepOutput, numbers
 
 log = logging.getLogger(__name__)
@@ -31,9 +37,6 @@ KEYS = ("users", "selected", "prompts", "cache_hits", "failures", "valid_share",
 
 def load_warmup(model_dir: str):
     """``(model, cfg, prepared)`` from a model folder (local or ``s3://``)."""
-    from eimf.data.preprocess import load_prepared
-    from eimf.serving.folder import ModelFolder
-
     folder = ModelFolder.load(str(model_dir), index=False)
     if not folder.data_path:
         raise FileNotFoundError(f"--model-dir {model_dir}: the model folder records no prepared dataset")
@@ -43,19 +46,12 @@ def load_warmup(model_dir: str):
 def run(cfg, inputs: Optional[dict] = None, out_dir: Optional[str] = None, tags: Optional[dict] = None,
         run_name: Optional[str] = None, annotator: Any = None, encoder: Any = None) -> StepOutput:
     """See the module doc. ``out_dir`` None: ``<EIMF_HOME>/annotations/<run_name>``."""
-    from eimf import fs, tracking
-    from eimf.config import eimf_home
-    from eimf.formats.annotations import ANNOTATIONS_FILE, SELECTION_FILE, STATS_FILE
-    from eimf.semantic.annotate import annotate_from_config
-
     model_dir = (inputs or {}).get("model_dir")
     if model_dir:
         model, mcfg, prepared = load_warmup(model_dir)
         cfg = dataclasses.replace(cfg, data=mcfg.data, model=mcfg.model)
         log.info("warm-up model %s (%s on %s)", model_dir, mcfg.model.backbone, mcfg.data.dataset)
     else:
-        from eimf.data.preprocess import prepare
-
         model, prepared = None, prepare(cfg.data)
     sem = cfg.semantic
     run_name = run_name or f"annotate-{cfg.data.dataset}-{sem.annotator}-{time.strftime('%Y%m%d-%H%M%S')}"

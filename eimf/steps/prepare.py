@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from eimf import fs, tracking
+from eimf.data.preprocess import prepare
 from eimf.steps import StepOutput, mlflow_run, numbers
 
 COUNTS = ("rows_in", "rows_dropped", "users_out", "items_out", "interactions_out", "train_users", "valid_users",
@@ -14,8 +16,6 @@ def run(cfg, inputs: Optional[dict] = None, out_dir: Optional[str] = None, tags:
         run_name: str = "prepare") -> StepOutput:
     """Prepared data under ``out_dir`` (unless ``data.output_dir`` is set); counts as ``prepare/*`` metrics.
     ``inputs["data_fingerprint"]``: the data fingerprint a plan already took (computed once per run)."""
-    from eimf import fs, tracking
-    from eimf.data.preprocess import prepare
 
     data_cfg = cfg.data if cfg.data.output_dir or not out_dir else dataclasses.replace(cfg.data, output_dir=out_dir)
     uri = tracking.tracking_uri(cfg)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,10 +20,10 @@ import numpy as np
 import torch
 
 from eimf.config import Config
-from eimf.formats import checkpoints as ckpt
 from eimf.evaluation import evaluate
 from eimf.evaluation.retrieval import ItemIndex
-
+from eimf.formats import checkpoints as ckpt
+from eimf.models import build_model
 from eimf.progress import progress
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,6 @@ class LoopState:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -315,8 +314,6 @@ class Trainer:
         return state.bad_evals >= self.cfg.train.patience
 
     def _plain_model(self, state: dict) -> torch.nn.Module:
-        from eimf.models import build_model
-
         model = build_model(self.cfg.model, self.model.n_items)
         model.load_state_dict(state)
         return model.eval()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from eimf.data.sampling import SemanticBatch, SemanticTrainSampler
+from eimf.formats.annotations import read_annotations, semantic_evidence, semantic_vectors, semantic_windows
 from eimf.modules.alignment import EIMFHead
 from eimf.training.loop import Trainer, to_tensors
 
@@ -22,8 +23,6 @@ log = logging.getLogger(__name__)
 
 def load_semantics(path: str) -> Dict[int, np.ndarray]:
     """``{user: [M_u, D] float32}`` from ``annotations.parquet`` (file or folder, local or ``s3://``): ok rows only."""
-    from eimf.formats.annotations import read_annotations, semantic_vectors
-
     semantics = semantic_vectors(read_annotations(path))
     if not semantics:
         raise ValueError(f"{path}: no successful annotation to train with")
@@ -53,7 +52,6 @@ def eimf_batches(cfg, users: Sequence[int], sequences: Sequence, semantics: Dict
     """Batches with ``eimf.typical_share`` typical rows carrying their semantic interests, drawn as
     ``eimf.typical_sampling`` says (see :class:`SemanticTrainSampler`). Under N workers ``users`` is one
     worker's shard, which may hold no typical user at a small budget: it then trains without typical rows."""
-    from eimf.formats.annotations import read_annotations, semantic_evidence, semantic_windows
 
     x = cfg.eimf.experimental
     needs = x.matching_space == "evidence" or x.window_overlap > 0

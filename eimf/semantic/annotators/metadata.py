@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from eimf.semantic.annotators.base import AnnotationRequest, Annotator, Generation
+from eimf.semantic.encoder import SemanticEncoder
 from eimf.semantic.prompts import DESCRIPTION_MAX, EVIDENCE_MAX, NAME_MAX, extract_data_block
 
 log = logging.getLogger(__name__)
@@ -219,8 +220,6 @@ class MetadataAnnotator(Annotator):
 
     def _embedder(self):
         if self._embed is None:
-            from eimf.semantic.encoder import SemanticEncoder
-
             self._embed = SemanticEncoder(self.encoder_name if self.encoder_name != "custom" else "all-MiniLM-L6-v2")
         return self._embed
 

