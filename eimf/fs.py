@@ -27,6 +27,8 @@ from typing import Any, Iterator, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+import s3fs
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 S3_PREFIX = "s3://"
 _GLOB_CHARS = set("*?[")
@@ -65,8 +67,6 @@ _S3_CACHE: dict = {}
 
 def s3fs_filesystem():
     """An s3fs file system configured from the environment (one per distinct setting; no listing cache)."""
-    import s3fs
-
     opts = s3_options()
     key = tuple(sorted(opts.items())) + (os.getpid(),)
     if key not in _S3_CACHE:
@@ -78,8 +78,6 @@ def resolve(path: str | os.PathLike) -> Tuple[pafs.FileSystem, str]:
     """``path`` -> (pyarrow file system, path inside it)."""
     path = str(path)
     if is_s3(path):
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
         return PyFileSystem(FSSpecHandler(s3fs_filesystem())), path[len(S3_PREFIX):].rstrip("/")
     if "://" in path and not path.startswith("file://"):
         raise ValueError(f"unsupported path scheme: {path!r} (local paths and s3:// are supported)")

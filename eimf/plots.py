@@ -6,7 +6,7 @@ from typing import Sequence, Tuple
 
 
 def learning_curve(points: Sequence[Tuple[int, float]], path: str | Path, ylabel: str) -> None:
-    import matplotlib
+    import matplotlib  # the Agg backend must be chosen before pyplot loads; and only when a plot is made
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from tqdm.auto import tqdm
+
 
 class _Off:
     n = 0
@@ -28,7 +30,7 @@ def progress(total: Optional[int], desc: str, unit: str = "it", initial: int = 0
     if not enabled or os.environ.get("EIMF_PROGRESS", "1") == "0":
         return _Off()
     try:
-        import ray
+        import ray  # heavy; only asked whether this process is a Ray worker when a bar is made
 
         in_worker = ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
     except Exception:  # noqa: BLE001 - no Ray or no runtime context: a local bar
@@ -40,6 +42,5 @@ def progress(total: Optional[int], desc: str, unit: str = "it", initial: int = 0
         bar.n = initial
         bar.set_postfix_str = lambda s: bar.set_description(f"{desc} {s}")  # tqdm_ray has no postfix
         return bar
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, mininterval=5.0, dynamic_ncols=True)

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import requests
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
 
 from eimf.config import Config, eimf_home, flatten, to_dict
 
@@ -57,8 +59,6 @@ def code_version() -> str:
 
 
 def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
     return MlflowClient(tracking_uri=uri)
 
 
@@ -94,7 +94,6 @@ def start_run(cfg: Config, run_name: str, tags: Optional[Dict[str, str]] = None)
                 "code_version": code_version(), **(tags or {})}
     run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
     params = {k: str(v)[:6000] for k, v in flatten(to_dict(cfg)).items()}
-    from mlflow.entities import Param
 
     c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     log.info("MLflow: run %s (%s) in %s, experiment %s", run_name, run.info.run_id, uri, exp_name)
@@ -102,8 +101,6 @@ def start_run(cfg: Config, run_name: str, tags: Optional[Dict[str, str]] = None)
 
 
 def _metric_batch(metrics: Dict[str, float], step: int) -> list:
-    from mlflow.entities import Metric
-
     ts = int(time.time() * 1000)
     return [Metric(metric_key(k), float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
 
@@ -227,8 +224,6 @@ class MetricSender:
 
 def set_tags(uri: str, run_id: Optional[str], tags: Dict[str, str]) -> None:
     if run_id:
-        from mlflow.entities import RunTag
-
         client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 

@@ -31,6 +31,7 @@ from typing import Dict, NamedTuple, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 MATCHING_METHODS = ("hungarian", "greedy")
@@ -52,7 +53,6 @@ def match_interests(similarity: torch.Tensor, sem_mask: torch.Tensor, method: st
     sem_mask = sem_mask.bool()
     if method == "greedy":
         return _greedy(sim, sem_mask)
-    from scipy.optimize import linear_sum_assignment
 
     # One device->host copy for the batch; each user's K x M_u problem is tiny.
     sim_np, mask_np = sim.cpu().numpy(), sem_mask.cpu().numpy()
@@ -170,11 +170,11 @@ class EIMFHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, semantic_dim: int) -> "EIMFHead":
-        """From a :class:`eimf.config.Config` (``model.dim`` and ``eimf.*``)."""
-        e = cfg.eimf
+        """From a :class:`eimf.config.Config` (``model.dim``, ``eimf.*`` and ``eimf.experimental.*``)."""
+        e, x = cfg.eimf, cfg.eimf.experimental
         return cls(cfg.model.dim, semantic_dim, e.predictor_hidden, e.temperature, e.lambda_sp, e.lambda_ma,
-                   e.matching, e.ma_projection, e.duplicate_cos, e.mask_own_interests, e.matching_space,
-                   e.lambda_item)
+                   e.matching, x.ma_projection, e.duplicate_cos, x.mask_own_interests, x.matching_space,
+                   x.lambda_item)
 
     def match(self, interests: torch.Tensor, sem: torch.Tensor, sem_mask: torch.Tensor,
               grounding: Optional[torch.Tensor] = None) -> Matching:

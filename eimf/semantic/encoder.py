@@ -58,7 +58,7 @@ class SemanticEncoder:
                 if self._model is None:
                     os.environ.setdefault("HF_HUB_OFFLINE", "1")
                     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-                    from sentence_transformers import SentenceTransformer
+                    from sentence_transformers import SentenceTransformer  # heavy: loads only to encode
 
                     self._model = SentenceTransformer(self.path, device=self.device, local_files_only=True)
                     log.info("sentence encoder %s loaded from %s (dim %d)", self.name, self.path, self.dim)

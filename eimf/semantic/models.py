@@ -85,7 +85,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: str = "bfloat16") -> Pat
     Written under a temporary name and renamed, so ``out_dir`` is complete or absent.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # heavy: only to convert a model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()

@@ -31,6 +31,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import jsonschema
+
 PROMPT_VERSION = "v1"
 
 BEGIN_MARK = "BEGIN_ITEMS"
@@ -277,8 +279,6 @@ def parse_answer(text: Optional[str], max_interests: int, n_items: int) -> Tuple
     evidence de-duplicated and sorted. Errors: not JSON, not the schema (with ``K = max_interests``), a blank
     name, an evidence number outside ``1..n_items``.
     """
-    import jsonschema
-
     if text is None or not str(text).strip():
         return None, "empty answer"
     try:

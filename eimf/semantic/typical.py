@@ -29,6 +29,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+import torch
 
 from eimf.data.sampling import eval_batches
 
@@ -46,8 +47,6 @@ def user_representations(model, train_df: pd.DataFrame, maxlen: int, batch_size:
     The model sees the last ``maxlen`` items of ``items[:cut]`` (``cut`` per user; default the whole training
     sequence). ``history_lens`` are the lengths of ``items[:cut]`` (the information a prompt can draw on).
     """
-    import torch
-
     seqs = [np.asarray(s, dtype=np.int64) for s in train_df["items"]]
     if cut is not None:
         cut = np.asarray(cut, dtype=np.int64)
@@ -146,11 +145,7 @@ def apportion(sizes: Sequence[int], total: int, min_one: bool = True) -> np.ndar
 
 # ---------------------------------------------------------------------------------------- selection
 def _kmeans(x: np.ndarray, n_clusters: int, seed: int, spherical: bool, niter: int):
-    try:
-        import torch  # noqa: F401  (import order: torch before faiss)
-    except ImportError:  # pragma: no cover
-        pass
-    import faiss
+    import faiss  # after torch (imported above): the faiss-cpu wheels can crash when imported first
 
     km = faiss.Kmeans(x.shape[1], n_clusters, niter=niter, seed=int(seed), spherical=spherical,
                       max_points_per_centroid=max(256, math.ceil(len(x) / n_clusters)), verbose=False)

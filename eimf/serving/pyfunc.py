@@ -23,6 +23,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.tracking._tracking_service import utils
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
 import eimf
@@ -102,7 +103,6 @@ def _tracking_uri(uri: str):
     """MLflow's fluent API (log_model needs it) pointed at ``uri``, then exactly the state before. set_tracking_uri
     also writes $MLFLOW_TRACKING_URI, so restoring with set_tracking_uri(get_tracking_uri()) would pin MLflow's
     default store (./mlflow.db) for every later run of this process: it did, and a pipeline lost its runs."""
-    from mlflow.tracking._tracking_service import utils
 
     env, previous = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
     mlflow.set_tracking_uri(uri)

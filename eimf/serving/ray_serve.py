@@ -16,9 +16,14 @@ import json
 import logging
 from typing import List
 
+import torch
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+from eimf.evaluation.retrieval import set_faiss_threads
+from eimf.serving.pyfunc import load_recommender
+from eimf.serving.recommender import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +34,6 @@ MAX_BODY_BYTES = 1 << 20
 class Recommend:
     def __init__(self, model_uri: str, max_batch_size: int = 64, batch_wait_timeout_s: float = 0.002,
                  max_body_bytes: int = MAX_BODY_BYTES, threads: int = 1):
-        import torch
-
-        from eimf.evaluation.retrieval import set_faiss_threads
-        from eimf.serving.pyfunc import load_recommender
-
         torch.set_num_threads(threads)  # a single-user forward is tiny: more threads only add contention
         set_faiss_threads(threads)
         self.recommender = load_recommender(model_uri)
@@ -48,8 +48,6 @@ class Recommend:
         return self.recommender.answer(queries)
 
     async def __call__(self, request: Request):
-        from eimf.serving.recommender import RequestError
-
         if request.method == "GET":
             return JSONResponse({"model_uri": self.model_uri, "items": self.recommender.n_items})
         size = request.headers.get("content-length")

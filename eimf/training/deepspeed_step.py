@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import deepspeed
 import torch
 
 from eimf.formats.checkpoints import HEAD as HEAD_FILE
 from eimf.training.loop import StepRunner
-from eimf.training.replicated_head import ReplicatedHead, broadcast_object, rank as _rank
+from eimf.training.replicated_head import ReplicatedHead, broadcast_object
+from eimf.training.replicated_head import rank as _rank
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -36,8 +38,6 @@ def deepspeed_config(micro_batch: int, zero_stage: int, precision: str) -> dict:
 
 class DeepSpeedStepRunner(ReplicatedHead, StepRunner):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
-        import deepspeed
-
         self.zero_stage = config["zero_optimization"]["stage"]
         self.partitioned = self.zero_stage == 3
         # How to build the EIMF head's own optimizer later: the same kind and settings as the model's.
@@ -59,7 +59,6 @@ class DeepSpeedStepRunner(ReplicatedHead, StepRunner):
     def full_params(self):
         if self.zero_stage < 3:
             return contextlib.nullcontext()
-        import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
 
@@ -69,7 +68,6 @@ class DeepSpeedStepRunner(ReplicatedHead, StepRunner):
     def item_rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.zero_stage < 3:
             return super().item_rows(ids)
-        import deepspeed
 
         weight = self.model.item_emb.weight  # partitioned: gathered for the lookup (collective, every rank)
         with torch.no_grad(), deepspeed.zero.GatheredParameters([weight], modifier_rank=None):

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List
 
 import psutil
+import ray.util
 
 
 def link_bytes() -> Dict[str, int]:
@@ -32,8 +33,6 @@ class WorkerPlacement:
 
     @classmethod
     def measure(cls, rank: int, since: Dict[str, int], steps: int) -> "WorkerPlacement":
-        import ray.util
-
         now = link_bytes()
         return cls(rank, socket.gethostname(), ray.util.get_node_ip_address(), now["rx"] - since["rx"],
                    now["tx"] - since["tx"], steps)

@@ -32,11 +32,19 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingType
 
 from eimf.evaluation.retrieval import ItemIndex, resolve_index
 from eimf.formats import checkpoints as ckpt
 from eimf.formats.checkpoints import BEST_TABLE_PREFIX, TABLE_PREFIX, shard_file, shard_files
+from eimf.models import build_model
 from eimf.training.loop import StepRunner
 from eimf.training.replicated_head import ReplicatedHead, broadcast_object
 
@@ -80,9 +88,6 @@ class ShardedItemModel(nn.Module):
 
     def __init__(self, model_cfg, n_items: int):
         super().__init__()
-        from torchrec import EmbeddingCollection, EmbeddingConfig
-
-        from eimf.models import build_model
 
         self.n_items = n_items
         # On the meta device: DMP allocates only this worker's rows.
@@ -97,8 +102,6 @@ class ShardedItemModel(nn.Module):
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of distinct ``ids`` [U] -> [U, d]; collective: every worker calls it once per step."""
-        from torchrec import KeyedJaggedTensor
-
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=[FEATURE], values=ids,
                                                   lengths=torch.tensor([ids.numel()], device=ids.device))
         return self.embeddings(kjt)[FEATURE].values()
@@ -171,8 +174,6 @@ def resolve_sparse_optimizer(name: str, use_gpu: bool) -> str:
 
 def sparse_optimizer_params(name: str, lr: float, use_gpu: bool) -> dict:
     """fbgemm's fused-optimizer settings for ``train.sharded.optimizer``."""
-    from fbgemm_gpu.split_embedding_configs import EmbOptimType
-
     name = resolve_sparse_optimizer(name, use_gpu)
     if name == "adam" and not use_gpu:
         raise ValueError("train.sharded.optimizer=adam needs GPUs: fbgemm's CPU kernels offer sgd, adagrad and "
@@ -201,12 +202,6 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
 
     def __init__(self, model: ShardedItemModel, dense_lr: float, weight_decay: float, sparse: dict,
                  device: torch.device, init_seed: int):
-        import torch.distributed as dist
-        from torchrec.distributed import DistributedModelParallel
-        from torchrec.distributed.embedding import EmbeddingCollectionSharder
-        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-        from torchrec.distributed.types import ShardingType
-
         if not dist.is_initialized():
             raise RuntimeError("train.strategy=sharded needs torch.distributed (it runs inside Ray Train workers)")
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
@@ -374,8 +369,6 @@ class ShardedItemIndex(ItemIndex):
         self.total_items = n_items
 
     def search(self, queries: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
-        import torch.distributed as dist
-
         ids, scores = super().search(queries, n)
         k = max(1, min(int(n), self.total_items))
         # pad to k columns: every worker must send equal shapes

@@ -15,6 +15,7 @@ def build_annotator(cfg, **kwargs) -> Annotator:
     ``annotators/vllm_ray.py`` (``VLLMRayAnnotator.from_config``) when it is installed.
     """
     name = cfg.annotator
+    # each annotator's dependencies (an encoder, openai, vLLM) load only when it is the one chosen
     if name == "metadata":
         from eimf.semantic.annotators.metadata import MetadataAnnotator
 

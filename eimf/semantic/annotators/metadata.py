@@ -32,6 +32,7 @@ from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
 
 from eimf.semantic.annotators.base import AnnotationRequest, Annotator, Generation
 from eimf.semantic.encoder import SemanticEncoder
@@ -105,7 +106,6 @@ def group_items(emb: np.ndarray, n_groups: int) -> np.ndarray:
     n = len(emb)
     if n <= 1 or n_groups <= 1:
         return np.zeros(n, dtype=np.int64)
-    from scipy.cluster.hierarchy import fcluster, linkage
 
     z = linkage(np.asarray(emb, dtype=np.float64), method="ward")
     labels = fcluster(z, t=min(n_groups, n), criterion="maxclust")

@@ -52,7 +52,7 @@ class OpenAICompatAnnotator(Annotator):
         self.extra_body = dict(extra_body or {})
         self.sampling_tag = sampling_tag
         api_key = os.environ.get(api_key_env) if api_key_env else None
-        from openai import OpenAI
+        from openai import OpenAI  # the [llm] extra: only this annotator needs it
 
         # The client's own retries are off: tenacity below owns retries and backoff.
         self.client = OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=self.timeout_s, max_retries=0)
@@ -61,10 +61,11 @@ class OpenAICompatAnnotator(Annotator):
     @classmethod
     def from_config(cls, cfg) -> "OpenAICompatAnnotator":
         """From a :class:`eimf.config.SemanticConfig`."""
-        return cls(base_url=cfg.openai_base_url, model=cfg.openai_model, api_key_env=cfg.openai_api_key_env,
-                   structured_output=cfg.structured_output, timeout_s=cfg.request_timeout_s,
-                   max_concurrency=cfg.max_concurrency, request_retries=cfg.request_retries,
-                   backoff_initial_s=cfg.backoff_initial_s, backoff_max_s=cfg.backoff_max_s,
+        o = cfg.openai
+        return cls(base_url=o.base_url, model=o.model, api_key_env=o.api_key_env,
+                   structured_output=o.structured_output, timeout_s=o.request_timeout_s,
+                   max_concurrency=o.max_concurrency, request_retries=o.request_retries,
+                   backoff_initial_s=o.backoff_initial_s, backoff_max_s=o.backoff_max_s,
                    temperature=cfg.temperature, max_tokens=cfg.max_tokens, max_attempts=cfg.max_attempts)
 
     @property
@@ -89,7 +90,7 @@ class OpenAICompatAnnotator(Annotator):
         return kw
 
     def _retryable(self, exc: BaseException) -> bool:
-        import openai
+        import openai  # the [llm] extra
 
         if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
                             openai.InternalServerError)):
@@ -97,8 +98,8 @@ class OpenAICompatAnnotator(Annotator):
         return isinstance(exc, openai.APIStatusError) and exc.status_code >= 500
 
     def _call(self, req: AnnotationRequest) -> Generation:
-        from tenacity import (RetryError, Retrying, retry_if_exception, stop_after_attempt,
-                              wait_exponential_jitter)
+        from tenacity import (RetryError, Retrying, retry_if_exception,  # the [llm] extra
+                              stop_after_attempt, wait_exponential_jitter)
 
         t0 = time.perf_counter()
         kwargs = self._request_kwargs(req)

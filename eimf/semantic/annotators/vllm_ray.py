@@ -43,6 +43,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from unittest import mock
 
+import ray
+from ray.util.state import list_actors
+
 from eimf.semantic.annotators.base import AnnotationRequest, Annotator, Generation
 from eimf.semantic.models import resolve_llm
 from eimf.semantic.prompts import interest_schema
@@ -59,8 +62,6 @@ ERROR_COLUMN = "__inference_error__"
 def _engine_hosts() -> List[str]:
     """Node addresses of this job's vLLM engine actors, from Ray's state API ([] if it fails). An engine that
     ended before it was ready loses its node in that API: ask while the pass runs."""
-    import ray
-    from ray.util.state import list_actors
 
     try:
         job = ray.get_runtime_context().get_job_id()
@@ -172,8 +173,6 @@ class VLLMRayAnnotator(Annotator):
             if self.device != "auto":
                 self._resolved_device = self.device
             else:
-                import ray
-
                 self._resolved_device = "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
             if self._resolved_device == "cpu" and self.tensor_parallel_size > 1:
                 raise ValueError("semantic.vllm.tensor_parallel_size > 1 needs GPUs: vLLM's Ray executor is "
@@ -192,8 +191,7 @@ class VLLMRayAnnotator(Annotator):
         return {"env_vars": env}
 
     def _build_processor(self):
-        import ray
-        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+        from ray.data.llm import build_processor, vLLMEngineProcessorConfig  # imports vLLM: only when annotating
 
         if not ray.is_initialized():
             ray.init(**{"include_dashboard": False, **self.ray_init_kwargs})
@@ -224,8 +222,6 @@ class VLLMRayAnnotator(Annotator):
 
     def _rows(self, rows: List[dict]) -> Iterator[dict]:
         """The output rows of one streaming Ray Data pass over ``rows``, as they come back."""
-        import ray
-
         # ray.data.llm calls ray.init(runtime_env=<the engines' env>) even with Ray running; inside a Ray job whose
         # runtime env sets one of the same variables (HF_HUB_OFFLINE, VLLM_CPU_OMP_THREADS_BIND, ...) Ray refuses
         # that call as a conflict unless told to combine them. The engines' env is read from this process's
