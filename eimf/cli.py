@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import subprocess
 import sys
 from typing import List, Optional
 
-from eimf.config import load_config
+from eimf.config import ConfigError, load_config
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -37,7 +38,7 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def cmd_train(args) -> int:
-    from eimf.training.runner import train
+    from eimf.steps.train import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
@@ -50,7 +51,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from eimf.evaluation.exported import evaluate_exported
+    from eimf.steps.evaluate import evaluate_exported
 
     metrics = evaluate_exported(args.model_dir, split=args.split, with_baseline=True)
     _print_metrics(metrics)
@@ -83,16 +84,16 @@ def cmd_data(args) -> int:
             print(f"{name:<16} {getattr(spec, 'description', '')}")
         return 0
     if args.data_cmd == "download":
-        from eimf.data.datasets import data_dir as resolve_data_dir
         from eimf.data.download import download
+        from eimf.data.inputs import data_dir as resolve_data_dir
 
         data_dir = resolve_data_dir(args)  # --data-dir, else $EIMF_DATA_DIR, else ~/.cache/eimf/datasets
         path = download(args.name, data_dir, force=args.force)
         print(f"{args.name} is in {path}; use data.data_dir={data_dir} or EIMF_DATA_DIR={data_dir}")
         return 0
     if args.data_cmd == "verify":
-        from eimf.data.datasets import data_dir as resolve_data_dir
         from eimf.data.download import verify
+        from eimf.data.inputs import data_dir as resolve_data_dir
 
         res = verify(args.name, resolve_data_dir(args))
         print(res.summary())
@@ -229,8 +230,6 @@ def user_errors() -> tuple:
     from eimf.serving.folder import ModelFolderError
     from eimf.serving.recommender import RequestError
 
-    from eimf.config import ConfigError
-
     # ModelNotFoundError is a FileNotFoundError; ConfigError names the setting and what it accepts
     errors = [UserError, ConfigError, DownloadError, FileNotFoundError, ModelFolderError, RequestError]
     try:
@@ -240,7 +239,7 @@ def user_errors() -> tuple:
     except ImportError:  # pragma: no cover
         pass
     try:
-        from eimf.data.formats import DataError
+        from eimf.data.parsers import DataError
 
         errors.append(DataError)
     except ImportError:  # pragma: no cover
@@ -248,14 +247,29 @@ def user_errors() -> tuple:
     return tuple(errors)
 
 
+def exits_2_on_user_error(prog: str):
+    """Decorator for a command's ``main``: a user's mistake (:func:`user_errors`: a setting, the data, a missing
+    file) prints one line ``<prog>: error: <message>`` and returns 2, without a traceback."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except user_errors() as e:
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
+
+
+@exits_2_on_user_error("eimf")
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    try:
-        return args.fn(args)
-    except user_errors() as e:
-        print(f"eimf: error: {e}", file=sys.stderr)
-        return 2
+    return args.fn(args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eimf.cli import exits_2_on_user_error
+
 
 def _rows(path: str, dataset, model):
     from eimf.experiments import read_rows
@@ -50,6 +52,7 @@ def _per_user(row: dict, split: str, work: Path):
     return pd.read_parquet(cached)
 
 
+@exits_2_on_user_error("compare")
 def main(argv=None) -> int:
     from eimf.evaluation.compare import paired_bootstrap
 

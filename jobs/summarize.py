@@ -13,7 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from eimf.cli import exits_2_on_user_error
 
+
+@exits_2_on_user_error("summarize")
 def main(argv=None) -> int:
     from eimf.experiments import format_summary, format_table, read_rows
 
