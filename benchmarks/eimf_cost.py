@@ -19,7 +19,8 @@ import time
 import torch
 
 from eimf.config import load_config
-from eimf.data.preprocess import load_prepared, prepare
+from eimf.data.preprocess import prepare
+from eimf.formats.prepared import load_prepared
 from eimf.data.sampling import TrainSampler, eval_batches
 from eimf.training.loop import seed_everything
 from eimf.training.components import build_components

@@ -44,7 +44,7 @@ def raw_dir(work: Path, m: int) -> Path:
 def one_run(args) -> None:
     """Child process: prepare one log with one engine; prints the measurements as the last line."""
     from eimf.config import load_config
-    from eimf.data.distributed import peak_rss_mb
+    from eimf.data.buckets import peak_rss_mb
     from eimf.data.preprocess import prepare
     from eimf.data.synthetic import custom_overrides
     from eimf.ray_init import init_ray

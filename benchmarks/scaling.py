@@ -59,7 +59,7 @@ def catalogue(work: Path, n: int) -> str:
 def one_run(args) -> None:
     """Child process: one configuration on one prepared catalogue; prints the metrics as the last line."""
     from eimf.config import load_config
-    from eimf.data.preprocess import read_manifest
+    from eimf.formats.prepared import read_manifest
     from eimf.steps.train import train
 
     workers, overrides = CONFIGS[args.one]
@@ -97,7 +97,7 @@ def total_memory_mb() -> float:
 
 
 def measure(args) -> list:
-    from eimf.data.preprocess import read_manifest
+    from eimf.formats.prepared import read_manifest
 
     rows = json.loads(args.json.read_text()) if args.json.exists() else []
     for n in args.sizes:

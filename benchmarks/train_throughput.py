@@ -16,7 +16,8 @@ import time
 import torch
 
 from eimf.config import load_config
-from eimf.data.preprocess import load_prepared, prepare
+from eimf.data.preprocess import prepare
+from eimf.formats.prepared import load_prepared
 from eimf.data.sampling import TrainSampler
 from eimf.training.loop import Trainer, seed_everything
 from eimf.training.components import build_components, peak_rss_mb

@@ -13,10 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from eimf.config import DataConfig
-from eimf.data.datasets import resolve_inputs
-from eimf.data.distributed import bucket_of, merge_sorted, plan_pieces
-from eimf.data.formats import DataError
-from eimf.data.preprocess import SPLITS, prepare
+from eimf.data.buckets import bucket_of, plan_pieces
+from eimf.data.distributed import merge_sorted
+from eimf.data.inputs import resolve_inputs
+from eimf.data.parsers import DataError
+from eimf.data.preprocess import prepare
+from eimf.formats.prepared import SPLITS
 
 DATA = Path(os.environ.get("EIMF_DATA_DIR", "/nonexistent"))
 TABLES = (*SPLITS, "items", "users")
@@ -223,7 +225,7 @@ def test_bucket_of_is_the_same_in_another_process():
     import sys
 
     ids = ["1", "A0", "B0001x", "üñí", ""]
-    code = f"from eimf.data.distributed import bucket_of; import numpy as np; " \
+    code = f"from eimf.data.buckets import bucket_of; import numpy as np; " \
            f"print(bucket_of(np.array({ids!r}, dtype=object), 97).tolist())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.strip()

@@ -1,4 +1,4 @@
-"""eimf.data.formats: every input format, row validation, drop accounting, error messages."""
+"""eimf.data.parsers (and the datasets' own catalogue parsers): every input format, row validation, drop accounting, error messages."""
 from __future__ import annotations
 
 import gzip
@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eimf.data.formats import (
-    CatalogueSpec, DataError, EmptyFileError, InteractionSpec, detect_format, parse_catalogue,
-    parse_interactions, parse_ml100k_genres,
+from eimf.data.datasets.movielens import parse_ml100k_genres
+from eimf.data.ingest import parse_catalogue
+from eimf.data.parsers import (
+    CatalogueSpec, DataError, EmptyFileError, InteractionSpec, detect_format, parse_interactions,
 )
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,4 +1,4 @@
-"""eimf.data.preprocess / datasets / ingest: k-core, re-index, splits, manifest, cache, bad inputs."""
+"""eimf.data.preprocess / transforms / inputs / ingest: k-core, re-index, splits, manifest, cache, bad inputs."""
 from __future__ import annotations
 
 import gzip
@@ -12,9 +12,12 @@ import pandas as pd
 import pytest
 
 from eimf.config import DataConfig
-from eimf.data.datasets import DatasetNotFoundError, resolve_inputs
-from eimf.data.formats import DataError, EmptyFileError
-from eimf.data.preprocess import kcore, load_prepared, prepare, reindex_by_frequency, split_codes, split_users
+from eimf.data.datasets import DatasetNotFoundError
+from eimf.data.inputs import resolve_inputs
+from eimf.data.parsers import DataError, EmptyFileError
+from eimf.data.preprocess import prepare
+from eimf.data.transforms import kcore, reindex_by_frequency, split_codes, split_users
+from eimf.formats.prepared import load_prepared
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from eimf.data.datasets import DownloadSpec, RemoteFile
+
 # The module itself, even if eimf/data/__init__.py re-exports a function named ``download``.
 dl = importlib.import_module("eimf.data.download")
 
@@ -94,11 +96,11 @@ def _zip(files: dict, top: str = "tiny") -> bytes:
 TINY_FILES = {"ratings.dat": b"1::10::5::978300760\n1::20::3::978302109\n", "movies.dat": b"10::Toy (1995)::Comedy\n"}
 
 
-def _register(monkeypatch, *files: dl.RemoteFile, required=(("ratings.dat",), ("movies.dat",))) -> dl.DownloadSpec:
+def _register(monkeypatch, *files: RemoteFile, required=(("ratings.dat",), ("movies.dat",))) -> DownloadSpec:
     from eimf.data.datasets import DATASETS, DatasetSpec, Source
-    from eimf.data.formats import CatalogueSpec, InteractionSpec
+    from eimf.data.parsers import CatalogueSpec, InteractionSpec
 
-    spec = dl.DownloadSpec(name="tiny", description="test", files=tuple(files), required=tuple(required))
+    spec = DownloadSpec(name="tiny", description="test", files=tuple(files), required=tuple(required))
     source = Source("ratings", "ratings.dat + movies.dat", ("ratings.dat",),
                     InteractionSpec(format="dat", header=False, names=["user_id", "item_id", "rating", "timestamp"]),
                     ("movies.dat",), CatalogueSpec(format="ml1m-movies"))
@@ -118,9 +120,9 @@ def _leftovers(folder: Path):
 def test_download_verify_extract_and_reuse(server, tmp_path, monkeypatch):
     body = _zip(TINY_FILES)
     server.routes["/tiny.zip"] = body
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", "https://publisher.invalid/x", extract=True,
-                                         sha256=hashlib.sha256(body).hexdigest(), md5=hashlib.md5(body).hexdigest(),
-                                         size=len(body), checksum_source="test"))
+    _register(monkeypatch, RemoteFile("tiny.zip", "https://publisher.invalid/x", extract=True,
+                                      sha256=hashlib.sha256(body).hexdigest(), md5=hashlib.md5(body).hexdigest(),
+                                      size=len(body), checksum_source="test"))
     monkeypatch.setenv(dl.MIRROR_ENV, server.url)
 
     out = dl.download("tiny", tmp_path, **_fast())
@@ -149,8 +151,8 @@ def test_download_verify_extract_and_reuse(server, tmp_path, monkeypatch):
 def test_data_dir_from_env_and_mirror_argument(server, tmp_path, monkeypatch):
     body = _zip(TINY_FILES)
     server.routes["/mirror/tiny.zip"] = body
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", "https://publisher.invalid/", extract=True,
-                                         sha256=hashlib.sha256(body).hexdigest()))
+    _register(monkeypatch, RemoteFile("tiny.zip", "https://publisher.invalid/", extract=True,
+                                      sha256=hashlib.sha256(body).hexdigest()))
     monkeypatch.setenv(dl.DATA_DIR_ENV, str(tmp_path / "env-dir"))
     monkeypatch.setenv(dl.MIRROR_ENV, "http://127.0.0.1:9/unused")  # the argument wins over the env var
     out = dl.download("tiny", mirror=server.url + "/mirror/", **_fast())
@@ -160,8 +162,8 @@ def test_data_dir_from_env_and_mirror_argument(server, tmp_path, monkeypatch):
 def test_checksum_mismatch_raises_and_leaves_no_file(server, tmp_path, monkeypatch):
     server.routes["/tiny.zip"] = _zip(TINY_FILES)
     expected = hashlib.sha256(b"what the publisher published").hexdigest()
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", server.url, extract=True, sha256=expected,
-                                         checksum_source="publisher .sha256"))
+    _register(monkeypatch, RemoteFile("tiny.zip", server.url, extract=True, sha256=expected,
+                                      checksum_source="publisher .sha256"))
     with pytest.raises(dl.ChecksumError) as err:
         dl.download("tiny", tmp_path, **_fast())
     msg = str(err.value)
@@ -174,11 +176,11 @@ def test_checksum_mismatch_raises_and_leaves_no_file(server, tmp_path, monkeypat
 def test_size_and_md5_are_checked_too(server, tmp_path, monkeypatch):
     body = _zip(TINY_FILES)
     server.routes["/tiny.zip"] = body
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", server.url, extract=True, md5="0" * 32))
+    _register(monkeypatch, RemoteFile("tiny.zip", server.url, extract=True, md5="0" * 32))
     with pytest.raises(dl.ChecksumError, match="md5"):
         dl.download("tiny", tmp_path, **_fast())
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", server.url, extract=True, size=len(body) + 1,
-                                         md5=hashlib.md5(body).hexdigest()))
+    _register(monkeypatch, RemoteFile("tiny.zip", server.url, extract=True, size=len(body) + 1,
+                                      md5=hashlib.md5(body).hexdigest()))
     with pytest.raises(dl.ChecksumError, match="size"):
         dl.download("tiny", tmp_path, **_fast())
     assert _leftovers(tmp_path / "tiny") == []
@@ -188,8 +190,8 @@ def test_server_down_gives_clear_error(tmp_path, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", f"http://127.0.0.1:{port}", extract=True,
-                                         sha256="0" * 64))
+    _register(monkeypatch, RemoteFile("tiny.zip", f"http://127.0.0.1:{port}", extract=True,
+                                      sha256="0" * 64))
     with pytest.raises(dl.DownloadError) as err:
         dl.download("tiny", tmp_path, **_fast(retries=2))
     msg = str(err.value)
@@ -204,8 +206,8 @@ def test_retry_after_transient_503(server, tmp_path, monkeypatch, caplog):
     body = _zip(TINY_FILES)
     server.routes["/tiny.zip"] = body
     server.fail_first["/tiny.zip"] = 1
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", server.url, extract=True,
-                                         sha256=hashlib.sha256(body).hexdigest()))
+    _register(monkeypatch, RemoteFile("tiny.zip", server.url, extract=True,
+                                      sha256=hashlib.sha256(body).hexdigest()))
     with caplog.at_level(logging.WARNING, logger=dl.__name__):
         out = dl.download("tiny", tmp_path, **_fast())
     assert server.hits["/tiny.zip"] == 2 and (out / "ratings.dat").is_file()
@@ -216,8 +218,8 @@ def test_retry_after_truncated_body(server, tmp_path, monkeypatch):
     body = _zip({"ratings.dat": os.urandom(200_000), "movies.dat": b"m"})
     server.routes["/tiny.zip"] = body
     server.truncate_first["/tiny.zip"] = 1
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", server.url, extract=True,
-                                         sha256=hashlib.sha256(body).hexdigest()))
+    _register(monkeypatch, RemoteFile("tiny.zip", server.url, extract=True,
+                                      sha256=hashlib.sha256(body).hexdigest()))
     out = dl.download("tiny", tmp_path, **_fast())
     assert server.hits["/tiny.zip"] == 2 and (out / "tiny.zip").read_bytes() == body
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -226,11 +228,11 @@ def test_retry_after_truncated_body(server, tmp_path, monkeypatch):
 def test_persistent_503_and_404_fail(server, tmp_path, monkeypatch):
     server.routes["/tiny.zip"] = b"x"
     server.fail_first["/tiny.zip"] = 99
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", server.url, extract=True, sha256="0" * 64))
+    _register(monkeypatch, RemoteFile("tiny.zip", server.url, extract=True, sha256="0" * 64))
     with pytest.raises(dl.DownloadError, match="after 3 attempts: HTTP 503"):
         dl.download("tiny", tmp_path, **_fast())
     assert server.hits["/tiny.zip"] == 3
-    _register(monkeypatch, dl.RemoteFile("gone.zip", server.url, extract=True, sha256="0" * 64))
+    _register(monkeypatch, RemoteFile("gone.zip", server.url, extract=True, sha256="0" * 64))
     with pytest.raises(dl.DownloadError, match="404") as err:
         dl.download("tiny", tmp_path, **_fast())
     assert server.hits["/gone.zip"] == 1  # a 404 is not retried
@@ -243,8 +245,8 @@ def test_trust_on_first_use_for_gz_kept_as_downloaded(server, tmp_path, monkeypa
     server.routes.update({"/reviews_Tiny_5.json.gz": reviews, "/meta_Tiny.json.gz": meta})
     # Some servers label .gz files Content-Encoding: gzip; the bytes must still be kept as served.
     server.extra_headers["/reviews_Tiny_5.json.gz"] = {"Content-Encoding": "gzip"}
-    _register(monkeypatch, dl.RemoteFile("reviews_Tiny_5.json.gz", server.url),
-              dl.RemoteFile("meta_Tiny.json.gz", server.url),
+    _register(monkeypatch, RemoteFile("reviews_Tiny_5.json.gz", server.url),
+              RemoteFile("meta_Tiny.json.gz", server.url),
               required=(("reviews_Tiny_5.json.gz",), ("meta_Tiny.json.gz",)))
 
     with caplog.at_level(logging.WARNING, logger=dl.__name__):
@@ -269,8 +271,8 @@ def test_trust_on_first_use_for_gz_kept_as_downloaded(server, tmp_path, monkeypa
 def test_corrupt_local_file_is_downloaded_again(server, tmp_path, monkeypatch):
     body = _zip(TINY_FILES)
     server.routes["/tiny.zip"] = body
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", server.url, extract=True,
-                                         sha256=hashlib.sha256(body).hexdigest()))
+    _register(monkeypatch, RemoteFile("tiny.zip", server.url, extract=True,
+                                      sha256=hashlib.sha256(body).hexdigest()))
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "tiny.zip").write_bytes(b"half a zip")
     out = dl.download("tiny", tmp_path, **_fast())
@@ -284,8 +286,8 @@ def test_zip_slip_is_refused(server, tmp_path, monkeypatch):
         zf.writestr("../evil.txt", b"owned")
     body = buf.getvalue()
     server.routes["/tiny.zip"] = body
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", server.url, extract=True,
-                                         sha256=hashlib.sha256(body).hexdigest()))
+    _register(monkeypatch, RemoteFile("tiny.zip", server.url, extract=True,
+                                      sha256=hashlib.sha256(body).hexdigest()))
     with pytest.raises(dl.DownloadError, match="refusing"):
         dl.download("tiny", tmp_path / "d", **_fast())
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "d" / "evil.txt").exists()
@@ -360,12 +362,13 @@ def test_verify_shared_data_folder(name):
 # ----------------------------------------------------------------------------------- data.download=auto
 def test_a_missing_dataset_is_downloaded_on_first_use_and_offline_the_error_stays(server, tmp_path, monkeypatch):
     from eimf.config import load_config
-    from eimf.data.datasets import DatasetNotFoundError, ensure_dataset, resolve_inputs
+    from eimf.data.datasets import DatasetNotFoundError
+    from eimf.data.inputs import ensure_dataset, resolve_inputs
 
     payload = _zip(TINY_FILES)
     server.routes["/tiny.zip"] = payload
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", server.url, sha256=hashlib.sha256(payload).hexdigest(),
-                                         extract=True))
+    _register(monkeypatch, RemoteFile("tiny.zip", server.url, sha256=hashlib.sha256(payload).hexdigest(),
+                                      extract=True))
     cfg = load_config(None, ["data.dataset=tiny", f"data.data_dir={tmp_path / 'data'}"]).data
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "data" / "tiny")):
         resolve_inputs(cfg)  # resolving never downloads (a --plan writes nothing)
@@ -378,7 +381,7 @@ def test_a_missing_dataset_is_downloaded_on_first_use_and_offline_the_error_stay
     ensure_dataset(off)
     assert server.hits["/tiny.zip"] == 1 and not (tmp_path / "none").exists()
     # no network (a closed port): the error names the folder and the reason, and leaves no folder behind
-    _register(monkeypatch, dl.RemoteFile("tiny.zip", "http://127.0.0.1:9", extract=True))
+    _register(monkeypatch, RemoteFile("tiny.zip", "http://127.0.0.1:9", extract=True))
     gone = load_config(None, ["data.dataset=tiny", f"data.data_dir={tmp_path / 'offline'}"]).data
     with pytest.raises(DatasetNotFoundError, match="downloading it failed") as e:
         ensure_dataset(gone)

@@ -1,24 +1,17 @@
 """``eimf data download NAME``: fetch public datasets from their publishers, verify, extract.
 
-Files land in ``<data_dir>/<name>/`` in the layout the readers expect (``eimf.data.datasets``):
+Files land in ``<data_dir>/<name>/`` in the layout the readers expect (the catalogue, :mod:`eimf.data.datasets`,
+says what to fetch for each dataset):
 
 * ``ml-100k``  GroupLens ``ml-100k.zip`` extracted (``u.data``, ``u.item``, ``u.genre``, ...); the zip is kept.
 * ``ml-1m``    GroupLens ``ml-1m.zip`` extracted (``ratings.dat``, ``movies.dat``, ``users.dat``); the zip is kept.
 * ``amazon-beauty`` / ``amazon-sports`` / ``amazon-toys``: the McAuley lab's 2014 5-core review file and the
   category's metadata file, kept gzipped exactly as downloaded.
 
-Checksums (recorded next to each file in the specs below, with their source):
-
-=============================================  ==========================================================
-file                                           checksum and where it comes from
-=============================================  ==========================================================
-``ml-100k.zip`` (4,924,029 bytes)              MD5 ``0e33842e...`` from GroupLens' own sidecar
-                                               ``ml-100k.zip.md5``; SHA256 ``50d2a982...`` and size from
-                                               tensorflow/datasets ``url_checksums/movielens.txt``
-``ml-1m.zip`` (5,917,549 bytes)                MD5 ``c4d9eecf...`` from GroupLens' sidecar ``ml-1m.zip.md5``;
-                                               SHA256 ``a6898adb...`` and size from tensorflow/datasets
-``reviews_*_5.json.gz``, ``meta_*.json.gz``    none published by the McAuley lab: **trust on first use**
-=============================================  ==========================================================
+Checksums: the publishers' own, where they publish any, are data in ``eimf/data/datasets/checksums.json`` (with where
+each value comes from): MD5 from GroupLens' sidecar ``ml-*.zip.md5`` files, SHA256 and size from
+tensorflow/datasets' ``url_checksums/movielens.txt``. The McAuley lab publishes none for ``reviews_*_5.json.gz`` and
+``meta_*.json.gz``: **trust on first use**.
 
 Trust on first use: the SHA256 of the first download is written to ``<data_dir>/<name>/CHECKSUMS``
 (``sha256sum`` format, so ``cd <data_dir>/<name> && sha256sum -c CHECKSUMS`` works) and every later
@@ -46,6 +39,10 @@ from typing import Dict, List, Optional, Tuple
 
 import requests
 import urllib3
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tqdm.auto import tqdm
+
+from eimf.data.datasets import DATASETS, TOFU, DownloadSpec, RemoteFile
 
 log = logging.getLogger(__name__)
 
@@ -58,130 +55,12 @@ CHECKSUMS_FILE = "CHECKSUMS"
 #: Checksum lists :func:`verify` reads (``sha256sum`` format).
 SUMS_FILES = ("SHA256SUMS", CHECKSUMS_FILE)
 
-_GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
-_MCAULEY_2014 = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
 _CHUNK = 1 << 20
-_TOFU = "trust on first use: no published checksum"
 
 
 # --------------------------------------------------------------------------------------------- registry
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file as its publisher serves it."""
-
-    filename: str
-    base_url: str
-    #: Published checksums (lower-case hex) and size; None where the publisher gives none.
-    sha256: Optional[str] = None
-    md5: Optional[str] = None
-    size: Optional[int] = None
-    #: Where the checksums come from, or why there are none.
-    checksum_source: str = _TOFU
-    #: A zip whose members go into the dataset folder (a single top-level folder is stripped).
-    extract: bool = False
-
-    def url(self, mirror: Optional[str] = None) -> str:
-        base = mirror if mirror else self.base_url
-        return base.rstrip("/") + "/" + self.filename
-
-    @property
-    def published(self) -> bool:
-        return bool(self.sha256 or self.md5)
-
-
-@dataclass(frozen=True)
-class DownloadSpec:
-    name: str
-    description: str
-    files: Tuple[RemoteFile, ...]
-    #: Files the readers need, each a tuple of acceptable alternatives; all present = nothing to download.
-    required: Tuple[Tuple[str, ...], ...]
-    homepage: str = ""
-    terms: str = ""
-
-    def is_complete(self, folder: Path) -> bool:
-        return all(any((folder / alt).is_file() for alt in alts) for alts in self.required)
-
-    def missing(self, folder: Path) -> List[str]:
-        return [" or ".join(alts) for alts in self.required if not any((folder / a).is_file() for a in alts)]
-
-
-_ML_TERMS = (
-    "GroupLens terms: research use only, cite Harper & Konstan (2015), no redistribution, "
-    "no endorsement implied (see the README inside the zip)."
-)
-_AMAZON_TERMS = (
-    "McAuley lab (UCSD), for research; cite He & McAuley (WWW 2016) and McAuley et al. (SIGIR 2015)."
-)
-
-
-def _amazon(name: str, category: str, label: str) -> DownloadSpec:
-    reviews, meta = f"reviews_{category}_5.json.gz", f"meta_{category}.json.gz"
-    return DownloadSpec(
-        name=name,
-        description=f"Amazon {label} 5-core reviews + metadata, 2014 release (McAuley lab)",
-        files=(RemoteFile(reviews, _MCAULEY_2014), RemoteFile(meta, _MCAULEY_2014)),
-        required=((reviews,), (meta,)),
-        homepage="https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html",
-        terms=_AMAZON_TERMS,
-    )
-
-
-#: What to fetch for each built-in dataset; the one registry (eimf.data.datasets.DATASETS) points to these.
-ML_100K = DownloadSpec(
-    name="ml-100k",
-    description="MovieLens 100K (GroupLens): 100,000 ratings, 943 users, 1,682 movies, with timestamps",
-    files=(
-        RemoteFile(
-            "ml-100k.zip",
-            _GROUPLENS,
-            # SHA256 + size: tensorflow/datasets tensorflow_datasets/url_checksums/movielens.txt
-            # (commit 1c076ac3). MD5: GroupLens sidecar files.grouplens.org/.../ml-100k.zip.md5
-            # ("MD5 (ml-100k.zip) = 0e33842e24a9c977be4e0107933c0723"), also used by torchtext.
-            sha256="50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
-            md5="0e33842e24a9c977be4e0107933c0723",
-            size=4924029,
-            checksum_source="MD5: GroupLens ml-100k.zip.md5; SHA256+size: tensorflow_datasets url_checksums",
-            extract=True,
-        ),
-    ),
-    required=(("u.data", "u.data.gz"), ("u.item",), ("u.genre",), ("u.user",)),
-    homepage="https://grouplens.org/datasets/movielens/100k/",
-    terms=_ML_TERMS,
-)
-
-ML_1M = DownloadSpec(
-    name="ml-1m",
-    description="MovieLens 1M (GroupLens): 1,000,209 ratings, 6,040 users, 3,706 movies, with timestamps",
-    files=(
-        RemoteFile(
-            "ml-1m.zip",
-            _GROUPLENS,
-            # SHA256 + size: tensorflow/datasets url_checksums/movielens.txt (commit 1c076ac3).
-            # MD5: GroupLens sidecar ml-1m.zip.md5 ("MD5 (ml-1m.zip) = c4d9eecfca2ab87c1945afe126590906"),
-            # copy in GitHub AKSW/frankgraphbench datasets/ml-1m.zip.md5 (commit 47eac0c7).
-            sha256="a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
-            md5="c4d9eecfca2ab87c1945afe126590906",
-            size=5917549,
-            checksum_source="MD5: GroupLens ml-1m.zip.md5; SHA256+size: tensorflow_datasets url_checksums",
-            extract=True,
-        ),
-    ),
-    required=(("ratings.dat",), ("movies.dat",), ("users.dat",)),
-    homepage="https://grouplens.org/datasets/movielens/1m/",
-    terms=_ML_TERMS,
-)
-
-# The McAuley lab publishes no checksums for the 2014 files: trust on first use (CHECKSUMS).
-AMAZON_BEAUTY = _amazon("amazon-beauty", "Beauty", "Beauty")
-AMAZON_SPORTS = _amazon("amazon-sports", "Sports_and_Outdoors", "Sports and Outdoors")
-AMAZON_TOYS = _amazon("amazon-toys", "Toys_and_Games", "Toys and Games")
-
-
 def get_spec(name: str) -> DownloadSpec:
-    """What to fetch for ``name``, from the dataset registry (:data:`eimf.data.datasets.DATASETS`)."""
-    from eimf.data.datasets import DATASETS
-
+    """What to fetch for ``name``, from the dataset catalogue (:data:`eimf.data.datasets.DATASETS`)."""
     spec = DATASETS.get(name)
     if spec is None or spec.download is None:
         known = ", ".join(sorted(n for n, s in DATASETS.items() if s.download is not None))
@@ -318,8 +197,6 @@ def _fetch(session: requests.Session, url: str, dest_dir: Path, filename: str, t
                 raise _Transient(f"HTTP {r.status_code} from {url}")
             r.raise_for_status()
             total = int(r.headers["Content-Length"]) if r.headers.get("Content-Length", "").isdigit() else None
-            from tqdm.auto import tqdm
-
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=filename,
                       disable=not progress, leave=False) as bar:
                 # raw.stream(decode_content=False): keep the bytes exactly as served, even when a server
@@ -355,8 +232,6 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _fetch_with_retries(session, url, dest_dir, filename, timeout, progress, retries, backoff):
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
-
     def _log_retry(state) -> None:
         log.warning("download of %s failed (%s); retry %d/%d in %.1fs", url, state.outcome.exception(),
                     state.attempt_number, max(retries, 1) - 1, state.next_action.sleep if state.next_action else 0)
@@ -493,7 +368,7 @@ def _download_into(spec: DownloadSpec, root: Path, target: Path, force: bool, mi
             else:
                 log.warning(
                     "%s: %s from the publisher; trusting this copy (first use) and recording its SHA256 %s "
-                    "in %s; later downloads are checked against it", f.filename, _TOFU, hashes["sha256"],
+                    "in %s; later downloads are checked against it", f.filename, TOFU, hashes["sha256"],
                     sums_path,
                 )
             recorded[f.filename] = hashes["sha256"]
@@ -601,7 +476,7 @@ def verify(name: Optional[str], data_dir: Optional[str | Path] = None) -> Verify
 
 
 __all__ = [
-    "ML_100K", "ML_1M", "AMAZON_BEAUTY", "AMAZON_SPORTS", "AMAZON_TOYS", "DownloadSpec", "RemoteFile", "DownloadError", "ChecksumError", "VerifyError", "VerifyResult",
+    "DownloadError", "ChecksumError", "VerifyError", "VerifyResult",
     "download", "verify", "get_spec", "read_sums", "sha256_file",
     "MIRROR_ENV", "DATA_DIR_ENV", "CHECKSUMS_FILE",
 ]

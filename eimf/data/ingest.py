@@ -1,6 +1,7 @@
 """Read interaction files and item catalogues (local folders and ``s3://`` alike), one file at a time.
 
-:func:`parse_file_table` parses one file with :mod:`eimf.data.formats`, so errors keep the exact file and line;
+:func:`parse_file_table` parses one file with :mod:`eimf.data.parsers` (catalogues in a dataset's own layout with
+the parser of its family in :mod:`eimf.data.datasets`, :func:`parse_catalogue`), so errors keep the exact file and line;
 it never raises for bad data, the error travels back as text and :func:`summarize` raises the first one in file
 order. The Ray engine (:mod:`eimf.data.distributed`) runs it in one task per file and keeps the rows in buckets;
 :func:`ingest` runs it here and returns one table, for the local engine.
@@ -15,16 +16,30 @@ from typing import List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+import pyarrow as pa
+
 from eimf import fs
-from eimf.data.formats import (
-    CatalogueSpec, DataError, Drops, EmptyFileError, InteractionSpec, MAX_EXAMPLES, parse_catalogue,
-    parse_interactions,
-)
+from eimf.data.datasets import CATALOGUE_PARSERS
+from eimf.data.parsers import (MAX_EXAMPLES, TABLE_FORMATS, CatalogueSpec, DataError, Drops, EmptyFileError,
+                               InteractionSpec, ParseResult, detect_format, parse_catalogue_table, parse_interactions)
 
 log = logging.getLogger(__name__)
 
 ROLE_INTERACTIONS = "interactions"
 ROLE_CATALOGUE = "catalogue"
+#: Every catalogue format: the generic tables, then the datasets' own layouts.
+CATALOGUE_FORMATS = TABLE_FORMATS + tuple(CATALOGUE_PARSERS)
+
+
+def parse_catalogue(path: str, raw: bytes, spec: CatalogueSpec) -> ParseResult:
+    """Parse one item catalogue: a dataset's own layout (``ml1m-movies``, ``ml100k-items``, ``p5-datamaps``) or a
+    generic table; ``auto``: the format from the file name."""
+    fmt = spec.format if spec.format != "auto" else detect_format(path)
+    if fmt in CATALOGUE_PARSERS:
+        return CATALOGUE_PARSERS[fmt](path, raw, spec)
+    if fmt in TABLE_FORMATS:
+        return parse_catalogue_table(path, raw, spec, fmt)
+    raise DataError(f"{path}: unknown catalogue format {fmt!r}; use one of {', '.join(CATALOGUE_FORMATS)}")
 
 
 @dataclass
@@ -52,8 +67,6 @@ class Ingested:
 
 
 def _to_ipc(df: pd.DataFrame) -> bytes:
-    import pyarrow as pa
-
     table = pa.Table.from_pandas(df, preserve_index=False)
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, table.schema) as w:
@@ -62,8 +75,6 @@ def _to_ipc(df: pd.DataFrame) -> bytes:
 
 
 def _from_ipc(payload: bytes) -> pd.DataFrame:
-    import pyarrow as pa
-
     return pa.ipc.open_stream(payload).read_all().to_pandas()
 
 
@@ -71,7 +82,7 @@ def parse_file_table(display_path: str, raw, role: str, spec, line_offset: int =
     """Parse one file -> (result dict without payload, table or None); never raises for bad data (the error
     travels back as text, so that the first bad file in file order is the one reported). ``raw``: the file's
     bytes, or a callable that parses (a block of a file read another way, e.g. Parquet row groups);
-    ``line_offset``: for a block of a text file, see :func:`eimf.data.formats.parse_interactions`."""
+    ``line_offset``: for a block of a text file, see :func:`eimf.data.parsers.parse_interactions`."""
     out = {"path": display_path, "role": role, "payload": b"", "rows_in": 0, "rows_kept": 0, "drops": {},
            "blank_lines": 0, "empty_sequences": 0, "has_time": False, "error": "", "error_kind": ""}
     try:
