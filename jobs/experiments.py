@@ -11,8 +11,12 @@ MLflow parent run ``--name`` in one experiment (``--experiment``):
     python jobs/experiments.py --datasets ml-100k --backbones comirec_sa --seeds 1 2 3 \\
         --variants backbone eimf no-sp no-ma random budget-1% --name eimf-ml100k --output docs/results_eimf.md
 
-The first seed's backbone run is the warm-up model that picks the typical users; each annotation set is computed
-once. Runs already in the ``.jsonl`` next to the output are skipped, so a grid cut short resumes.
+Each run is a pipeline run (eimf/pipeline.py, named ``<name>-<dataset>-<backbone>[-<variant>]-s<seed>``) whose
+stages live in the pipelines' stage store (``--work-dir``, default ``pipeline.storage_path``): the runs share their
+prepare stage, the first seed's backbone run is the warm-up that picks the typical users (``train.max_steps``
+steps), and each annotation set is computed once; ``jobs/pipeline.py`` with the same settings reuses them. Runs
+already in the ``.jsonl`` next to the output are skipped, so a grid cut short resumes (and its interrupted
+pipeline resumes its stage).
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional
 
-from eimf.config import ConfigError, eimf_home, load_config
+from eimf.cli import exits_2_on_user_error
+from eimf.config import BACKBONES, ConfigError, load_config
 from eimf.experiments import (VARIANTS, format_eimf_table, format_table, format_where_table, resolve_variant,
                               run_eimf_grid, run_grid)
 
@@ -41,8 +46,8 @@ class GridArguments:
     name: str = field(default="eimf-grid", metadata={"help": "EIMF grid: the parent MLflow run (same name resumes)"})
     experiment: str = field(default="eimf-experiments", metadata={"help": "EIMF grid: the MLflow experiment"})
     work_dir: Optional[str] = field(default=None, metadata={
-        "help": "annotation sets (EIMF grid) and per-user metric tables (default <EIMF_HOME>/experiments/<name>, "
-                "backbones: .../<output stem>)"})
+        "help": "the runs' pipeline storage: their stage store and run folders (default pipeline.storage_path, "
+                "else <EIMF_HOME>/pipelines, which jobs/pipeline.py shares)"})
     config: Optional[str] = field(default=None, metadata={"help": "YAML file for every run"})
     output: str = field(default="docs/results_backbones.md", metadata={"help": "the Markdown table"})
     raw: Optional[str] = field(default=None, metadata={
@@ -70,6 +75,9 @@ class GridArguments:
             raise ConfigError("--datasets, --backbones and --seeds need at least one value each")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"--seeds repeats a seed: {self.seeds}")
+        unknown = [b for b in self.backbones if b not in BACKBONES]
+        if unknown:
+            raise ConfigError(f"--backbones must be of {', '.join(BACKBONES)}, got {', '.join(unknown)}")
 
 
 def parse_args(argv=None):
@@ -90,20 +98,7 @@ def parse_args(argv=None):
     return args, ns.overrides
 
 
-def _data_paths(base, datasets) -> dict:
-    """dataset -> its prepared folder under ``base``'s data settings (reused, not prepared again)."""
-    import copy
-
-    from eimf.data.preprocess import prepare
-
-    out = {}
-    for dataset in datasets:
-        cfg = copy.deepcopy(base.data)
-        cfg.dataset = dataset
-        out[dataset] = str(prepare(cfg).path)
-    return out
-
-
+@exits_2_on_user_error("experiments")
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -113,16 +108,16 @@ def main(argv=None) -> int:
     t0 = time.time()
     if args.variants:
         base = load_config(args.config, [f"tracking.experiment={args.experiment}", *overrides, *split_overrides])
-        work = args.work_dir or str(Path(eimf_home()) / "experiments" / args.name)
         per_user = Path(args.per_user_dir or raw.parent / "per_user" / args.name)
         rows = run_eimf_grid(base, args.datasets, args.backbones, args.seeds, args.variants, raw_path=raw,
-                             grid_name=args.name, out_dir=work, per_user_dir=per_user)
+                             grid_name=args.name, out_dir=args.work_dir, per_user_dir=per_user)
         table = format_eimf_table(rows, split=args.split)
         if any(r.get("variant") == "no-aux" for r in rows):
             table += "\n\nAgainst the sampler control: each EIMF variant against `no-aux` (the same batches, both " \
                      "auxiliary weights 0), so Δ is what the auxiliary losses add.\n\n" + \
                      format_eimf_table(rows, split=args.split, reference="no-aux")
-        where = format_where_table(rows, split=args.split, data_paths=_data_paths(base, args.datasets))
+        where = format_where_table(rows, split=args.split,
+                                   data_paths={r["dataset"]: r["data_path"] for r in rows if r.get("data_path")})
         if where.count("\n") > 1:
             table += f"\n\nWhere the change lies: Δ {args.split} recall@50 by quartile of the user's history length " \
                      "and of the popularity of the held-out items (per-user paired bootstrap within each quartile)." \
@@ -131,7 +126,7 @@ def main(argv=None) -> int:
         base = load_config(args.config, [*overrides, *split_overrides])
         per_user = Path(args.per_user_dir or raw.parent / "per_user" / Path(args.output).stem)
         rows = run_grid(base, args.datasets, args.backbones, args.seeds, raw_path=raw, overrides=overrides,
-                        per_user_dir=per_user)
+                        per_user_dir=per_user, grid_name=Path(args.output).stem, out_dir=args.work_dir)
         table = format_table(rows, split=args.split)
     command = "python jobs/experiments.py " + " ".join(sys.argv[1:] if argv is None else argv)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

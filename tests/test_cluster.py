@@ -207,16 +207,19 @@ def _check_pipeline(cluster, run: str, status: str, logs: str) -> tuple:
     files = _s3_text(cluster, root)
     manifests = {json.loads(t)["stage"]: json.loads(t) for p, t in files.items() if p.endswith("/manifest.json")
                  and json.loads(t).get("stage")}
+    files.update(_s3_text(cluster, f"{BUCKET}/pipelines/stages"))  # the stage store: checked for credentials too
     assert set(manifests) >= {"prepare", "warmup", "annotate", "train", "evaluate", "export"}
     assert all(m["status"] == "completed" for m in manifests.values())
     for stage, m in manifests.items():
         for path in m["outputs"].values():
-            assert path.startswith(root + "/"), (stage, path)
+            assert path.startswith((root + "/", f"{BUCKET}/pipelines/stages/")), (stage, path)
     # nothing went to a host's own disk instead of S3
     for host in cluster.state.hosts:
         assert not any((cluster.disk(host) / "eimf").iterdir()), f"{host} wrote to its EIMF_HOME"
     runs = _pipeline_runs(cluster, run)
-    assert set(runs) >= set(manifests) and all(r["status"] == "FINISHED" for r in runs.values())
+    # a stage another pipeline on this storage ran first (e.g. prepare) is shared and has its MLflow run there
+    assert set(runs) >= {s for s, m in manifests.items() if m["pipeline_run"] == run}
+    assert all(r["status"] == "FINISHED" for r in runs.values())
     train = runs["train"]
     hosts = {train["tags"]["worker.0.host"], train["tags"]["worker.1.host"]}
     # two distinct hosts among those running now (an earlier test may have replaced w2 by w3)
@@ -306,13 +309,14 @@ def _wait_job(cluster, sid: str, timeout: float) -> tuple:
 REGISTERED = "checkpoint_manager_snapshot.json"
 
 
-def _wait_for_checkpoint(cluster, folder: str, timeout: float = 900) -> None:
-    """Until a registered checkpoint is on S3 below ``folder`` (a checkpoint folder alone may be mid-upload)."""
+def _wait_for_checkpoint(cluster, folder: str, timeout: float = 900, contains: str = "") -> None:
+    """Until a registered checkpoint is on S3 below ``folder`` (a checkpoint folder alone may be mid-upload), in a
+    path that has ``contains``."""
     cluster.python_on_client(f"""
 import time
 from eimf import fs
 deadline = time.time() + {timeout}
-while not any(f.endswith({REGISTERED!r}) for f in (fs.list_files({folder!r}) if fs.exists({folder!r}) else [])):
+while not any(f.endswith({REGISTERED!r}) and {contains!r} in f for f in (fs.list_files({folder!r}) if fs.exists({folder!r}) else [])):
     assert time.time() < deadline, "no registered checkpoint"
     time.sleep(1)
 """, timeout=timeout + 60)
@@ -387,7 +391,7 @@ def test_the_driver_killed_and_the_same_job_submitted_again_skips_finished_stage
             "semantic.budget=5", "train.max_steps=300", "train.eval_every=40", "tracking.log_model=false"]
     sid = _start_job(cluster, "jobs/pipeline.py", args)
     root = f"{BUCKET}/pipelines/{run}"
-    _wait_for_checkpoint(cluster, f"{root}/train", timeout=1200)
+    _wait_for_checkpoint(cluster, f"{BUCKET}/pipelines/stages/train", timeout=1200, contains=f"/{run}-train-")
     # inside the head's own PID namespace, a kill by name touches that host only
     killed = cluster.exec_host("head", ["pkill", "-9", "-f", "jobs/pipeline.py"])
     assert killed.returncode == 0

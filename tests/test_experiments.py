@@ -2,6 +2,7 @@
 an EIMF grid whose runs are MLflow children of one parent run in one experiment."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import pandas as pd
 import pytest
 
 from eimf.config import load_config
-from eimf.experiments import VARIANTS, _apply, annotation_plan, format_eimf_table, warmup_fingerprint
+from eimf.experiments import VARIANTS, Variant, cell_config, cell_stages, format_eimf_table
+from eimf.experiments.variants import with_overrides as _apply
+from eimf.pipeline import Pipeline
 
 DATA_DIR = os.environ.get("EIMF_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -34,12 +37,18 @@ def test_variants_are_one_switch_each():
     assert base.semantic.budget == 0.2 and base.eimf.lambda_sp > 0  # _apply copies, never mutates
 
 
-def test_annotation_sets_are_keyed_by_the_pipelines_fingerprints(tmp_path):
-    """One reuse rule for grids and the pipeline: a set's fingerprint is its semantic settings plus the warm-up's."""
-    base = load_config(None, [])
+def test_annotation_sets_are_keyed_by_the_pipelines_fingerprints(tmp_path, monkeypatch):
+    """One reuse rule for grids and the pipeline: a grid cell is a pipeline, and its annotation set's fingerprint is
+    its semantic settings plus the warm-up's."""
+    base = load_config(None, [f"pipeline.storage_path={tmp_path}"])
+
+    def plan(cfg, data_fp="d1", variant=Variant("x", "EIMF as configured", annotation=()), seed=1):
+        monkeypatch.setattr("eimf.pipeline.data_fingerprint", lambda data_cfg: data_fp)
+        cell = cell_config(cfg, "ml-100k", cfg.model.backbone, seed, 1, "g-cell")
+        return {sp.name: sp for sp in Pipeline(cell, cell_stages(cell, variant)).plan()}
 
     def fp(cfg, data_fp="d1"):
-        return annotation_plan(cfg, warmup_fingerprint(cfg, data_fp), lambda f: str(tmp_path / f[:10])).fingerprint
+        return plan(cfg, data_fp)["annotate"].fingerprint
 
     same = fp(_apply(base, VARIANTS["eimf"].annotation))
     assert same == fp(_apply(base, VARIANTS["no-sp"].annotation))  # one annotation set, two runs
@@ -52,8 +61,84 @@ def test_annotation_sets_are_keyed_by_the_pipelines_fingerprints(tmp_path):
                                     "semantic.cache_dir=/elsewhere"]))
     # nor does scoring the warm-up on valid only: a grid choosing settings reuses the final grid's annotation sets
     assert same == fp(_apply(base, [*VARIANTS["eimf"].annotation, "eval.score_test=false"]))
-    sp = annotation_plan(base, "w", lambda f: str(tmp_path / f[:10]))
+    sp = plan(base)["annotate"]
     assert not sp.skip and sp.reason == "not run yet" and sp.dir.startswith(str(tmp_path))
+    # every seed and variant of a cell is annotated from one warm-up: the first seed's backbone run itself
+    eimf = {seed: plan(base, variant=VARIANTS["eimf"], seed=seed) for seed in (1, 2)}
+    text = plan(base, variant=VARIANTS["eimf-text"], seed=2)  # its item_init=text does not reach the warm-up
+    backbone = {seed: plan(base, variant=VARIANTS["backbone"], seed=seed) for seed in (1, 2)}
+    warmup = eimf[1]["warmup"]
+    assert eimf[2]["warmup"].dir == text["warmup"].dir == backbone[1]["train"].dir == warmup.dir
+    assert backbone[2]["train"].dir != warmup.dir and "warmup" not in backbone[1]
+    assert eimf[2]["annotate"].dir == eimf[1]["annotate"].dir and eimf[2]["train"].dir != eimf[1]["train"].dir
+
+
+def _stand_in_steps(monkeypatch, calls):
+    """Every step replaced by one that writes its output files and records (step, seed, max_steps, run name)."""
+    from eimf.steps import StepOutput
+
+    def stand_in(step, files):
+        def run(cfg, inputs, out_dir, tags=None, run_name=None, **kwargs):
+            seed_steps = (cfg.train.seed, cfg.train.max_steps) if cfg is not None else (None, None)
+            calls.append((step, *seed_steps, run_name))
+            names = dict(files)
+            if kwargs.get("per_user"):
+                names.update({f"per_user_{s}": f"per_user.{s}.parquet" for s in kwargs["splits"]})
+            out = {k: str(Path(out_dir) / v) for k, v in names.items()}
+            for path in out.values():
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_text("x")
+            return StepOutput(out, {"test/recall@50": 0.1} if step == "train" else {})
+        return run
+
+    for step, files in {"prepare": {"data_path": "data"}, "train": {"model_dir": "export"},
+                        "annotate": {"annotations": "annotations.parquet"}, "evaluate": {"metrics": "metrics.json"},
+                        "export": {"model_dir": "model"}}.items():
+        monkeypatch.setattr(f"eimf.steps.{step}.run", stand_in(step, files))
+    monkeypatch.setattr("eimf.pipeline.data_fingerprint", lambda data_cfg: "fixed")
+    monkeypatch.setattr("eimf.ray_init.init_ray", lambda **kw: None)
+
+
+def test_a_grid_and_a_pipeline_with_the_same_settings_share_their_stages(tiny_dataset, tmp_path, monkeypatch):
+    """Grid then pipeline: the pipeline trains nothing (only its own export runs); pipeline then grid: the grid
+    trains only the runs the pipeline did not (its warm-up is the first seed's backbone, its EIMF run that seed's)."""
+    from eimf.experiments import run_eimf_grid
+
+    calls = []
+    _stand_in_steps(monkeypatch, calls)
+    common = [*tiny_dataset, "tracking.enabled=false", "train.max_steps=9", "semantic.annotator=metadata"]
+
+    def grid(store):
+        base = load_config(None, [*common, f"pipeline.storage_path={store}"])
+        return run_eimf_grid(base, ["custom"], ["comirec_sa"], [1, 2], ["backbone", "eimf"],
+                             raw_path=store / "g.jsonl", grid_name="g")
+
+    def pipeline(store):  # what jobs/pipeline.py runs with the grid's settings for its second seed
+        Pipeline(load_config(None, [*common, f"pipeline.storage_path={store}", "pipeline.run_name=p",
+                                    "train.seed=2", "pipeline.warmup_steps=9", "pipeline.warmup_seed=1"])).run()
+
+    rows = grid(tmp_path / "a")
+    trained = sorted((seed, steps) for step, seed, steps, _ in calls if step == "train")
+    assert trained == [(1, 9), (1, 9), (2, 9), (2, 9)]  # backbone 1 (the warm-up), eimf 1, backbone 2, eimf 2
+    assert [c[0] for c in calls].count("annotate") == 1 and [c[0] for c in calls].count("prepare") == 1
+    eimf = [r for r in rows if r["variant"] == "eimf"]
+    assert len(rows) == 4 and eimf[0]["annotations"] == eimf[1]["annotations"]
+    assert all(Path(p).exists() for r in rows for p in r["per_user"].values())
+    calls.clear()
+    pipeline(tmp_path / "a")
+    assert [c[0] for c in calls] == ["export"]  # prepare, warm-up, annotation, training, evaluation: the grid's
+    manifests = {s: json.loads((tmp_path / "a" / "p" / s / "manifest.json").read_text()) for s in ("warmup", "train")}
+    assert manifests["train"]["pipeline_run"] == "g-custom-comirec_sa-eimf-s2"
+    assert manifests["warmup"]["pipeline_run"] == "g-custom-comirec_sa-backbone-s1"
+
+    calls.clear()
+    pipeline(tmp_path / "b")
+    calls.clear()
+    grid(tmp_path / "b")
+    assert [c[0] for c in calls if c[0] in ("prepare", "annotate")] == []
+    # the pipeline's warm-up is the backbone on seed 1, its EIMF run the eimf run on seed 2: two runs left
+    trained = [c[3].rsplit("-", 1)[0] for c in calls if c[0] == "train"]
+    assert trained == ["g-custom-comirec_sa-eimf-s1-train", "g-custom-comirec_sa-backbone-s2-train"]
 
 
 def _row(variant, seed, r50, r20=0.1, per_user=None):
@@ -139,9 +224,10 @@ def test_unknown_variant_is_rejected(tmp_path):
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not Path(DATA_DIR, "ml-100k").exists(), reason="ml-100k not in EIMF_DATA_DIR")
 def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ray_session):
-    """backbone + EIMF (metadata annotator) on ML-100K, one seed, 40 steps: the warm-up is the backbone run, the
-    annotation and both trainings are children of the grid's parent run, the table and raw rows are written,
-    a second call runs nothing, and a third with one more variant reuses the annotation set."""
+    """backbone + EIMF (metadata annotator) on ML-100K, one seed, 40 steps: the warm-up is the backbone run, each
+    run is a pipeline whose run is a child of the grid's parent run, the table and raw rows are written, a second
+    call runs nothing, a third with one more variant reuses the annotation set, and a pipeline with the same
+    settings trains nothing."""
     from mlflow.tracking import MlflowClient
 
     from eimf.experiments import run_eimf_grid
@@ -155,7 +241,7 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
     rows = run_eimf_grid(base, ["ml-100k"], ["comirec_sa"], [1], ["backbone", "eimf"], raw_path=raw,
                          grid_name="g1", out_dir=str(tmp_path / "work"))
     assert [(r["variant"], r["seed"]) for r in rows] == [("backbone", 1), ("eimf", 1)]
-    assert rows[1]["annotations"].startswith(str(tmp_path / "work" / "annotations"))
+    assert rows[1]["annotations"].startswith(str(tmp_path / "work" / "stages" / "annotate"))
     assert all(np.isfinite(r["metrics"]["test/recall@50"]) for r in rows)
     # how much of a typical row's history its prompt showed, measured on every EIMF run
     assert 0 < rows[1]["metrics"]["window_overlap_share"] <= 1 and "window_overlap_share" not in rows[0]["metrics"]
@@ -177,9 +263,15 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if r.data.tags.get("kind") == "experiment-grid"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-    assert sorted(r.data.tags.get("variant") for r in children) == ["backbone", "eimf", "eimf"]  # + annotation
-    trained = {r.data.tags["variant"]: r for r in children if r.data.tags.get("stage") != "annotate"}
+    cells = {r.data.tags["variant"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert sorted(cells) == ["backbone", "eimf"] and {c.data.tags["stage"] for c in cells.values()} == {"pipeline"}
+    stages = {(v, r.data.tags["stage"]): r for v, c in cells.items() for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == c.info.run_id}
+    # the eimf pipeline's prepare and warm-up stages are the backbone pipeline's (run there, skipped here)
+    assert sorted(stages) == [("backbone", "evaluate"), ("backbone", "export"), ("backbone", "prepare"),
+                              ("backbone", "train"), ("eimf", "annotate"), ("eimf", "evaluate"), ("eimf", "export"),
+                              ("eimf", "train")]
+    trained = {v: stages[(v, "train")] for v in cells}
     assert trained["eimf"].data.tags["eimf"] == "on" and trained["backbone"].data.tags["eimf"] == "off"
     assert "train/loss/semantic_prediction" in trained["eimf"].data.metrics
     assert "train/loss/semantic_prediction" not in trained["backbone"].data.metrics
@@ -197,7 +289,8 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
     assert more[2]["annotations"] == rows[1]["annotations"]
     known = {r.info.run_id for r in runs}
     new = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in known]
-    assert [(r.data.tags.get("variant"), r.data.tags.get("stage")) for r in new] == [("no-sp", None)]
+    assert sorted((r.data.tags.get("variant", ""), r.data.tags["stage"]) for r in new) == [
+        ("", "evaluate"), ("", "export"), ("", "train"), ("no-sp", "pipeline")]
 
     # a setting chosen on valid: its run reads no test split; the grid run again on test scores its export there,
     # without training it again, and the .jsonl's last row of that run counts
@@ -218,6 +311,15 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
 
     assert [r["variant"] for r in read_rows(raw)] == ["backbone", "eimf", "no-sp", spec]
     assert "test/recall@50" in read_rows(raw)[-1]["metrics"]
+
+    # jobs/pipeline.py with the grid's settings: every stage is the grid's but its own export; nothing trains
+    p = Pipeline(load_config(None, [*base_overrides, "semantic.annotator=metadata", "pipeline.warmup_steps=40",
+                                    "pipeline.warmup_seed=1", "train.seed=1", "pipeline.run_name=p",
+                                    f"pipeline.storage_path={tmp_path / 'work'}"]))
+    assert [(r.stage, r.status) for r in p.run()] == [(s, "skipped") for s in
+                                                      ("prepare", "warmup", "annotate", "train", "evaluate")] + [
+        ("export", "ran")]
+    assert p.result("train").metrics == rows[1]["metrics"]
 
 
 def test_grid_job_arguments_are_typed_and_checked(capsys, monkeypatch):

@@ -70,8 +70,8 @@ def test_fingerprints_change_with_their_stage_config_and_everything_downstream(t
     assert changed("retrieval.index=HNSW32") == ["warmup", "annotate", "train", "evaluate", "export"]
     assert changed("tracking.registered_model=mine") == ["export"]
     # where things go and how fast they run: no stage changes
-    assert changed("semantic.cache_dir=/elsewhere", "semantic.chunk_size=7", "semantic.vllm_concurrency=3",
-                   "train.log_every=5", "train.max_failures=9", "train.storage_path=/x",
+    assert changed("semantic.cache_dir=/elsewhere", "semantic.chunk_size=7", "semantic.vllm.concurrency=3",
+                   "train.log_every=5", "train.failure.max_failures=9", "train.storage_path=/x",
                    f"tracking.tracking_uri=sqlite:///{tmp_path / 'other.db'}") == []
 
 
@@ -107,11 +107,16 @@ def test_stage_names_and_layout(tiny_dataset, tmp_path):
     p = Pipeline(_cfg(tiny_dataset, tmp_path))
     assert p.root == str(tmp_path / "pipelines" / "unit")
     plans = p.plan()
-    assert [sp.dir for sp in plans] == [str(tmp_path / "pipelines" / "unit" / s) for s in STAGES]
+    # stage folders are keyed by step and fingerprint in the store beside the runs; export stays the run's own
+    steps = ("prepare", "train", "annotate", "train", "evaluate")
+    assert [sp.dir for sp in plans] == [str(tmp_path / "pipelines" / "stages" / s / sp.fingerprint[:16])
+                                        for s, sp in zip(steps, plans)] + [str(tmp_path / "pipelines" / "unit" / "export")]
+    assert [sp.view for sp in plans] == [str(tmp_path / "pipelines" / "unit" / s) for s in STAGES]
     # the training stages' Ray Train run name carries the fingerprint: a changed config never resumes another's
     assert p.stage_run_name("train", plans[3].fingerprint) == f"unit-train-{plans[3].fingerprint[:8]}"
     s3 = Pipeline(_cfg(tiny_dataset, tmp_path, "pipeline.storage_path=s3://bucket/runs/"))
-    assert s3.root == "s3://bucket/runs/unit" and s3.stage_dir("annotate") == "s3://bucket/runs/unit/annotate"
+    assert s3.root == "s3://bucket/runs/unit" and s3.run_dir("annotate") == "s3://bucket/runs/unit/annotate"
+    assert s3.store_dir("annotate", "ab" * 32) == "s3://bucket/runs/stages/annotate/" + "ab" * 8
     # storage defaults to train.storage_path, then <EIMF_HOME>/pipelines
     assert Pipeline(_cfg(tiny_dataset, tmp_path, "pipeline.storage_path=null", "train.storage_path=/r")).root == "/r/unit"
     generated = Pipeline(load_config(None, ["data.dataset=ml-100k"])).run_name
@@ -145,18 +150,19 @@ def test_run_calls_the_steps_in_order_with_their_inputs_and_skips_them_on_rerun(
     cfg = _cfg(tiny_dataset, tmp_path, "tracking.enabled=false", "pipeline.warmup_steps=7", "train.max_steps=9")
     results = Pipeline(cfg).run()
     root = tmp_path / "pipelines" / "unit"
+    where = {sp.name: Path(sp.dir) for sp in Pipeline(cfg).plan()}  # each stage's folder (the store's)
     assert [r.status for r in results] == ["ran"] * len(STAGES)
     assert [c[0] for c in calls] == ["prepare", "train", "annotate", "train", "evaluate", "export"]
     prep, warm, ann, train, ev, exp = calls
-    assert prep[3] == str(root / "prepare") and prep[2] == {"data_fingerprint": "fixed"}  # taken once, by the plan
-    assert warm[2] == {"data_path": str(root / "prepare" / "data")} and warm[1].train.max_steps == 7
-    assert ann[2] == {"model_dir": str(root / "warmup" / "export")} and ann[3] == str(root / "annotate" / "annotations")
-    assert ann[1].semantic.cache_dir == str(root / "annotate" / "cache")
-    assert train[2] == {"data_path": str(root / "prepare" / "data"),
-                        "annotations": str(root / "annotate" / "annotations" / "annotations.parquet")}
+    assert prep[3] == str(where["prepare"]) and prep[2] == {"data_fingerprint": "fixed"}  # taken once, by the plan
+    assert warm[2] == {"data_path": str(where["prepare"] / "data")} and warm[1].train.max_steps == 7
+    assert ann[2] == {"model_dir": str(where["warmup"] / "export")} and ann[3] == str(where["annotate"] / "annotations")
+    assert ann[1].semantic.cache_dir == str(where["annotate"] / "cache")
+    assert train[2] == {"data_path": str(where["prepare"] / "data"),
+                        "annotations": str(where["annotate"] / "annotations" / "annotations.parquet")}
     assert train[1].train.max_steps == 9 and train[1].tracking.registered_model == ""  # export registers
-    assert ev[2] == {"model_dir": str(root / "train" / "export")} and ev[6] == {"splits": ("valid", "test")}
-    assert exp[2]["metrics"] == str(root / "evaluate" / "metrics.json")
+    assert ev[2] == {"model_dir": str(where["train"] / "export")} and ev[6] == {"splits": ("valid", "test")}
+    assert exp[2]["metrics"] == str(where["evaluate"] / "metrics.json") and exp[3] == str(root / "export")
     assert set(exp[6]["lineage"]["stages"]) == set(STAGES)
     assert all(c[5].startswith("unit-") for c in calls)
     assert (root / "summary.md").exists()
@@ -174,11 +180,11 @@ def test_eimf_stage_keeps_the_distributed_setup_and_reads_memory_input(tmp_path)
     from eimf.pipeline import stage_config
     from eimf.steps.train import eimf_train_config
 
-    gpu = load_config(None, ["train.num_workers=4", "train.strategy=deepspeed", "train.zero_stage=2",
-                             "train.input=ray_data", "train.use_gpu=true", "train.batch_size=512"])
+    gpu = load_config(None, ["train.scaling.num_workers=4", "train.strategy=deepspeed", "train.deepspeed.zero_stage=2",
+                             "train.input=ray_data", "train.scaling.use_gpu=true", "train.batch_size=512"])
     t, note = eimf_train_config(gpu.train)
-    assert (t.num_workers, t.strategy, t.zero_stage, t.input) == (4, "deepspeed", 2, "memory")
-    assert t.use_gpu and t.batch_size == 512 and "ray_data -> memory" in note
+    assert (t.scaling.num_workers, t.strategy, t.deepspeed.zero_stage, t.input) == (4, "deepspeed", 2, "memory")
+    assert t.scaling.use_gpu and t.batch_size == 512 and "ray_data -> memory" in note
     plain, note = eimf_train_config(load_config(None, []).train)
     assert note is None and plain == load_config(None, []).train
     # the fingerprint hashes what the stage runs: the input mode is not part of the EIMF stage's, ZeRO is
@@ -186,12 +192,12 @@ def test_eimf_stage_keeps_the_distributed_setup_and_reads_memory_input(tmp_path)
         mp.setattr("eimf.pipeline.data_fingerprint", lambda data_cfg: "fixed")
         cut = load_config(None, ["train.input=ray_data"])
         assert stage_config(cut, "train") == stage_config(load_config(None, []), "train")
-        ds = load_config(None, ["train.strategy=deepspeed", "train.zero_stage=2"])
+        ds = load_config(None, ["train.strategy=deepspeed", "train.deepspeed.zero_stage=2"])
         assert stage_config(ds, "train") != stage_config(load_config(None, []), "train")
 
 
 def test_bad_settings_fail_naming_the_field(tmp_path):
-    # the config's own checks (eimf/config.py __post_init__) fail before a Pipeline exists
+    # the config's own checks (eimf/config/ __post_init__) fail before a Pipeline exists
     with pytest.raises(PipelineError, match="pipeline.warmup_steps"):
         load_config(None, ["pipeline.warmup_steps=0"])
     with pytest.raises(PipelineError, match="pipeline.eval_splits"):
@@ -362,9 +368,9 @@ def vllm_pipeline(ray_head, mlflow_server, smollm2_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm_pipeline")
     args = [*SMALL, "pipeline.run_name=pl-vllm", f"pipeline.storage_path={tmp / 'pipelines'}",
             f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=pipeline-vllm",
-            "semantic.annotator=vllm", "semantic.budget=4", f"semantic.vllm_model={smollm2_dir}",
+            "semantic.annotator=vllm", "semantic.budget=4", f"semantic.vllm.model={smollm2_dir}",
             "semantic.max_attempts=2", "semantic.max_tokens=320", "semantic.token_budget=600",
-            "semantic.vllm_max_num_seqs=4", "semantic.vllm_timeout_s=1200"]
+            "semantic.vllm.max_num_seqs=4", "semantic.vllm.timeout_s=1200"]
     env = _job_env(EIMF_HOME=str(tmp / "home"))
     status, logs, secs = _submit(ray_head, args, env)
     print(f"vllm pipeline job: {status} in {secs:.0f} s")
@@ -389,8 +395,11 @@ def test_pipeline_job_with_vllm_annotator_succeeds_and_logs_to_mlflow(vllm_pipel
     assert m["annotate"]["info"]["annotator"] == "vllm" and m["annotate"]["info"]["model"].startswith("vllm:")
     assert m["annotate"]["metrics"]["selected"] == 4 and m["annotate"]["metrics"]["prompts"] >= 1
     assert m["annotate"]["metrics"]["valid_share"] > 0
-    assert Path(m["annotate"]["info"]["cache_dir"]) == Path(root, "annotate", "cache")
-    assert glob.glob(os.path.join(root, "annotate", "cache", "part-*.parquet"))
+    # stage folders live in the store beside the runs (keyed by fingerprint); the run folder has their manifests
+    assert all(m[s]["dir"] == os.path.join(os.path.dirname(root), "stages", m[s]["step"], m[s]["fingerprint"][:16])
+               for s in STAGES[:-1]) and m["export"]["dir"] == os.path.join(root, "export")
+    assert Path(m["annotate"]["info"]["cache_dir"]) == Path(m["annotate"]["dir"], "cache")
+    assert glob.glob(os.path.join(m["annotate"]["dir"], "cache", "part-*.parquet"))
     assert m["warmup"]["metrics"]["step"] == 100 and m["train"]["metrics"]["step"] == 100
     assert m["train"]["metrics"]["best_valid/recall@50"] > 0.05
     for stage in ("prepare", "warmup", "annotate", "train", "evaluate", "export"):
@@ -493,12 +502,14 @@ def test_pipeline_on_s3_input_outputs_checkpoints_and_mlflow_artifacts(ray_head,
     root = "s3://eimf-test/pipelines/pl-s3"
     m = _manifests(root)
     assert all(m[s]["status"] == "completed" for s in STAGES)
-    assert m["prepare"]["outputs"]["data_path"].startswith(f"{root}/prepare/ml-100k/")
-    assert all(p.startswith(root + "/") for s in STAGES for p in m[s]["outputs"].values())
+    assert m["prepare"]["outputs"]["data_path"].startswith(f"{m['prepare']['dir']}/ml-100k/")
+    # every output in the stage store beside the runs, or the run's own folder (export)
+    assert all(p.startswith(("s3://eimf-test/pipelines/stages/", root + "/")) for s in STAGES
+               for p in m[s]["outputs"].values())
     assert all(fs.exists(p) for s in STAGES for p in m[s]["outputs"].values())
     assert any(f.startswith("checkpoint_") for f in fs.list_files(m["train"]["outputs"]["run_dir"]))
     assert {"model.pt", "eimf_head.pt", "evaluation.json"} <= set(fs.list_files(f"{root}/export/model"))
-    assert any(f.startswith("part-") for f in fs.list_files(f"{root}/annotate/cache"))
+    assert any(f.startswith("part-") for f in fs.list_files(f"{m['annotate']['dir']}/cache"))
     assert not (tmp_path / "home" / "pipelines").exists()  # nothing went to the local disk instead
     assert fs.read_json(f"{root}/summary.json")["status"] == "completed"
     # MLflow artifacts went to S3 as well
@@ -529,7 +540,7 @@ def test_laptop_run_killed_during_training_resumes_from_its_checkpoint(tmp_path)
             "pipeline.warmup_steps=100", "train.max_steps=300", "train.eval_every=100", "train.patience=100",
             "semantic.annotator=metadata", "semantic.budget=5", "semantic.n_clusters=2"]
     cmd = [sys.executable, "jobs/pipeline.py", *args]
-    snapshots = str(storage / "pl-kill" / "train" / "pl-kill-train-*" / "checkpoint_manager_snapshot.json")
+    snapshots = str(storage / "stages" / "train" / "*" / "pl-kill-train-*" / "checkpoint_manager_snapshot.json")
     try:
         t0 = time.time()
         with open(tmp_path / "first.log", "w") as logf:
