@@ -74,9 +74,10 @@ def render(rows: list) -> str:
              "`eimf data prepare` (and the pipeline's prepare step) runs on one of two engines that write the same "
              "bytes (`tests/test_data_distributed.py` checks it on ML-100K, ML-1M, Amazon Beauty and messy inputs):",
              "",
-             "- `data.engine=ray`: Ray tasks over user and item buckets (`eimf/data/distributed.py`). The driver "
-             "passes counts and streams the final tables out of sorted buckets; no process holds the whole log.",
-             "- `data.engine=local`: pandas in the driver (`eimf/data/preprocess.py`), faster on small inputs.",
+             "- `data.engine=ray`: Ray tasks over user and item buckets (`eimf/data/distributed.py`, tasks in "
+             "`eimf/data/buckets.py`). The driver passes counts and streams the final tables out of sorted buckets; "
+             "no process holds the whole log.",
+             "- `data.engine=local`: pandas in the driver (`eimf/data/local.py`), faster on small inputs.",
              "- `data.engine=auto` (default): local up to about 2M interactions (Parquet footers, or the file size), "
              "ray above.", "",
              "Synthetic logs (`eimf.data.synthetic`, M interactions, M/50 users and items, Zipf 1.05, seed 0, Parquet "
@@ -143,7 +144,22 @@ def render(rows: list) -> str:
               "Why tasks and not `ray.data.read_csv` + `map_batches`: the parsers' validation names the file, line "
               "and field of a bad row and the first error in file order wins; explicit blocks with known line "
               "offsets keep that, and the k-core needs keyed buckets that stay put across passes, which a Ray Data "
-              "shuffle would redo on every pass.", ""]
+              "shuffle would redo on every pass.", "",
+              "## Where the code is", "",
+              "`eimf/data/` is organised around its two formats, the raw inputs and the prepared folder:", "",
+              "- `eimf/data/datasets/`: the dataset catalogue, one module per family (`movielens.py`, `amazon.py`, "
+              "`custom.py`) with its files, download spec and catalogue parsers; `base.py` holds the types and "
+              "`checksums.json` (package data) the publishers' checksums. `eimf/data/download.py` fetches and "
+              "verifies; `eimf/data/inputs.py` picks the files of a run (`resolve_inputs`, `ensure_dataset`).",
+              "- `eimf/data/parsers/`: the generic parsers (csv, tsv, `::`, Parquet, JSON lines, sequences) with row "
+              "validation and drop counting; `eimf/data/ingest.py` reads and validates files with them.",
+              "- `eimf/data/transforms.py`: repeats, k-core, re-index and split, shared by both engines; "
+              "`eimf/data/local.py` (pandas) and `eimf/data/distributed.py` (Ray driver; its bucket tasks in "
+              "`eimf/data/buckets.py`) apply them; `eimf/data/preprocess.py` (`prepare`) picks the engine and writes "
+              "the manifest.",
+              "- `eimf/formats/prepared.py`: the prepared folder (table names and schema, `TableWriter`, the "
+              "manifest, the fingerprint, `load_prepared` / `read_manifest` / `read_split`), the one module that "
+              "writes and reads it.", ""]
     return "\n".join(lines)
 
 

@@ -33,8 +33,9 @@ ML100K_GENRES = [
 ]
 
 
-def parse_ml1m_movies(path: str, raw: bytes, spec: CatalogueSpec) -> ParseResult:
-    """MovieLens 1M ``movies.dat``: ``MovieID::Title::Genres`` (latin-1) -> "Title | Genre, Genre"."""
+def _parse_lines(path: str, raw: bytes, spec: CatalogueSpec, sep: str, fields: int, text_of) -> ParseResult:
+    """A MovieLens catalogue: latin-1 lines of ``fields`` fields cut at ``sep``, the item id first; ``text_of(fields)``
+    gives the item text. A line with another number of fields is malformed (``wrong_field_count``)."""
     text = decompress(raw).decode(spec.encoding if spec.encoding != "utf-8" else "latin-1")
     ids, texts, lines, bad = [], [], [], []
     blank = 0
@@ -42,47 +43,28 @@ def parse_ml1m_movies(path: str, raw: bytes, spec: CatalogueSpec) -> ParseResult
         if not line.strip():
             blank += 1
             continue
-        parts = line.split("::")
+        parts = line.split(sep)
         lines.append(ln)
-        if len(parts) != 3:
-            ids.append(parts[0] if parts else None)
-            texts.append("")
-            bad.append(True)
-            continue
         ids.append(parts[0])
-        texts.append(join_text([parts[1], [g for g in parts[2].split("|") if g]]))
-        bad.append(False)
+        ok = len(parts) == fields
+        texts.append(text_of(parts) if ok else "")
+        bad.append(not ok)
     if not lines:
         raise empty_file(path)
     table, drops = catalogue_table(path, ids, texts, np.asarray(lines), spec, np.asarray(bad))
     return ParseResult(table, drops, rows_in=len(lines), blank_lines=blank)
+
+
+def parse_ml1m_movies(path: str, raw: bytes, spec: CatalogueSpec) -> ParseResult:
+    """MovieLens 1M ``movies.dat``: ``MovieID::Title::Genres`` (latin-1) -> "Title | Genre, Genre"."""
+    return _parse_lines(path, raw, spec, "::", 3, lambda p: join_text([p[1], [g for g in p[2].split("|") if g]]))
 
 
 def parse_ml100k_items(path: str, raw: bytes, spec: CatalogueSpec) -> ParseResult:
     """MovieLens 100K ``u.item``: ``id|title|release|video release|url|19 genre flags`` (latin-1)."""
     genres = spec.genre_names or ML100K_GENRES
-    text = decompress(raw).decode(spec.encoding if spec.encoding != "utf-8" else "latin-1")
-    ids, texts, lines, bad = [], [], [], []
-    blank = 0
-    for ln, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            blank += 1
-            continue
-        parts = line.split("|")
-        lines.append(ln)
-        ids.append(parts[0])
-        if len(parts) != 5 + len(genres):
-            texts.append("")
-            bad.append(True)
-            continue
-        flags = parts[5:]
-        names = [g for g, f in zip(genres, flags) if f.strip() == "1"]
-        texts.append(join_text([parts[1], names]))
-        bad.append(False)
-    if not lines:
-        raise empty_file(path)
-    table, drops = catalogue_table(path, ids, texts, np.asarray(lines), spec, np.asarray(bad))
-    return ParseResult(table, drops, rows_in=len(lines), blank_lines=blank)
+    return _parse_lines(path, raw, spec, "|", 5 + len(genres),
+                        lambda p: join_text([p[1], [g for g, f in zip(genres, p[5:]) if f.strip() == "1"]]))
 
 
 def parse_ml100k_genres(raw: bytes) -> List[str]:
