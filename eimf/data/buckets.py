@@ -109,7 +109,7 @@ def count_lines(stage: Stage, display: str, start: int, end: int) -> int:
 
 
 def read_file(stage: Stage, display: str, role: str, spec, index: int, piece_no: int = 0, piece=None,
-               line_offset: int = 0) -> dict:
+              line_offset: int = 0) -> dict:
     """Parse one file, or one block of it (``piece``, see :func:`plan_pieces`), and write its rows to the
     buckets; returns the parse result without rows."""
     if piece is None:
@@ -134,7 +134,7 @@ def read_file(stage: Stage, display: str, role: str, spec, index: int, piece_no:
             b, cols, where = bucket_of(table["item"].to_numpy(), stage.buckets), ["item", "text", "line"], "catalogue"
         for k in range(stage.buckets):
             put(table.loc[b == k, cols].reset_index(drop=True),
-                 stage.path(where, f"b{k}", f"f{index}_p{piece_no}.parquet"))
+                stage.path(where, f"b{k}", f"f{index}_p{piece_no}.parquet"))
     return out
 
 
@@ -224,7 +224,7 @@ def catalogue_bucket(stage: Stage, ib: int, files: List[int]) -> dict:
 
 
 def user_pass(stage: Stage, ub: int, t: int, min_count: int, dedupe: str, has_time: bool,
-               files: List[Tuple[int, int]]) -> dict:
+              files: List[Tuple[int, int]]) -> dict:
     """Pass ``t`` of the k-core over one user bucket. Pass 0 gathers the bucket's rows, orders each user's
     interactions by (time, file, row) and drops repeats; later passes drop the rows whose user or item fell short
     in pass t-1. Writes the bucket's rows and its partial item counts of this pass."""
@@ -252,7 +252,7 @@ def user_pass(stage: Stage, ub: int, t: int, min_count: int, dedupe: str, has_ti
     else:
         state = get(state_path)
         short_items = concat([stage.path("short_items", f"t{t - 1}", f"u{ub}", f"i{ib}.parquet")
-                               for ib in range(stage.buckets)])["item"]
+                              for ib in range(stage.buckets)])["item"]
         uc = state.groupby("user", sort=False)["user"].transform("size").to_numpy()
         bad = (uc < min_count) | state["item"].isin(short_items).to_numpy()
         out["removed"] = int(bad.sum())
@@ -283,7 +283,7 @@ def item_pass(stage: Stage, ib: int, t: int, min_count: int, catalogue: bool) ->
     short = total.index[total.to_numpy() < min_count]
     for ub, part in enumerate(parts):
         put(pd.DataFrame({"item": part.loc[part["item"].isin(short), "item"].reset_index(drop=True)}),
-             stage.path("short_items", f"t{t}", f"u{ub}", f"i{ib}.parquet"))
+            stage.path("short_items", f"t{t}", f"u{ub}", f"i{ib}.parquet"))
     out = {"short_items": int(len(short)), "items": int(len(total))}
     if t == 0 and catalogue:
         known = pd.Index(get(stage.path("catalogue_unique", f"b{ib}.parquet"))["item"].astype("str"))
@@ -307,7 +307,7 @@ def item_final(stage: Stage, ib: int, t: int, numeric: bool, catalogue: bool) ->
                        "raw_id": pd.array(raw, dtype="str"), "count": total.to_numpy(np.int64),
                        "text": pd.array(text, dtype="str"), "missing": missing})
     put(df.sort_values(["neg_count", "key"], kind="stable").reset_index(drop=True),
-         stage.path("items", f"b{ib}.parquet"), merge_batch(stage.buckets))
+        stage.path("items", f"b{ib}.parquet"), merge_batch(stage.buckets))
     return {"items": len(df)}
 
 
@@ -318,7 +318,7 @@ def user_final(stage: Stage, ub: int, numeric: bool) -> dict:
     df = pd.DataFrame({"key": raw_order_key(raw, numeric), "raw_id": pd.array(raw, dtype="str"),
                        "n_interactions": n.to_numpy(np.int64)})
     put(df.sort_values("key", kind="stable").reset_index(drop=True), stage.path("users", f"b{ub}.parquet"),
-         merge_batch(stage.buckets))
+        merge_batch(stage.buckets))
     return {"users": len(df)}
 
 
@@ -365,7 +365,7 @@ def item_ids_for_users(stage: Stage, ib: int, t: int, parts: int) -> None:
     for ub in range(stage.buckets):
         raw = get(stage.partials(t, ub, ib))["item"].to_numpy(dtype=object).astype(str)
         put(pd.DataFrame({"raw_id": pd.array(raw, dtype="str"), "id": by_raw.reindex(raw).to_numpy(np.int64)}),
-             stage.path("item_ids_of", f"u{ub}", f"i{ib}.parquet"))
+            stage.path("item_ids_of", f"u{ub}", f"i{ib}.parquet"))
 
 
 def user_split(stage: Stage, ub: int, split_of, cfg, n_users: int, ranges: int, id_parts: int) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-import eimf.data.ingest as ingest_mod  # called as ingest_mod.ingest: tests swap it to see that a cached run reads nothing
+import eimf.data.ingest as ingest_mod  # called through the module, so that a test can swap ingest_mod.ingest
 from eimf import fs
 from eimf.data.ingest import ReadSummary
 from eimf.data.transforms import (cut_sequences, empty_kcore_error, item_texts, kcore, not_in_catalogue_error,

@@ -243,7 +243,7 @@ def parse_sequences(path: str, raw: bytes, spec: InteractionSpec, line_offset: i
     lines_a = np.asarray(lines, dtype=np.int64)
     no_time = InteractionSpec(**{**spec.__dict__, "time_col": None})
     table, drops = validate_interactions(path, np.asarray(users, dtype=object), np.asarray(items, dtype=object),
-                                          None, lines_a, no_time, user_field="user", item_field="item")
+                                         None, lines_a, no_time, user_field="user", item_field="item")
     return ParseResult(table, drops, rows_in=len(items), has_time=False, blank_lines=blank,
                        empty_sequences=empty_seq)
 

@@ -165,9 +165,9 @@ class Checker:
 
 
 def validate_interactions(path: str, user, item, ts, lines: np.ndarray, spec: InteractionSpec,
-                           extra_bad: Optional[np.ndarray] = None, unit: str = "line",
-                           extra_reason: str = "wrong_field_count",
-                           user_field: Optional[str] = None, item_field: Optional[str] = None) -> tuple:
+                          extra_bad: Optional[np.ndarray] = None, unit: str = "line",
+                          extra_reason: str = "wrong_field_count",
+                          user_field: Optional[str] = None, item_field: Optional[str] = None) -> tuple:
     n = len(lines)
     ufield, ifield = user_field or spec.user_col, item_field or spec.item_col
     chk = Checker(path, n, lines, spec.on_bad_rows, unit)
@@ -228,8 +228,8 @@ def join_text(parts: Sequence) -> str:
 
 
 def catalogue_table(path: str, ids, texts: List[str], lines: np.ndarray, spec: CatalogueSpec,
-                     extra_bad: Optional[np.ndarray] = None, unit: str = "line",
-                     extra_reason: str = "wrong_field_count") -> tuple:
+                    extra_bad: Optional[np.ndarray] = None, unit: str = "line",
+                    extra_reason: str = "wrong_field_count") -> tuple:
     check_policy(spec.on_bad_rows)
     chk = Checker(path, len(lines), lines, spec.on_bad_rows, unit)
     if extra_bad is not None:
