@@ -39,7 +39,7 @@ BUCKET = "s3://eimf-cluster"
 #: A small complete pipeline on ML-100K, every path on the cluster's S3, one training worker per worker host.
 PIPELINE = ["data.dataset=ml-100k", f"data.data_dir={BUCKET}/datasets", f"pipeline.storage_path={BUCKET}/pipelines",
             "pipeline.warmup_steps=100", "train.max_steps=100", "train.eval_every=50", "train.patience=100",
-            "semantic.n_clusters=2", "train.num_workers=2", "train.placement_strategy=STRICT_SPREAD"]
+            "semantic.n_clusters=2", "train.scaling.num_workers=2", "train.scaling.placement_strategy=STRICT_SPREAD"]
 
 
 @pytest.fixture(scope="module")
@@ -245,11 +245,11 @@ def _check_pipeline(cluster, run: str, status: str, logs: str) -> tuple:
 def test_pipeline_with_deepspeed_and_vllm_engines_on_both_worker_hosts(cluster, smollm2_dir):
     run = os.environ.get("EIMF_TEST_RUN_PREFIX", "") + "cl-deepspeed"
     status, logs = _submit(cluster, [
-        *PIPELINE, f"pipeline.run_name={run}", "train.strategy=deepspeed", "train.zero_stage=2",
-        "semantic.annotator=vllm", "semantic.budget=4", f"semantic.vllm_model={smollm2_dir}",
-        "semantic.vllm_concurrency=2", "semantic.vllm_cpus_per_engine=2", "semantic.vllm_batch_size=2",
+        *PIPELINE, f"pipeline.run_name={run}", "train.strategy=deepspeed", "train.deepspeed.zero_stage=2",
+        "semantic.annotator=vllm", "semantic.budget=4", f"semantic.vllm.model={smollm2_dir}",
+        "semantic.vllm.concurrency=2", "semantic.vllm.cpus_per_engine=2", "semantic.vllm.batch_size=2",
         "semantic.max_attempts=2", "semantic.max_tokens=320", "semantic.token_budget=600",
-        "semantic.vllm_max_num_seqs=4", "semantic.vllm_timeout_s=1200"])
+        "semantic.vllm.max_num_seqs=4", "semantic.vllm.timeout_s=1200"])
     runs, manifests = _check_pipeline(cluster, run, status, logs)
     annotate = manifests["annotate"]
     assert annotate["info"]["annotator"] == "vllm" and annotate["metrics"]["valid_share"] > 0
@@ -260,7 +260,7 @@ def test_pipeline_with_deepspeed_and_vllm_engines_on_both_worker_hosts(cluster, 
                    for p in cluster.disk(host).glob("tmp/ray/session_*/logs/worker-*.out")), f"no engine on {host}"
     assert set(annotate["info"]["stats"]["engine_hosts"]) <= {"10.213.0.11", "10.213.0.12"}
     assert annotate["info"]["stats"]["engine_hosts"]
-    assert runs["train"]["params"]["train.zero_stage"] == "2"
+    assert runs["train"]["params"]["train.deepspeed.zero_stage"] == "2"
 
 
 def test_pipeline_with_the_sharded_item_table(cluster):
@@ -276,8 +276,8 @@ def test_pipeline_with_the_sharded_item_table(cluster):
 #: One training (jobs/train.py) long enough to be hit mid-way: DeepSpeed ZeRO-2, a worker on each worker host,
 #: a checkpoint on S3 every 40 steps, the loss logged every 10.
 FAULT_TRAIN = ["data.dataset=ml-100k", f"data.data_dir={BUCKET}/datasets", f"data.output_dir={BUCKET}/prepared",
-               f"train.storage_path={BUCKET}/runs", "train.num_workers=2", "train.placement_strategy=STRICT_SPREAD",
-               "train.strategy=deepspeed", "train.zero_stage=2", "train.max_steps=200", "train.eval_every=40",
+               f"train.storage_path={BUCKET}/runs", "train.scaling.num_workers=2", "train.scaling.placement_strategy=STRICT_SPREAD",
+               "train.strategy=deepspeed", "train.deepspeed.zero_stage=2", "train.max_steps=200", "train.eval_every=40",
                "train.log_every=10", "train.patience=100", "tracking.experiment=faults", "tracking.log_model=false"]
 
 
@@ -437,11 +437,11 @@ def test_s3_slow_and_failing_and_a_lossy_link_the_pipeline_completes_through_ret
 
 
 def test_a_worker_host_lost_with_none_to_replace_it_fails_in_bounded_time_naming_it(cluster):
-    """With no host to take the lost one's place, the restart waits train.restart_timeout_s for the resources, then
+    """With no host to take the lost one's place, the restart waits train.failure.restart_timeout_s for the resources, then
     the job fails with the lost host in its message (a STRICT_SPREAD group of 2 cannot run on 1 host)."""
     run = os.environ.get("EIMF_TEST_RUN_PREFIX", "") + "fault-none"
     victim = cluster.workers[-1]
-    sid = _start_job(cluster, "jobs/train.py", [*FAULT_TRAIN, f"train.run_name={run}", "train.restart_timeout_s=60"])
+    sid = _start_job(cluster, "jobs/train.py", [*FAULT_TRAIN, f"train.run_name={run}", "train.failure.restart_timeout_s=60"])
     _wait_for_checkpoint(cluster, f"{BUCKET}/runs/{run}")
     t_kill = time.time()
     cluster.kill_host(victim)

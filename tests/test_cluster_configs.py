@@ -135,8 +135,8 @@ def test_every_cluster_profile_loads(monkeypatch):
     assert {p.name for p in profiles} >= {"gpu.yaml", "laptop.yaml"}
     for path in profiles:
         cfg = load_config(path)
-        assert cfg.train.batch_size % cfg.train.num_workers == 0, path.name
-        assert 0 <= cfg.train.zero_stage <= 3, path.name
+        assert cfg.train.batch_size % cfg.train.scaling.num_workers == 0, path.name
+        assert 0 <= cfg.train.deepspeed.zero_stage <= 3, path.name
 
 
 def test_gpu_profile(monkeypatch):
@@ -145,18 +145,18 @@ def test_gpu_profile(monkeypatch):
     for k, v in PROFILE_ENV.items():
         monkeypatch.setenv(k, v)
     cfg = load_config(CLUSTER / "gpu.yaml")
-    assert cfg.train.use_gpu and cfg.train.num_workers == 4 and cfg.train.strategy == "deepspeed"
+    assert cfg.train.scaling.use_gpu and cfg.train.scaling.num_workers == 4 and cfg.train.strategy == "deepspeed"
     assert cfg.train.storage_path == "s3://eimf-bucket/eimf/runs"
     assert cfg.data.output_dir.startswith("s3://eimf-bucket/") and cfg.semantic.cache_dir.startswith("s3://eimf-bucket/")
     assert cfg.tracking.tracking_uri == "http://10.0.1.23:5000"
-    assert cfg.semantic.annotator == "vllm" and cfg.semantic.vllm_device == "gpu"
-    assert "7B" in cfg.semantic.vllm_model and cfg.semantic.vllm_concurrency >= 1
+    assert cfg.semantic.annotator == "vllm" and cfg.semantic.vllm.device == "gpu"
+    assert "7B" in cfg.semantic.vllm.model and cfg.semantic.vllm.concurrency >= 1
     # The model the cluster downloads is the model the profile asks for.
     env_example = (CLUSTER / "cluster.env.example").read_text()
-    assert f"EIMF_ANNOTATE_MODEL={cfg.semantic.vllm_model}\n" in env_example
-    assert f'EIMF_ANNOTATE_MODEL:-{cfg.semantic.vllm_model}}}' in (ROOT / "ray_cluster.yaml").read_text()
+    assert f"EIMF_ANNOTATE_MODEL={cfg.semantic.vllm.model}\n" in env_example
+    assert f'EIMF_ANNOTATE_MODEL:-{cfg.semantic.vllm.model}}}' in (ROOT / "ray_cluster.yaml").read_text()
     # Overrides still apply on top of the profile.
-    assert load_config(CLUSTER / "gpu.yaml", ["train.num_workers=8"]).train.num_workers == 8
+    assert load_config(CLUSTER / "gpu.yaml", ["train.scaling.num_workers=8"]).train.scaling.num_workers == 8
 
 
 def test_gpu_profile_without_its_environment_names_variable_and_key(monkeypatch):

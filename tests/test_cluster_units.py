@@ -35,9 +35,9 @@ def test_link_bytes_count_this_hosts_interfaces_without_loopback():
     assert set(got) == {"rx", "tx"} and min(got.values()) >= 0
 
 
-@pytest.mark.parametrize("override, field", [("train.placement_strategy=ANYWHERE", "train.placement_strategy"),
-                                             ("train.restart_timeout_s=0", "train.restart_timeout_s")])
+@pytest.mark.parametrize("override, field", [("train.scaling.placement_strategy=ANYWHERE", "train.scaling.placement_strategy"),
+                                             ("train.failure.restart_timeout_s=0", "train.failure.restart_timeout_s")])
 def test_cluster_settings_are_checked(override, field):
     with pytest.raises(ConfigError, match=field):
         load_config(None, [override])
-    assert load_config(None, ["train.placement_strategy=STRICT_SPREAD"]).train.placement_strategy == "STRICT_SPREAD"
+    assert load_config(None, ["train.scaling.placement_strategy=STRICT_SPREAD"]).train.scaling.placement_strategy == "STRICT_SPREAD"

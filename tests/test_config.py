@@ -128,13 +128,14 @@ def test_nested_operational_fields_are_left_out_of_fingerprints():
 
 def test_jobs_print_one_line_and_exit_2_on_a_config_error(capsys):
     import importlib.util
+    import sys
     from pathlib import Path
 
     jobs = Path(__file__).resolve().parent.parent / "jobs"
     for job, argv in [("pipeline", ["--plan", "model.backbone=foo"]), ("experiments", ["model.backbone=foo"]),
                       ("train", None)]:
         spec = importlib.util.spec_from_file_location(f"job_{job}", jobs / f"{job}.py")
-        mod = importlib.util.module_from_spec(spec)
+        mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
         spec.loader.exec_module(mod)
         if argv is None:  # the jobs that are the eimf CLI
             from eimf.cli import main

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from eimf.config import SemanticConfig
+from eimf.config import OpenAIConfig, SemanticConfig
 from eimf.semantic.annotators import AnnotationRequest, Annotator, Generation, build_annotator
 from eimf.semantic.annotators.metadata import MetadataAnnotator, describe_groups, split_item_text, title_words
 from eimf.semantic.annotators.openai_compat import OpenAICompatAnnotator
@@ -293,8 +293,8 @@ def test_openai_bounded_concurrency(fake_server):
 
 
 def test_openai_from_config():
-    cfg = SemanticConfig(annotator="openai", openai_base_url="http://127.0.0.1:9/v1", openai_model="m",
-                         max_concurrency=2)
+    cfg = SemanticConfig(annotator="openai", openai=OpenAIConfig(base_url="http://127.0.0.1:9/v1", model="m",
+                                                                 max_concurrency=2))
     ann = build_annotator(cfg)
     assert isinstance(ann, OpenAICompatAnnotator) and ann.max_concurrency == 2 and ann.model == "m"
     ann.close()
@@ -310,7 +310,7 @@ class _StallingPass:
 
 def test_vllm_stream_yields_answers_as_they_come_and_bounds_the_wait_for_the_next(ray_session, tmp_path):
     """The one-pass stream hands back each answer before the pass ends, and a stalled pass fails after
-    semantic.vllm_timeout_s without an answer, naming how far it got (not after a bound on the whole pass)."""
+    semantic.vllm.timeout_s without an answer, naming how far it got (not after a bound on the whole pass)."""
     from eimf.semantic.annotators.vllm_ray import VLLMRayAnnotator
 
     (tmp_path / "config.json").write_text("{}")  # a model folder is all the constructor checks
@@ -321,6 +321,6 @@ def test_vllm_stream_yields_answers_as_they_come_and_bounds_the_wait_for_the_nex
     first = next(stream)
     assert [i for i, _ in first] == [0] and first[0][1].text == '{"interests": []}'
     t0 = time.perf_counter()
-    with pytest.raises(TimeoutError, match=r"vllm_timeout_s=1s \(1 of 2 prompts answered\)"):
+    with pytest.raises(TimeoutError, match=r"vllm.timeout_s=1s \(1 of 2 prompts answered\)"):
         next(stream)
     assert time.perf_counter() - t0 < 10

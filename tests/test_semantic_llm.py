@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eimf.config import SemanticConfig, load_config
+from eimf.config import SemanticConfig, VLLMConfig, load_config
 from eimf.semantic.annotators import AnnotationRequest, build_annotator
 from eimf.semantic.models import ModelNotFoundError, resolve_llm
 from eimf.semantic.prompts import build_prompt, extract_data_block, interest_schema, parse_answer, system_message
@@ -55,7 +55,7 @@ def test_resolve_llm_local_folders_and_clear_errors(tmp_path, monkeypatch):
     assert resolve_llm(str(local)) == str(local.resolve())
     # the annotator resolves at construction: a missing model fails before Ray starts anything
     with pytest.raises(ModelNotFoundError, match="semantic.vllm.model"):
-        build_annotator(SemanticConfig(annotator="vllm", vllm_model="Some/Missing-7B"))
+        build_annotator(SemanticConfig(annotator="vllm", vllm=VLLMConfig(model="Some/Missing-7B")))
 
 
 def test_smollm2_folder_is_a_working_plain_hf_model(smollm2_dir):
@@ -85,9 +85,9 @@ def test_vllm_annotator_config_rules(smollm2_dir):
     assert isinstance(ann, VLLMRayAnnotator) and ann.model_path == str(smollm2_dir)
     assert (ann.concurrency, ann.batch_size, ann.tensor_parallel_size, ann.max_model_len) == (3, 7, 2, 1024)
     assert ann.model_id.startswith("vllm:SmolLM2-135M-Instruct:t0:rt0.7:")
-    with pytest.raises(ValueError, match="vllm_tensor_parallel_size"):  # no Ray executor on CPU
+    with pytest.raises(ValueError, match="vllm.tensor_parallel_size"):  # no Ray executor on CPU
         VLLMRayAnnotator(str(smollm2_dir), tensor_parallel_size=2, device="cpu")._device()
-    with pytest.raises(ValueError, match="vllm_max_model_len"):
+    with pytest.raises(ValueError, match="vllm.max_model_len"):
         VLLMRayAnnotator(str(smollm2_dir), max_tokens=2048, max_model_len=2048)
     req = AnnotationRequest(user=1, messages=[], history_hash="h", n_items=5, max_interests=3)
     s = decoding_schema(req)

@@ -137,6 +137,8 @@ def _one_line(e: oc_errors.OmegaConfBaseException) -> ConfigError:
     value = re.match(r"(?:Invalid value|Value) '(.*?)'", msg)
     if choices is not None and value:
         return SettingValueError(choice_message(key, value.group(1), choices))
+    if isinstance(e, oc_errors.InterpolationResolutionError):  # ${oc.env:VAR} and the like: the cause, then the key
+        return SettingValueError(f"{msg} (setting {key})")
     return SettingValueError(f"{key}: {msg}")
 
 
