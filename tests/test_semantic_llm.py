@@ -318,7 +318,7 @@ def test_annotation_job_logs_stats_and_artifacts_to_mlflow(ml100k, tmp_path, mon
 
     monkeypatch.setenv("EIMF_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr("eimf.data.preprocess.prepare", lambda cfg, **kw: ml100k)
+    monkeypatch.setattr("eimf.steps.annotate.prepare", lambda cfg, **kw: ml100k)
     cfg = load_config(None, ["data.dataset=ml-100k", "semantic.annotator=metadata", "semantic.budget=5",
                              f"semantic.cache_dir={tmp_path / 'cache'}"])
     res = annotate.run(cfg, run_name="annotate-test")

@@ -29,7 +29,7 @@ N_USERS = 100
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, mlflow_server, ray_session):
     """(model URI, reference answers of in-process exact retrieval for 100 test users, server URL, n_items)."""
-    from eimf.data.preprocess import load_prepared
+    from eimf.formats.prepared import load_prepared
     from eimf.evaluation import ItemIndex, history_batch
     from eimf.serving.folder import ModelFolder
     from eimf.steps.train import train

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from eimf.config import eimf_home
-from eimf.data.preprocess import read_manifest, read_split
+from eimf.formats.prepared import read_manifest, read_split
 from eimf.semantic.encoder import SemanticEncoder
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,9 @@ from typing import Any, Optional
 
 from eimf import fs, tracking
 from eimf.config import eimf_home
-from eimf.data.preprocess import load_prepared, prepare
+from eimf.data.preprocess import prepare
 from eimf.formats.annotations import ANNOTATIONS_FILE, SELECTION_FILE, STATS_FILE
+from eimf.formats.prepared import load_prepared
 from eimf.semantic.annotate import annotate_from_config
 from eimf.serving.folder import ModelFolder
 from eimf.steps import StepOutput, numbers

@@ -14,9 +14,9 @@ import pandas as pd
 import torch
 
 from eimf import fs, tracking
-from eimf.data.preprocess import load_prepared
 from eimf.evaluation.evaluate import evaluate, most_popular
 from eimf.evaluation.metrics import MetricAccumulator
+from eimf.formats.prepared import load_prepared
 from eimf.serving.folder import ModelFolder, ModelFolderError
 from eimf.steps import StepOutput, mlflow_run, numbers
 

@@ -23,11 +23,11 @@ import torch
 
 from eimf import fs, tracking
 from eimf.config import Config
-from eimf.data.preprocess import read_split
 from eimf.evaluation.retrieval import ItemIndex
 from eimf.formats import checkpoints as ckpt
 from eimf.formats.annotations import read_annotations
 from eimf.formats.model_folder import ModelFolderError, read_manifest
+from eimf.formats.prepared import read_split
 from eimf.models import build_model
 from eimf.plots import learning_curve
 from eimf.serving.explain import PhraseTable

@@ -18,8 +18,9 @@ from typing import Dict, Optional
 
 from eimf import fs, tracking
 from eimf.config import Config
-from eimf.data.preprocess import prepare, read_manifest
+from eimf.data.preprocess import prepare
 from eimf.formats import checkpoints as ckpt
+from eimf.formats.prepared import read_manifest
 from eimf.ray_init import init_ray
 from eimf.steps import StepOutput, numbers
 from eimf.steps.export import export_checkpoint, log_run_artifacts

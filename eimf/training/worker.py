@@ -21,15 +21,28 @@ from ray.train import Checkpoint
 
 from eimf import tracking
 from eimf.config import Config
-from eimf.data.preprocess import read_manifest, read_split
 from eimf.data.sampling import TrainSampler
 from eimf.evaluation import set_faiss_threads
 from eimf.formats import checkpoints as ckpt
-from eimf.training.components import (build_components, build_sharded_components, config_from_dict,
-                                      load_item_init, peak_rss_mb, per_worker_batch, use_deepspeed)
+from eimf.formats.prepared import read_manifest, read_split
+from eimf.training.components import (
+    build_components,
+    build_sharded_components,
+    config_from_dict,
+    load_item_init,
+    peak_rss_mb,
+    per_worker_batch,
+    use_deepspeed,
+)
 from eimf.training.host_stats import WorkerPlacement, as_dicts, link_bytes, placement_metrics, placement_tags
-from eimf.training.loop import (LoopState, Trainer, load_best_head, load_training_state, save_training_state,
-                                seed_everything)
+from eimf.training.loop import (
+    LoopState,
+    Trainer,
+    load_best_head,
+    load_training_state,
+    save_training_state,
+    seed_everything,
+)
 from eimf.training.multitask import EIMFTrainer, build_eimf, eimf_batches
 
 log = logging.getLogger(__name__)
