@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import typing
 from dataclasses import field
-from typing import Literal, Optional, Tuple, get_args, get_origin
+from typing import ClassVar, Dict, Literal, Optional, Tuple, get_args, get_origin
 
 from omegaconf import errors as oc_errors
 
@@ -20,26 +20,23 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message is one line naming the field as ``section.name``."""
 
 
-class UnknownSettingError(ConfigError, oc_errors.ConfigKeyError):
+class _AlsoOmegaConfError(ConfigError):
+    """A ConfigError that is also the OmegaConf error it replaces (code that catches those still does)."""
+
+    def __init__(self, msg: str) -> None:
+        ConfigError.__init__(self, msg)
+        self.msg = msg
+
+    def __str__(self) -> str:
+        return self.msg
+
+
+class UnknownSettingError(_AlsoOmegaConfError, oc_errors.ConfigKeyError):
     """A key that is no setting (a typo): also an OmegaConf ``ConfigKeyError``."""
 
-    def __init__(self, msg: str) -> None:
-        ConfigError.__init__(self, msg)
-        self.msg = msg
 
-    def __str__(self) -> str:
-        return self.msg
-
-
-class SettingValueError(ConfigError, oc_errors.ValidationError):
+class SettingValueError(_AlsoOmegaConfError, oc_errors.ValidationError):
     """A value of the wrong type or outside a setting's choices: also an OmegaConf ``ValidationError``."""
-
-    def __init__(self, msg: str) -> None:
-        ConfigError.__init__(self, msg)
-        self.msg = msg
-
-    def __str__(self) -> str:
-        return self.msg
 
 
 #: Field metadata key: the field changes where or how fast a step runs, never its output, so fingerprints skip it.
@@ -106,12 +103,26 @@ def choice_message(key: str, value, choices) -> str:
 
 def check_section(section) -> None:
     """Every ``Literal`` field of ``section`` holds one of its values (OmegaConf checks this on load; a section
-    built in Python is checked here)."""
+    built in Python is checked here), and every field in its ``MINIMUMS`` is at least that (or None)."""
     for f in dataclasses.fields(section):
         choices = choices_of(type(section), f.name)
         value = getattr(section, f.name)
         if choices is not None and value is not None and value not in choices:
             raise ConfigError(choice_message(f"{section.PATH}.{f.name}", value, choices))
+    for name, low in section.MINIMUMS.items():
+        check_min(f"{section.PATH}.{name}", getattr(section, name), low)
+
+
+class Section:
+    """Base of the config sections (dataclasses): ``PATH`` names the section in messages, ``MINIMUMS`` maps a
+    field to its least value; :func:`check_section` runs after ``__init__`` (a section with more to check
+    extends ``__post_init__``)."""
+
+    PATH: ClassVar[str] = ""
+    MINIMUMS: ClassVar[Dict[str, float]] = {}
+
+    def __post_init__(self):
+        check_section(self)
 
 
 def check_min(where: str, value, low) -> None:

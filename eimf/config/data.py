@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Literal, Optional
 
-from eimf.config.base import ConfigError, check_min, check_positive, check_section, check_share, operational
+from eimf.config.base import ConfigError, Section, check_positive, check_share, operational
 
 #: ``data.format`` (interaction files) and ``data.items_format`` (catalogue files); ``auto``: from the extension.
 InteractionFormat = Literal["auto", "csv", "tsv", "parquet", "jsonl", "sequences", "dat"]
@@ -13,8 +13,9 @@ CatalogueFormat = Literal["auto", "csv", "tsv", "parquet", "jsonl", "dat", "ml1m
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     PATH: ClassVar[str] = "data"
+    MINIMUMS: ClassVar[dict] = {"buckets": 0, "min_count": 1}
     #: A built-in dataset name (see ``eimf data list``) or ``custom`` for your own files.
     dataset: str = "ml-1m"
     #: Folder holding the raw datasets (one sub-folder per dataset). Falls back to $EIMF_DATA_DIR.
@@ -67,10 +68,8 @@ class DataConfig:
     download: Literal["auto", "never"] = operational("auto")
 
     def __post_init__(self):
-        check_section(self)
-        check_min("data.buckets", self.buckets, 0)
+        super().__post_init__()
         check_positive("data.read_block_mb", self.read_block_mb)
-        check_min("data.min_count", self.min_count, 1)
         r = list(self.split_ratios)
         if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6:
             raise ConfigError(f"data.split_ratios must be 3 non-negative numbers summing to 1, got {r}")

@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional
 
-from eimf.config.base import ConfigError, check_min, operational
+from eimf.config.base import ConfigError, Section, operational
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(Section):
     PATH: ClassVar[str] = "tracking"
     enabled: bool = True
     #: None: sqlite:///<EIMF_HOME>/mlflow.db, or $MLFLOW_TRACKING_URI when set.
@@ -22,12 +22,13 @@ class TrackingConfig:
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(Section):
     """``jobs/pipeline.py`` (eimf/pipeline.py): prepare -> IBIM warm-up -> typical users + annotation -> EIMF
     training -> evaluation -> export, each stage in ``<storage_path>/stages/<step>/<fingerprint>/`` with a
     manifest, its copy in ``<storage_path>/<run_name>/<stage>/``."""
 
     PATH: ClassVar[str] = "pipeline"
+    MINIMUMS: ClassVar[dict] = {"warmup_steps": 1}
     #: Same name again skips the stages whose fingerprint is unchanged and whose outputs are present, and resumes
     #: an interrupted one; None: ``pipeline-<dataset>-<backbone>-<time>`` (printed at the start).
     run_name: Optional[str] = operational()
@@ -43,7 +44,7 @@ class PipelineConfig:
     eval_splits: List[str] = field(default_factory=lambda: ["valid", "test"])
 
     def __post_init__(self):
-        check_min("pipeline.warmup_steps", self.warmup_steps, 1)
+        super().__post_init__()
         bad = [s for s in self.eval_splits if s not in ("valid", "test")]
         if bad or not self.eval_splits:
             raise ConfigError(f"pipeline.eval_splits must be a non-empty list of valid/test, got "

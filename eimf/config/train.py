@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Literal, Optional, get_args
 
-from eimf.config.base import ConfigError, check_min, check_positive, check_section, choice_message, operational
+from eimf.config.base import ConfigError, Section, check_positive, choice_message, operational
 
 #: ``model.backbone``: the keys of eimf.models.MODELS (a new backbone adds its name here; tests/test_config.py
 #: checks that the two agree).
@@ -17,8 +17,10 @@ EVAL_METRICS = ("recall", "ndcg", "hitrate")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     PATH: ClassVar[str] = "model"
+    MINIMUMS: ClassVar[dict] = {"dim": 1, "num_interests": 1, "maxlen": 1, "routing_iters": 1, "hidden_factor": 1,
+                                "beta": 0, "reg_lambda": 0}
     backbone: Backbone = "comirec_sa"
     dim: int = 64
     num_interests: int = 4
@@ -36,17 +38,11 @@ class ModelConfig:
     #: Why ``random`` is the default: docs/results.md, "Settings chosen on valid".
     item_init: Literal["random", "text"] = "random"
 
-    def __post_init__(self):
-        check_section(self)
-        for name in ("dim", "num_interests", "maxlen", "routing_iters", "hidden_factor"):
-            check_min(f"model.{name}", getattr(self, name), 1)
-        check_min("model.beta", self.beta, 0)
-        check_min("model.reg_lambda", self.reg_lambda, 0)
-
 
 @dataclass
-class NegativesConfig:
+class NegativesConfig(Section):
     PATH: ClassVar[str] = "negatives"
+    MINIMUMS: ClassVar[dict] = {"negatives_per_example": 1, "num_negatives": 1}
     #: log_uniform (popularity-shaped over frequency-sorted ids) | uniform
     sampler: Literal["log_uniform", "uniform"] = "log_uniform"
     #: Negatives shared by the batch = negatives_per_example * batch_size (ComiRec: 10).
@@ -59,17 +55,13 @@ class NegativesConfig:
     logq_correction: bool = True
     remove_accidental_hits: bool = True
 
-    def __post_init__(self):
-        check_section(self)
-        check_min("negatives.negatives_per_example", self.negatives_per_example, 1)
-        check_min("negatives.num_negatives", self.num_negatives, 1)
-
 
 @dataclass
-class ScalingConfig:
+class ScalingConfig(Section):
     """``train.scaling``: how many workers, on what (Ray Train's ScalingConfig)."""
 
     PATH: ClassVar[str] = "train.scaling"
+    MINIMUMS: ClassVar[dict] = {"num_workers": 1, "cpus_per_worker": 1}
     #: Training workers; ``train.batch_size`` is split equally among them, so it must divide by this.
     num_workers: int = 1
     use_gpu: bool = False
@@ -79,17 +71,13 @@ class ScalingConfig:
     #: STRICT_SPREAD (one worker per node: a lost node costs one worker) | STRICT_PACK (all on one node).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = operational("PACK")
 
-    def __post_init__(self):
-        check_section(self)
-        check_min("train.scaling.num_workers", self.num_workers, 1)
-        check_min("train.scaling.cpus_per_worker", self.cpus_per_worker, 1)
-
 
 @dataclass
-class FailureConfig:
+class FailureConfig(Section):
     """``train.failure``: what a failed run does (Ray Train's FailureConfig)."""
 
     PATH: ClassVar[str] = "train.failure"
+    MINIMUMS: ClassVar[dict] = {"max_failures": 0, "restart_timeout_s": 1}
     #: How many times Ray Train replaces failed workers and resumes from the checkpoint. A setting or data error
     #: raised in a worker is not retried: it would fail the same way.
     max_failures: int = operational(2)
@@ -97,13 +85,9 @@ class FailureConfig:
     #: run fails, naming the hosts it lost. Ray Train alone would wait forever.
     restart_timeout_s: float = operational(600.0)
 
-    def __post_init__(self):
-        check_min("train.failure.max_failures", self.max_failures, 0)
-        check_min("train.failure.restart_timeout_s", self.restart_timeout_s, 1)
-
 
 @dataclass
-class DeepSpeedConfig:
+class DeepSpeedConfig(Section):
     """``train.deepspeed``: the DeepSpeed path (``train.strategy`` deepspeed, or auto with several workers)."""
 
     PATH: ClassVar[str] = "train.deepspeed"
@@ -112,12 +96,9 @@ class DeepSpeedConfig:
     #: fp32 | bf16 (no fp16 on CPU).
     precision: Literal["fp32", "bf16"] = "fp32"
 
-    def __post_init__(self):
-        check_section(self)
-
 
 @dataclass
-class ShardedConfig:
+class ShardedConfig(Section):
     """``train.sharded``: the row-sharded item table (``train.strategy=sharded``, TorchRec)."""
 
     PATH: ClassVar[str] = "train.sharded"
@@ -129,13 +110,15 @@ class ShardedConfig:
     lr: Optional[float] = None
 
     def __post_init__(self):
-        check_section(self)
+        super().__post_init__()
         check_positive("train.sharded.lr", self.lr)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     PATH: ClassVar[str] = "train"
+    MINIMUMS: ClassVar[dict] = {"batch_size": 1, "max_steps": 1, "eval_every": 1, "patience": 1, "min_cut": 1,
+                                "log_every": 1}
     #: The global batch: each of ``scaling.num_workers`` workers takes an equal share.
     batch_size: int = 128
     #: None: the backbone's default (1e-3; ComiRec-DR 5e-3).
@@ -165,9 +148,7 @@ class TrainConfig:
     sharded: ShardedConfig = field(default_factory=ShardedConfig)
 
     def __post_init__(self):
-        check_section(self)
-        for name in ("batch_size", "max_steps", "eval_every", "patience", "min_cut", "log_every"):
-            check_min(f"train.{name}", getattr(self, name), 1)
+        super().__post_init__()
         check_positive("train.lr", self.lr)
         n = self.scaling.num_workers
         if self.batch_size % n:
@@ -180,8 +161,9 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     PATH: ClassVar[str] = "eval"
+    MINIMUMS: ClassVar[dict] = {"batch_size": 1, "max_valid_users": 1}
     topk: List[int] = field(default_factory=lambda: [20, 50])
     batch_size: int = 1024
     #: ``<metric>@<k>``: metric recall | ndcg | hitrate, k one of ``topk``.
@@ -195,20 +177,20 @@ class EvalConfig:
     score_test: bool = operational(True)
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.topk or min(self.topk) < 1:
             raise ConfigError(f"eval.topk must be a non-empty list of positive cut-offs, got {list(self.topk)}")
-        check_min("eval.batch_size", self.batch_size, 1)
-        check_min("eval.max_valid_users", self.max_valid_users, 1)
         choices = [f"{name}@{k}" for k in self.topk for name in EVAL_METRICS]
         if self.early_stop_metric not in choices:
             raise ConfigError(choice_message("eval.early_stop_metric", self.early_stop_metric, choices))
 
 
 @dataclass
-class RetrievalConfig:
+class RetrievalConfig(Section):
     """The item index that evaluation and serving search (one setting for both, logged as MLflow params)."""
 
     PATH: ClassVar[str] = "retrieval"
+    MINIMUMS: ClassVar[dict] = {"nprobe": 1, "ef_search": 1, "refine_k": 1}
     #: A faiss ``index_factory`` string over inner product (``Flat``, ``HNSW32``, ``IVF4096,Flat``,
     #: ``IVF16384,PQ32x4fs,RFlat``, ...), or ``auto``: exact ``Flat`` for small catalogues, ANN above
     #: (``eimf.evaluation.retrieval.auto_index``; docs/serving.md measures the choice).
@@ -221,7 +203,6 @@ class RetrievalConfig:
     refine_k: int = 4
 
     def __post_init__(self):
+        super().__post_init__()
         if not str(self.index).strip():
             raise ConfigError("retrieval.index must be a faiss index_factory string or 'auto'")
-        for name in ("nprobe", "ef_search", "refine_k"):
-            check_min(f"retrieval.{name}", int(getattr(self, name)), 1)
