@@ -23,7 +23,7 @@ from eimf.config.base import (ConfigError, SettingValueError, UnknownSettingErro
 from eimf.config.data import DataConfig
 from eimf.config.run import PipelineConfig, TrackingConfig
 from eimf.config.semantic import EIMFConfig, SemanticConfig
-from eimf.config.train import EvalConfig, ModelConfig, NegativesConfig, RetrievalConfig, TrainConfig
+from eimf.config.train import BACKBONES, EvalConfig, ModelConfig, NegativesConfig, RetrievalConfig, TrainConfig
 
 
 @dataclass
@@ -38,6 +38,11 @@ class Config:
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     eimf: EIMFConfig = field(default_factory=EIMFConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self):
+        # settings checked across sections, or against a registry of a layer above (eimf.models.MODELS)
+        if self.model.backbone not in BACKBONES:
+            raise ConfigError(choice_message("model.backbone", self.model.backbone, BACKBONES))
 
 
 def _renames() -> dict:

@@ -4,14 +4,14 @@ RunConfig), ``eval`` and ``retrieval``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, List, Literal, Optional, get_args
+from typing import ClassVar, List, Literal, Optional
 
 from eimf.config.base import ConfigError, Section, check_positive, choice_message, operational
 
 #: ``model.backbone``: the keys of eimf.models.MODELS (a new backbone adds its name here; tests/test_config.py
-#: checks that the two agree).
-Backbone = Literal["comirec_sa", "comirec_dr", "mind", "remi"]
-BACKBONES = get_args(Backbone)
+#: checks that the two agree). Checked when the whole config loads (eimf.config.load.Config), so that a
+#: ModelConfig built in code still reaches the registry's own check.
+BACKBONES = ("comirec_sa", "comirec_dr", "mind", "remi")
 #: ``eval.early_stop_metric`` is ``<metric>@<k>`` with k one of ``eval.topk`` (eimf.evaluation.metrics.METRICS).
 EVAL_METRICS = ("recall", "ndcg", "hitrate")
 
@@ -21,7 +21,8 @@ class ModelConfig(Section):
     PATH: ClassVar[str] = "model"
     MINIMUMS: ClassVar[dict] = {"dim": 1, "num_interests": 1, "maxlen": 1, "routing_iters": 1, "hidden_factor": 1,
                                 "beta": 0, "reg_lambda": 0}
-    backbone: Backbone = "comirec_sa"
+    #: One of :data:`BACKBONES`.
+    backbone: str = "comirec_sa"
     dim: int = 64
     num_interests: int = 4
     maxlen: int = 50
