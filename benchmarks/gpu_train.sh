@@ -21,15 +21,15 @@ WORKER_COUNTS="1"; [ "$GPUS" -gt 1 ] && WORKER_COUNTS="1 $GPUS"
 DATA_ARGS=(${EIMF_DATASET_ARGS:-data.dataset=$DATASET})
 for WORKERS in $WORKER_COUNTS; do
   for STAGE in 0 2 3; do
-    "$PY" jobs/train.py "${DATA_ARGS[@]}" train.use_gpu=true train.num_workers="$WORKERS" \
-      train.strategy=deepspeed train.zero_stage="$STAGE" train.max_steps="$STEPS" train.eval_every=1000000 \
+    "$PY" jobs/train.py "${DATA_ARGS[@]}" train.scaling.use_gpu=true train.scaling.num_workers="$WORKERS" \
+      train.strategy=deepspeed train.deepspeed.zero_stage="$STAGE" train.max_steps="$STEPS" train.eval_every=1000000 \
       train.batch_size=$((128 * WORKERS)) tracking.experiment=gpu-bench \
       train.run_name="gpu-${WORKERS}w-z${STAGE}-$(date +%s)" 2>&1 \
       | grep -E '"examples_per_s"|examples_per_s' | tail -1 \
       | sed "s/^/workers=${WORKERS} zero=${STAGE} (per-worker batch 128): /"
   done
   # The sharded table (one worker too: the fused sparse update alone, no all-to-all).
-  "$PY" jobs/train.py "${DATA_ARGS[@]}" train.use_gpu=true train.num_workers="$WORKERS" \
+  "$PY" jobs/train.py "${DATA_ARGS[@]}" train.scaling.use_gpu=true train.scaling.num_workers="$WORKERS" \
     train.strategy=sharded train.max_steps="$STEPS" train.eval_every=1000000 \
     train.batch_size=$((128 * WORKERS)) tracking.experiment=gpu-bench \
     train.run_name="gpu-${WORKERS}w-sharded-$(date +%s)" 2>&1 \

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from eimf.cli import exits_2_on_user_error
-from eimf.config import BACKBONES, ConfigError, load_config
+from eimf.config import BACKBONES, ConfigError, apply_overrides, load_config
 from eimf.experiments import (VARIANTS, format_eimf_table, format_table, format_where_table, resolve_variant,
                               run_eimf_grid, run_grid)
 
@@ -77,7 +77,7 @@ class GridArguments:
             raise ConfigError(f"--seeds repeats a seed: {self.seeds}")
         unknown = [b for b in self.backbones if b not in BACKBONES]
         if unknown:
-            raise ConfigError(f"--backbones must be of {', '.join(BACKBONES)}, got {', '.join(unknown)}")
+            raise ConfigError(f"--backbones must be one of {', '.join(BACKBONES)}, got {', '.join(unknown)}")
 
 
 def parse_args(argv=None):
@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     if args.variants:
         base = load_config(args.config, [f"tracking.experiment={args.experiment}", *overrides, *split_overrides])
+        for spec in args.variants:  # every variant's settings checked now, not when its run comes up
+            v = resolve_variant(spec)
+            apply_overrides(base, [*(v.annotation or ()), *v.train, *(v.overlay or ())])
         per_user = Path(args.per_user_dir or raw.parent / "per_user" / args.name)
         rows = run_eimf_grid(base, args.datasets, args.backbones, args.seeds, args.variants, raw_path=raw,
                              grid_name=args.name, out_dir=args.work_dir, per_user_dir=per_user)

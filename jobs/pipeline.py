@@ -21,7 +21,7 @@ from typing import Optional
 @dataclass
 class PipelineArguments:
     config: Optional[str] = field(default=None, metadata={
-        "help": "YAML file overlaid on eimf's typed defaults (eimf/config.py); key=value overrides go after it"})
+        "help": "YAML file overlaid on eimf's typed defaults (eimf/config/); key=value overrides go after it"})
     plan: bool = field(default=False, metadata={
         "help": "print every stage's fingerprint and whether it would run or be skipped, then exit"})
     verbose: bool = field(default=False, metadata={"help": "debug logging"})
@@ -51,8 +51,6 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from eimf.cli import user_errors
-    from omegaconf.errors import OmegaConfBaseException
-
     from eimf.config import load_config
     from eimf.pipeline import Pipeline, PipelineError
 
@@ -63,7 +61,7 @@ def main(argv=None) -> int:
                 print(f"{p.name:<9} {'skip' if p.skip else 'run ':<4} {p.fingerprint[:12]}  {p.reason}  ({p.dir})")
             return 0
         results = pipeline.run()
-    except (PipelineError, OmegaConfBaseException, *user_errors()) as e:
+    except (PipelineError, *user_errors()) as e:  # load_config's errors too: one line naming the setting
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2
     final = next((r for r in results if r.stage == "export"), None)
