@@ -238,7 +238,7 @@ class SemanticTrainSampler(_Stream):
         self.overlap_share = None
         if windows is not None:
             if not 0.0 <= window_overlap_share <= 1.0:
-                raise ValueError(f"eimf.window_overlap must be in [0, 1], got {window_overlap_share}")
+                raise ValueError(f"eimf.experimental.window_overlap must be in [0, 1], got {window_overlap_share}")
             spans = [windows.get(int(users[i])) for i in idx_t]
             if any(w is None for w in spans):
                 raise ValueError("some typical users have no annotated window")

@@ -16,11 +16,12 @@ from typing import Dict, Optional
 
 import numpy as np
 import ray
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from eimf import fs
-from eimf.config import Config, eimf_home, to_dict
+from eimf.config import Config, ConfigError, eimf_home, to_dict
+from eimf.data.parsers import DataError
 from eimf.data.sampling import cut_examples
 from eimf.models.text_init import item_text_embeddings, text_init_table
 from eimf.training.worker import train_worker
@@ -101,7 +102,30 @@ def _run_config(cfg: Config, run_name: str, storage: str) -> RunConfig:
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         failure_config=FailureConfig(max_failures=cfg.train.failure.max_failures,
                                      controller_failure_limit=restart_attempts(cfg.train.failure.restart_timeout_s)),
+        callbacks=[StopOnRepeatingError()],
     )
+
+
+#: Worker errors that a retry would meet again the same way: a setting, or the data.
+REPEATING_ERRORS = (ConfigError, DataError)
+
+
+class StopOnRepeatingError(UserCallback):
+    """Ray Train retries every worker error up to ``train.failure.max_failures`` times. A :data:`REPEATING_ERRORS`
+    one ends the run instead: raised here, on the controller, it is a controller error, which Ray Train's failure
+    policy does not retry; :func:`repeating_error` finds it in what ``fit`` raises."""
+
+    def after_exception(self, run_context, worker_exceptions: Dict[int, Exception]) -> None:
+        for _, error in sorted(worker_exceptions.items()):
+            if isinstance(error, REPEATING_ERRORS):
+                raise error
+
+
+def repeating_error(error: BaseException) -> Optional[Exception]:
+    """The :data:`REPEATING_ERRORS` error inside a Ray Train failure (its controller error or a worker's), else
+    None."""
+    inner = [getattr(error, "controller_failure", None), *getattr(error, "worker_failures", {}).values()]
+    return next((e for e in inner if isinstance(e, REPEATING_ERRORS)), None)
 
 
 def _item_tables(cfg: Config, data_path: str):
@@ -139,6 +163,8 @@ def fit(cfg: Config, data_path: str, run_name: Optional[str] = None, mlflow_run_
     try:
         result = trainer.fit()
     except Exception as e:
+        if repeating_error(e) is not None:  # a setting or the data: one line, as the config's own checks give
+            raise repeating_error(e) from None
         lost = sorted(set(nodes_before) - set(_alive_nodes()))
         if lost:
             raise RuntimeError(f"training failed after losing host(s) {', '.join(nodes_before[n] for n in lost)}: "
