@@ -7,6 +7,9 @@
     eimf evaluate .eimf/runs/<run>/export
     eimf annotate --model-dir .eimf/runs/<run>/export semantic.annotator=vllm semantic.budget=64
     eimf ui
+
+Each command imports the layer it drives when it runs, not at the top: torch, Ray and MLflow take seconds to
+import, and ``eimf --help``, ``eimf data list`` or a config error should answer at once.
 """
 from __future__ import annotations
 
