@@ -11,7 +11,7 @@ MLflow parent run ``--name`` in one experiment (``--experiment``):
     python jobs/experiments.py --datasets ml-100k --backbones comirec_sa --seeds 1 2 3 \\
         --variants backbone eimf no-sp no-ma random budget-1% --name eimf-ml100k --output docs/results_eimf.md
 
-Each run is a pipeline run (eimf/pipeline.py, named ``<name>-<dataset>-<backbone>[-<variant>]-s<seed>``) whose
+Each run is a pipeline run (eimf/pipeline/, named ``<name>-<dataset>-<backbone>[-<variant>]-s<seed>``) whose
 stages live in the pipelines' stage store (``--work-dir``, default ``pipeline.storage_path``): the runs share their
 prepare stage, the first seed's backbone run is the warm-up that picks the typical users (``train.max_steps``
 steps), and each annotation set is computed once; ``jobs/pipeline.py`` with the same settings reuses them. Runs

@@ -1,5 +1,5 @@
 """The whole EIMF pipeline in one job: prepare -> IBIM warm-up -> typical users + annotation -> EIMF training ->
-evaluation -> export, one config for every stage (eimf/pipeline.py says what each stage does and writes).
+evaluation -> export, one config for every stage (eimf/pipeline/__init__.py says what each stage does and writes).
 
     python jobs/pipeline.py                                        # laptop: local Ray, SQLite MLflow under .eimf/
     python jobs/pipeline.py --config cluster/laptop.yaml pipeline.run_name=my-run data.dataset=ml-100k

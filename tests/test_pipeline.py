@@ -1,4 +1,4 @@
-"""The pipeline job (jobs/pipeline.py, eimf/pipeline.py).
+"""The pipeline job (jobs/pipeline.py, eimf/pipeline/).
 
 Fast: fingerprints (what changes which stage), skip/rerun decisions from manifests, bad settings, the CLI.
 End to end on real ML-100K (marked e2e): `ray job submit` of the pipeline to a separate local `ray start --head`

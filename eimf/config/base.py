@@ -68,7 +68,7 @@ def operational_fields(section) -> tuple:
 
 def without_operational(section) -> dict:
     """A section as a dict (``dataclasses.asdict``) without its operational fields, at any depth: the part of
-    it that a stage's output depends on (eimf/pipeline.py hashes it)."""
+    it that a stage's output depends on (eimf/pipeline/stages.py hashes it)."""
     out = {}
     for f in dataclasses.fields(section):
         if f.metadata.get(OPERATIONAL):

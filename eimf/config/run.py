@@ -23,7 +23,7 @@ class TrackingConfig(Section):
 
 @dataclass
 class PipelineConfig(Section):
-    """``jobs/pipeline.py`` (eimf/pipeline.py): prepare -> IBIM warm-up -> typical users + annotation -> EIMF
+    """``jobs/pipeline.py`` (eimf/pipeline/): prepare -> IBIM warm-up -> typical users + annotation -> EIMF
     training -> evaluation -> export, each stage in ``<storage_path>/stages/<step>/<fingerprint>/`` with a
     manifest, its copy in ``<storage_path>/<run_name>/<stage>/``."""
 
