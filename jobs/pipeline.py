@@ -50,12 +50,19 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    # the config first, alone: a wrong setting answers in one line before torch, Ray and MLflow load
+    from eimf.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, rest)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"pipeline: error: {e}", file=sys.stderr)
+        return 2
     from eimf.cli import user_errors
-    from eimf.config import load_config
     from eimf.pipeline import Pipeline, PipelineError
 
     try:
-        pipeline = Pipeline(load_config(args.config, rest))
+        pipeline = Pipeline(cfg)
         if args.plan:
             for p in pipeline.plan():
                 print(f"{p.name:<9} {'skip' if p.skip else 'run ':<4} {p.fingerprint[:12]}  {p.reason}  ({p.dir})")
