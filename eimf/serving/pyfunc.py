@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
@@ -32,8 +31,6 @@ from eimf.formats.model_folder import ITEMS, MANIFEST
 from eimf.serving.recommender import FIELDS, Recommender, RequestError
 
 log = logging.getLogger(__name__)
-# The model's signature is declared explicitly (signature()), so MLflow's type-hint inference is not wanted.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 ARTIFACT = "model_folder"
 #: Name of the MLflow model inside a run.
@@ -46,7 +43,9 @@ class EIMFRecommenderModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.recommender = Recommender.load(context.artifacts[ARTIFACT])
 
-    def predict(self, context, model_input, params: Optional[dict] = None):
+    # A DataFrame hint: MLflow infers no schema from it (the signature is declared in signature()) and stops
+    # warning, at every import of this module, that predict has no type hints.
+    def predict(self, context, model_input: pd.DataFrame, params: Optional[dict] = None):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "history" not in frame.columns:
             raise MlflowException(f"the input needs a 'history' column (got {list(frame.columns)})",
