@@ -56,12 +56,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import eimf.steps.annotate
 import eimf.steps.evaluate
 import eimf.steps.export
+import eimf.steps.merge
 import eimf.steps.prepare
 import eimf.steps.train  # noqa: F401  (steps.<name>.run below, looked up at call time)
 from eimf import fs, ray_init, steps, tracking
 from eimf.config import Config, eimf_home
 from eimf.data.inputs import ensure_dataset
-from eimf.formats.annotations import ANNOTATIONS_FILE, STATS_FILE, merge_annotations
 from eimf.pipeline.manifests import (MANIFEST, StagePlan, StageResult, now_utc, read_manifest, run_planned, skip_reason,
                                      write_manifest, write_view)
 from eimf.pipeline.stages import (PIPELINE_VERSION, STAGES, STEPS, PipelineError, Stage, annotation_config,
@@ -87,14 +87,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-def merge_step(cfg: Config, inputs: dict, out_dir: str, tags=None, run_name: str = "") -> StepOutput:
-    """Step ``merge``: ``inputs["base"]`` with the users ``inputs["overlay"]`` answered taking its interests
-    (:func:`eimf.formats.annotations.merge_annotations`); no MLflow run of its own."""
-    stats = merge_annotations(inputs["base"], inputs["overlay"], out_dir)
-    return StepOutput({"annotations": fs.join(out_dir, ANNOTATIONS_FILE), "stats": fs.join(out_dir, STATS_FILE)},
-                      steps.numbers(stats))
 
 
 class StageFailed(Exception):
@@ -220,7 +212,7 @@ class Pipeline:
             return steps.annotate.run(c, {"model_dir": up["model_dir"]}, fs.join(sp.dir, "annotations"), tags, name)
         if st.step == "merge":
             base, overlay = (self.outputs[u]["annotations"] for u in st.inputs)
-            return merge_step(c, {"base": base, "overlay": overlay}, sp.dir, tags, name)
+            return steps.merge.run(c, {"base": base, "overlay": overlay}, sp.dir, tags, name)
         if st.step == "evaluate":
             return steps.evaluate.run(c, {"model_dir": up["model_dir"]}, sp.dir, tags, name,
                                       splits=tuple(c.pipeline.eval_splits))
@@ -313,5 +305,5 @@ class Pipeline:
 
 __all__ = ["MANIFEST", "PIPELINE_VERSION", "STAGES", "STEPS", "Pipeline", "PipelineError", "Stage", "StageFailed",
            "StagePlan", "StageResult", "annotation_config", "backbone_stages", "data_fingerprint", "eimf_stages",
-           "final_stages", "fingerprint", "merge_step", "read_manifest", "run_planned", "skip_reason", "stage_config",
+           "final_stages", "fingerprint", "read_manifest", "run_planned", "skip_reason", "stage_config",
            "step_config", "training_config", "warmup_config", "write_manifest", "write_view"]

@@ -5,10 +5,11 @@
     annotate  a warm-up model -> typical users -> interests -> vectors (eimf.semantic)
     evaluate  an exported model -> metrics on valid / test, MostPopular beside it (eimf.evaluation)
     export    the final model folder with its evaluation and lineage, logged as an MLflow model (eimf.serving)
+    merge     two annotation sets -> one (a grid's ``coverage`` variant)
 
-Steps are the only layer that opens MLflow runs and writes into a step folder; ``data``, ``training``,
+Steps open the MLflow run of what they do and write into their step folder; ``data``, ``training``,
 ``semantic``, ``evaluation`` and ``models`` stay libraries. ``eimf.pipeline`` plans, fingerprints, skips and
-resumes them; ``eimf.experiments`` calls the same functions for its grids; the CLI calls them one at a time.
+resumes them (a grid is a set of pipelines); the CLI calls them one at a time.
 """
 from __future__ import annotations
 
