@@ -313,8 +313,9 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
     assert "test/recall@50" in read_rows(raw)[-1]["metrics"]
 
     # jobs/pipeline.py with the grid's settings: every stage is the grid's but its own export; nothing trains
-    p = Pipeline(load_config(None, [*base_overrides, "semantic.annotator=metadata", "pipeline.warmup_steps=40",
-                                    "pipeline.warmup_seed=1", "train.seed=1", "pipeline.run_name=p",
+    p = Pipeline(load_config(None, [*base_overrides, "data.dataset=ml-100k", "semantic.annotator=metadata",
+                                    "pipeline.warmup_steps=40", "pipeline.warmup_seed=1", "train.seed=1",
+                                    "pipeline.run_name=p",
                                     f"pipeline.storage_path={tmp_path / 'work'}"]))
     assert [(r.stage, r.status) for r in p.run()] == [(s, "skipped") for s in
                                                       ("prepare", "warmup", "annotate", "train", "evaluate")] + [
