@@ -2,6 +2,8 @@
 contract of the Recommender (raw ids in and out, interest attribution and labels, clear errors)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -232,3 +234,8 @@ def test_log_recommender_registers_a_loadable_model_and_leaves_the_tracking_uri_
     assert direct[0]["interest_labels"]
     got = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"history": [["sku-0007"]], "k": [7]}))
     assert list(got["items"][0]) == direct[0]["items"]
+    # the model carries eimf's sources, not the logging machine's compiled caches
+    stored = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl")))
+    code = [p.relative_to(stored) for p in stored.rglob("*") if "code" in p.relative_to(stored).parts]
+    assert any(p.name == "pyfunc.py" for p in code)
+    assert not [p for p in code if p.name == "__pycache__" or p.suffix == ".pyc"]

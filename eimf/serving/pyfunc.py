@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
@@ -82,14 +84,18 @@ def log_recommender(model_folder: str, tracking_uri: str, run_id: str, registere
     """Log ``model_folder`` (local or ``s3://``) as the pyfunc model ``recommender`` of run ``run_id``, registered as
     ``registered_model`` unless that is empty. Returns the model URI (``models:/name/version`` when registered)."""
 
-    with _tracking_uri(tracking_uri), fs.local_dir(str(model_folder)) as local:
+    with _tracking_uri(tracking_uri), fs.local_dir(str(model_folder)) as local, \
+            tempfile.TemporaryDirectory(prefix="eimf-code-") as code:
         # the input example is checked at logging time: the model must answer it, or logging fails
         example = pd.DataFrame({"history": [pd.read_parquet(Path(local) / ITEMS)["raw_id"].head(5).tolist()],
                                 "k": [10]})
+        # the package's sources only: compiled caches are the logging machine's, not the model's
+        package = shutil.copytree(Path(eimf.__file__).parent, Path(code) / "eimf",
+                                  ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=EIMFRecommenderModel(), artifacts={ARTIFACT: local},
-                code_paths=[str(Path(eimf.__file__).parent)], signature=signature(),
+                code_paths=[str(package)], signature=signature(),
                 input_example=example, pip_requirements=requirements(),
                 registered_model_name=registered_model or None)
     if registered_model and info.registered_model_version is not None:

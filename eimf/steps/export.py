@@ -3,10 +3,11 @@
 * :func:`export_checkpoint`: a training checkpoint's best model -> a model folder (:mod:`eimf.formats.model_folder`):
   weights, config, the raw-id map and item texts, the retrieval index (built once, here), and the EIMF head with
   its phrase table. It serves without Ray, an LLM, or the prepared data. The train step calls it.
-* :func:`log_run_artifacts`: a training run's dataset manifest, item embeddings, learning curve and model folder
-  to its MLflow run, and the model as a pyfunc model (registered as :func:`registered_model_name`).
+* :func:`log_run_artifacts`: a training run's dataset manifest, item embeddings and learning curve to its MLflow
+  run, and the model folder once (:func:`log_model_folder`): inside the pyfunc model with ``tracking.log_model``
+  (registered as :func:`registered_model_name`), else as the ``model/`` artifacts.
 * :func:`run`, the pipeline's last step: the final model folder (the trained export + ``evaluation.json`` +
-  ``pipeline.json``), logged to MLflow as artifacts and, with ``tracking.log_model``, as a registered model.
+  ``pipeline.json``), logged to MLflow once, as a registered model with ``tracking.log_model``.
 """
 from __future__ import annotations
 
@@ -113,16 +114,34 @@ def registered_model_name(cfg: Config) -> Optional[str]:
     return f"eimf-{cfg.data.dataset}" if name is None else (name or None)
 
 
+def log_model_folder(uri: str, run_id: Optional[str], local_folder: str, cfg: Optional[Config]) -> Optional[str]:
+    """The model folder's one copy in run ``run_id``: the pyfunc model ``recommender`` (which carries the folder,
+    registered as :func:`registered_model_name`) with ``tracking.log_model``, else the folder as the ``model/``
+    artifacts. Tags the run with ``model_uri`` (or ``model_artifacts``), where its other artifacts point. Returns
+    the logged model's URI, or None."""
+    if not run_id:
+        return None
+    client = tracking.client(uri)
+    if cfg is None or not cfg.tracking.log_model:
+        tracking.log_artifacts(uri, run_id, local_folder, "model")
+        client.set_tag(run_id, "model_artifacts", "model")
+        return None
+    model_uri = log_recommender(local_folder, uri, run_id, registered_model_name(cfg))
+    client.set_tag(run_id, "model_uri", model_uri)
+    log.info("MLflow model: %s", model_uri)
+    return model_uri
+
+
 def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: str, data_path: str,
                       cfg: Optional[Config] = None) -> Optional[str]:
-    """Dataset manifest, item embeddings, the learning curve and the model folder to MLflow, and the model as a
-    pyfunc model (registered as :func:`registered_model_name`). ``export_dir`` and ``data_path`` may be local or
-    ``s3://``. Returns the logged model's URI (None with tracking or model logging off)."""
+    """Dataset manifest, item embeddings and the learning curve to MLflow, and the model folder once
+    (:func:`log_model_folder`). ``export_dir`` and ``data_path`` may be local or ``s3://``. Returns the logged
+    model's URI (None with tracking or model logging off)."""
     if not run_id:
         return None
     with tempfile.TemporaryDirectory() as tmp, fs.local_dir(str(export_dir)) as local_export:
         tmp = Path(tmp)
-        if "item_table" not in read_manifest(local_export):  # sharded: the row blocks are in model/
+        if "item_table" not in read_manifest(local_export):  # sharded: the row blocks are in the model folder
             folder = ModelFolder.load(local_export, index=False)
             np.save(tmp / "item_embeddings.npy", folder.model.item_embeddings().detach().numpy())
         manifest = fs.join(str(data_path), "manifest.json")
@@ -135,13 +154,7 @@ def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: str, data_pat
                 tmp / "learning_curve.png", ylabel="valid Recall@50",
             )
         tracking.log_artifacts(uri, run_id, str(tmp))
-        tracking.log_artifacts(uri, run_id, local_export, "model")
-        if cfg is None or not cfg.tracking.log_model:
-            return None
-        model_uri = log_recommender(local_export, uri, run_id, registered_model_name(cfg))
-        tracking.client(uri).set_tag(run_id, "model_uri", model_uri)
-        log.info("MLflow model: %s", model_uri)
-        return model_uri
+        return log_model_folder(uri, run_id, local_export, cfg)
 
 
 # ------------------------------------------------------------------------------------------ the export step
@@ -160,8 +173,7 @@ def run(cfg, inputs: dict, out_dir: str, tags: Optional[dict] = None, run_name: 
             **(lineage or {}), "code_version": tracking.code_version(), "source_model": inputs["model_dir"],
             "exported_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
         fs.upload_dir(tmp, final)
-        tracking.log_artifacts(uri, run_id, tmp, "model")
-        if run_id and cfg.tracking.log_model:
-            info["model_uri"] = log_recommender(tmp, uri, run_id, registered_model_name(cfg))
-            tracking.client(uri).set_tag(run_id, "model_uri", info["model_uri"])
+        model_uri = log_model_folder(uri, run_id, tmp, cfg)
+        if model_uri:
+            info["model_uri"] = model_uri
     return StepOutput({"model_dir": final}, numbers(metrics), run_id, info)
