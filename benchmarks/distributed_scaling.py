@@ -63,10 +63,11 @@ def _probe(loop_config: dict) -> None:
     import ray.train
     import torch
 
-    from eimf.training.components import build_components, config_from_dict, peak_rss_mb, per_worker_batch
+    from eimf.config import from_dict
+    from eimf.training.components import build_components, peak_rss_mb, per_worker_batch
 
     torch.set_num_threads(1)
-    cfg = config_from_dict(loop_config["config"])
+    cfg = from_dict(loop_config["config"])
     n_items, rank = loop_config["n_items"], ray.train.get_context().get_world_rank()
     proc = psutil.Process()
     rss0 = proc.memory_info().rss

@@ -128,6 +128,13 @@ def write(path: str, parts: FolderParts) -> str:
     return path
 
 
+def check_table_rows(state: dict, n_items: int, where) -> None:
+    """A backbone state dict's item table holds rows for ids 0..``n_items`` (row 0 the padding)."""
+    rows = state["item_emb.weight"].shape[0] - 1
+    if rows != n_items:
+        raise ModelFolderError(f"{where}: an item table of {rows} items, the catalogue has {n_items}")
+
+
 def read_manifest(path: str) -> dict:
     """``folder.json`` of a model folder, checked to be one this code reads."""
     where = fs.join(str(path), MANIFEST)
@@ -182,9 +189,7 @@ class LocalFolder:
         if parts:
             blocks = [np.load(p, mmap_mode="r") for p in parts]
             state["item_emb.weight"] = torch.from_numpy(np.concatenate(blocks))
-        rows = state["item_emb.weight"].shape[0] - 1
-        if rows != self.n_items:
-            raise ModelFolderError(f"{weights}: an item table of {rows} items, the catalogue has {self.n_items}")
+        check_table_rows(state, self.n_items, weights)
         return state
 
     def items(self) -> pd.DataFrame:

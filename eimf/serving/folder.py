@@ -107,9 +107,7 @@ def backbone_from_state(cfg: Config, state: dict, n_items: int) -> torch.nn.Modu
 def backbone_from_file(cfg: Config, weights: Path, n_items: int) -> torch.nn.Module:
     """:func:`backbone_from_state` of a ``.pt`` state dict, its table checked against the catalogue size."""
     state = torch.load(weights, map_location="cpu")
-    rows = state["item_emb.weight"].shape[0] - 1
-    if rows != n_items:
-        raise ModelFolderError(f"{weights}: an item table of {rows} items, the catalogue has {n_items}")
+    fmt.check_table_rows(state, n_items, weights)
     return backbone_from_state(cfg, state, n_items)
 
 

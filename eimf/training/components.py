@@ -10,16 +10,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from eimf.config import Config
 from eimf.models import build_model
 from eimf.models.negatives import build_loss
 from eimf.training.loop import StepRunner
-
-
-def config_from_dict(d: dict) -> Config:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
 
 
 def peak_rss_mb() -> float:

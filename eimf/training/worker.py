@@ -20,7 +20,7 @@ import torch
 from ray.train import Checkpoint
 
 from eimf import tracking
-from eimf.config import Config
+from eimf.config import Config, from_dict
 from eimf.data.sampling import TrainSampler
 from eimf.evaluation import set_faiss_threads
 from eimf.formats import checkpoints as ckpt
@@ -28,7 +28,6 @@ from eimf.formats.prepared import read_manifest, read_split
 from eimf.training.components import (
     build_components,
     build_sharded_components,
-    config_from_dict,
     load_item_init,
     peak_rss_mb,
     per_worker_batch,
@@ -183,7 +182,7 @@ def _resume(step_runner, is_chief: bool):
 
 def train_worker(loop_config: dict) -> None:
     """Runs inside each Ray Train worker."""
-    cfg = config_from_dict(loop_config["config"])
+    cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     is_chief = rank == 0
