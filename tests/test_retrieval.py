@@ -179,3 +179,76 @@ def test_building_an_index_keeps_the_training_thread_count():
         assert set_faiss_threads(2) == 2 and faiss.omp_get_max_threads() == 2  # an explicit count still applies
     finally:
         torch.set_num_threads(before)
+
+
+def skewed_table(n_items=3000, d=16, seed=0):
+    """Rows with very different norms, as trained tables have: inner product and L2 rank them differently."""
+    rng = np.random.default_rng(seed)
+    t = rng.standard_normal((n_items + 1, d)).astype(np.float32)
+    return t * rng.uniform(0.1, 4.0, (n_items + 1, 1)).astype(np.float32)
+
+
+@pytest.mark.parametrize("spec", ["MIPS,Flat", "MIPS,IVF16,Flat"])
+def test_mips_lift_ranks_and_scores_by_inner_product(spec, tmp_path):
+    table = skewed_table()
+    x = np.random.default_rng(1).standard_normal((25, 3, 16)).astype(np.float32)
+    ref_ids, ref_sc = brute_force_topn(table, x, 30)
+    index = ItemIndex(table, index=spec, nprobe=16)  # every cell probed: exact
+    assert index.dim == 16 and index.index.d == 17 and index.exact == (spec == "MIPS,Flat")
+    ids, sc = index.search_multi(x, 30)
+    assert (ids == ref_ids).all()
+    assert np.allclose(sc, ref_sc, atol=1e-3)  # inner products, not L2 distances: they merge across interests
+    # on this table plain L2 ranks differently from inner product: the lift is what makes the L2 index right
+    nearest = np.argsort(((x[:, 0, None, :] - table[None, 1:]) ** 2).sum(-1), axis=1)[:, :30] + 1
+    assert (nearest != brute_force_topn(table, x[:, 0], 30)[0]).any()
+    # written and read back (the model folder's path): same ids and scores, the norm bound recovered
+    index.save(tmp_path / "index.faiss")
+    again = ItemIndex.load(tmp_path / "index.faiss", index.spec, nprobe=16)
+    assert again.mips_m2 == pytest.approx(index.mips_m2, rel=1e-5)
+    ids2, sc2 = again.search_multi(x, 30)
+    assert (ids2 == ids).all() and np.allclose(sc2, sc, atol=1e-3)
+
+
+def test_mips_from_blocks_equals_whole_table():
+    from eimf.config import RetrievalConfig
+
+    table = skewed_table(2000)
+    x = np.random.default_rng(2).standard_normal((10, 2, 16)).astype(np.float32)
+    cfg = RetrievalConfig(index="MIPS,IVF8,Flat", nprobe=8)
+
+    def blocks():  # the largest row in the last block: the bound must come from every block
+        yield table[1:700]
+        yield table[700:]
+    whole = ItemIndex(table, index=cfg.index, nprobe=8)
+    parts = ItemIndex.from_blocks(blocks, 2000, 16, cfg)
+    assert parts.mips_m2 == pytest.approx(whole.mips_m2)
+    assert (parts.search_multi(x, 20)[0] == brute_force_topn(table, x, 20)[0]).all()
+
+
+def test_evaluate_through_an_approximate_index_reports_exact_metrics_beside_it():
+    table = skewed_table(3000)
+    rng = np.random.default_rng(3)
+    users = pd.DataFrame({"user": np.arange(60), "history": [list(rng.integers(1, 3001, 8)) for _ in range(60)],
+                          "truth": [list(rng.integers(1, 3001, 3)) for _ in range(60)]})
+    emb = torch.from_numpy(table)
+
+    def interest_fn(hist, mask):
+        return emb[hist[:, -4:]]  # [B, 4, d]: the last 4 history items as interests
+
+    exact = evaluate(interest_fn, table, users, topk=(20, 50), index=ItemIndex(table))
+    assert "ann/recall@50" not in exact and "approximate_index" not in exact
+    lossy = ItemIndex(table, index="IVF64,Flat", nprobe=1)  # one cell of 64: loses much of the top-50
+    both = evaluate(interest_fn, table, users, topk=(20, 50), index=lossy)
+    for k in ("recall@50", "ndcg@20", "hitrate@50", "n_users"):  # the plain keys stay the exact ones
+        assert both[k] == pytest.approx(exact[k])
+    ann = evaluate(interest_fn, table, users, topk=(20, 50), index=lossy, exact_index=ItemIndex(table))
+    assert ann == pytest.approx(both)
+    assert 0 < both["ann/recall_of_exact@50"] < 0.9
+    assert both["ann/recall_of_exact@20"] > 0
+    # the same through a full-probe IVF: it finds all of the exact top-N
+    full = evaluate(interest_fn, table, users, topk=(20, 50), index=ItemIndex(table, index="IVF64,Flat", nprobe=64))
+    assert full["ann/recall_of_exact@50"] == pytest.approx(1.0)
+    assert full["ann/recall@50"] == pytest.approx(exact["recall@50"])
+    # without the table the metrics are the lossy index's, and say so
+    alone = evaluate(interest_fn, None, users, topk=(20, 50), index=lossy)
+    assert alone["approximate_index"] == 1.0 and alone["recall@50"] == pytest.approx(both["ann/recall@50"])

@@ -5,6 +5,13 @@ item ids) and ``truth`` (held-out item ids). Items are ranked over the whole cat
 excluded) and scored with :mod:`eimf.evaluation.metrics` (Recall / NDCG / HitRate at each N in ``topk``).
 
 Users with an empty ``truth`` are skipped (not counted in ``n_users``).
+
+An approximate index (anything but ``Flat``, e.g. what ``retrieval.index=auto`` picks for a large catalogue) never
+stands alone behind the plain metric names: when the table is at hand (or an exact index is given), the plain keys
+(``recall@50``, ...) are the **exact** metrics, ``ann/<metric>@N`` the same metrics through the approximate index,
+and ``ann/recall_of_exact@N`` the share of the exact top-N the approximate index found (mean over users). Without
+the table (the sharded training's collective index), the plain keys are the approximate ones and
+``approximate_index`` = 1 says so.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import pandas as pd
 import torch
 
 from eimf.data.sampling import last_items
-from eimf.evaluation.metrics import MetricAccumulator, pad_truth
+from eimf.evaluation.metrics import MetricAccumulator, pad_truth, row_isin, truth_sizes
 from eimf.evaluation.retrieval import ItemIndex, merge_candidates
 
 InterestFn = Callable[[torch.Tensor, torch.Tensor], "np.ndarray | torch.Tensor"]
@@ -54,6 +61,7 @@ def evaluate(
     exclude_history: bool = False,
     index: Optional[ItemIndex] = None,
     accumulator: Optional[MetricAccumulator] = None,
+    exact_index: Optional[ItemIndex] = None,
 ) -> Dict[str, float]:
     """Full-ranking metrics of a multi-interest model on the users of ``split_df``.
 
@@ -69,7 +77,10 @@ def evaluate(
     ``index``: a prebuilt :class:`ItemIndex` over the same table (saves rebuilding it for valid + test).
 
     ``accumulator``: collect into this one, e.g. ``MetricAccumulator(topk, keep_users=True)`` for each user's
-    metrics (its ``topk`` is used).
+    metrics (its ``topk`` is used; with an approximate index it collects the exact metrics).
+
+    ``exact_index``: the exact (``Flat``) index over the same table, used beside an approximate ``index`` (see the
+    module doc); None: built from ``item_embeddings`` when ``index`` is approximate and the table is given.
 
     Returns ``{"recall@20": ..., "ndcg@20": ..., "hitrate@20": ..., "recall@50": ..., ..., "n_users": int}``.
     """
@@ -78,6 +89,10 @@ def evaluate(
         index = ItemIndex(item_embeddings)
     acc = accumulator if accumulator is not None else MetricAccumulator(ks)
     n = acc.max_n
+    ref = None if index.exact else exact_index
+    if ref is None and not index.exact and item_embeddings is not None:
+        ref = ItemIndex(item_embeddings, index="Flat")
+    ann = _AnnTally(acc.topk) if ref is not None else None
     for part in _iter_batches(split_df, batch_size):
         histories = list(part["history"])
         truth = pad_truth(list(part["truth"]))
@@ -88,8 +103,40 @@ def evaluate(
             raise ValueError(f"interest_fn returned {interests.shape[0]} rows for {len(part)} users")
         exclude = histories if exclude_history else None
         recs, _ = index.search_multi(interests, n, exclude=exclude)
+        if ann is not None:
+            exact, _ = ref.search_multi(interests, n, exclude=exclude)
+            ann.add(recs, exact, truth)
+            recs = exact
         acc.add(recs, truth, users=part["user"].to_numpy() if "user" in part else None)
-    return acc.result()
+    out = acc.result()
+    if ann is not None:
+        out.update(ann.result())
+    elif not index.exact:
+        out["approximate_index"] = 1.0
+    return out
+
+
+class _AnnTally:
+    """The approximate index's metrics and its recall of the exact top-N, over the users with a truth."""
+
+    def __init__(self, topk: Sequence[int]):
+        self.topk = tuple(topk)
+        self.metrics = MetricAccumulator(self.topk)
+        self.found = {k: 0.0 for k in self.topk}
+        self.users = 0
+
+    def add(self, recs: np.ndarray, exact: np.ndarray, truth: np.ndarray) -> None:
+        self.metrics.add(recs, truth)
+        scored = truth_sizes(truth) > 0  # the users MetricAccumulator counts
+        for k in self.topk:
+            hit = row_isin(recs[scored, :k], exact[scored, :k]) & (recs[scored, :k] > 0)
+            self.found[k] += float((hit.sum(1) / np.maximum(1, (exact[scored, :k] > 0).sum(1))).sum())
+        self.users += int(scored.sum())
+
+    def result(self) -> Dict[str, float]:
+        out = {f"ann/{k}": v for k, v in self.metrics.result().items() if k != "n_users"}
+        out.update({f"ann/recall_of_exact@{k}": v / max(1, self.users) for k, v in self.found.items()})
+        return out
 
 
 def item_popularity(train_df: pd.DataFrame, n_items: Optional[int] = None) -> np.ndarray:

@@ -110,6 +110,9 @@ def merge_candidates(
     return out_ids, out_scores
 
 
+#: Rows added to a faiss index at a time (bounds the MIPS lift's copy).
+_ADD_BLOCK = 1_000_000
+
 #: Catalogue size up to which ``index="auto"`` stays exact (docs/serving.md: 1.6-1.9 ms per user at 100K items).
 AUTO_EXACT_MAX_ITEMS = 200_000
 
@@ -171,6 +174,7 @@ class ItemIndex:
         threads: Optional[int] = None,
         train_size: int = 500_000,
         nlist: Optional[int] = None,
+        train_ids: Optional[np.ndarray] = None,
     ):
         table = np.asarray(item_embeddings)
         if hasattr(item_embeddings, "detach"):  # a torch tensor
@@ -184,9 +188,12 @@ class ItemIndex:
             index = f"IVF{int(nlist)},Flat"
         self.spec = resolve_index(index, n)
         built = _factory(self.dim, self.spec, index)
+        self.mips_m2 = _max_sq_norm(items) if split_mips(self.spec)[0] else None
         if not built.is_trained:
-            built.train(items[_train_sample_ids(n, train_size)])
-        built.add(items)
+            pick = _train_sample_ids(n, train_size) if train_ids is None else np.unique(np.asarray(train_ids))
+            built.train(self._lift(items[pick]))
+        for s in range(0, n, _ADD_BLOCK):  # in blocks: the MIPS copy of a 10M-row table would be 2.6 GB at once
+            built.add(self._lift(items[s:s + _ADD_BLOCK]))
         self._adopt(built, nprobe, ef_search, refine_k)
 
     @classmethod
@@ -199,6 +206,9 @@ class ItemIndex:
         self.threads = set_faiss_threads(threads)
         self.spec = resolve_index(retrieval.index, n_items)
         built = _factory(dim, self.spec, retrieval.index)
+        self.mips_m2 = None
+        if split_mips(self.spec)[0]:  # one more pass: the lift needs the largest norm before any row goes in
+            self.mips_m2 = max(_max_sq_norm(np.asarray(b, dtype=np.float32)) for b in blocks())
         if not built.is_trained:
             pick = _train_sample_ids(n_items, train_size)
             sample, start = [], 0
@@ -206,10 +216,10 @@ class ItemIndex:
                 lo, hi = np.searchsorted(pick, [start, start + len(block)])
                 sample.append(np.asarray(block, dtype=np.float32)[pick[lo:hi] - start])
                 start += len(block)
-            built.train(np.ascontiguousarray(np.concatenate(sample)))
+            built.train(self._lift(np.concatenate(sample)))
         added = 0
         for block in blocks():
-            built.add(np.ascontiguousarray(block, dtype=np.float32))
+            built.add(self._lift(block))
             added += len(block)
         if added != n_items:
             raise ValueError(f"the row blocks hold {added} items, the catalogue has {n_items}")
@@ -225,8 +235,22 @@ class ItemIndex:
     def _adopt(self, built, nprobe, ef_search, refine_k) -> None:
         self.index = built
         self.n_items = int(built.ntotal)
-        self.dim = int(built.d)
+        self.dim = int(built.d) - (self.mips_m2 is not None)  # the MIPS index holds one extra coordinate
         self.params = _set_search_params(built, nprobe, ef_search, refine_k)
+
+    @property
+    def exact(self) -> bool:
+        """Whether this index returns the exact top-N (``Flat`` only; the MIPS lift of a flat index too)."""
+        return split_mips(self.spec)[1] == "Flat"
+
+    def _lift(self, rows: np.ndarray) -> np.ndarray:
+        """Item rows as the index stores them: as they are, or (MIPS) with ``sqrt(M^2 - |x|^2)`` appended, so that
+        the L2 distance to a query ``[q, 0]`` is ``|q|^2 + M^2 - 2 <q, x>``: the nearest rows are the best scored."""
+        x = np.ascontiguousarray(rows, dtype=np.float32)
+        if self.mips_m2 is None:
+            return x
+        extra = np.sqrt(np.maximum(self.mips_m2 - np.einsum("nd,nd->n", x, x), 0.0))
+        return np.ascontiguousarray(np.hstack([x, extra[:, None].astype(np.float32)]))
 
     def set_params(self, nprobe: Optional[int] = None, ef_search: Optional[int] = None,
                    refine_k: Optional[int] = None) -> dict:
@@ -245,7 +269,11 @@ class ItemIndex:
         self = cls.__new__(cls)
         self.threads = set_faiss_threads(threads)
         self.spec = spec
-        self._adopt(faiss.read_index(str(path)), nprobe, ef_search, refine_k)
+        built = faiss.read_index(str(path))
+        self.mips_m2 = 0.0 if split_mips(spec)[0] else None
+        self._adopt(built, nprobe, ef_search, refine_k)
+        if self.mips_m2 is not None:  # after _adopt: the zero query probes with the search parameters set
+            self.mips_m2 = _stored_sq_norm(built)
         return self
 
     def search(self, queries: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -254,7 +282,11 @@ class ItemIndex:
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be [Q, {self.dim}], got {q.shape}")
         k = max(1, min(int(n), self.n_items))
-        scores, pos = self.index.search(q, k)
+        if self.mips_m2 is None:
+            scores, pos = self.index.search(q, k)
+        else:  # L2 over the lifted rows; back to inner products, which merge across interests and shards
+            d2, pos = self.index.search(np.hstack([q, np.zeros((len(q), 1), np.float32)]), k)
+            scores = 0.5 * (np.einsum("qd,qd->q", q, q)[:, None] + self.mips_m2 - d2)
         ids = np.where(pos >= 0, pos + 1, 0).astype(np.int64)
         scores = np.where(pos >= 0, scores, -np.inf).astype(np.float32)
         return ids, scores
@@ -310,11 +342,34 @@ def brute_force_topn(
 
 
 def _factory(dim: int, spec: str, requested: str):
+    """The faiss index of ``spec`` over inner product, or for ``MIPS,<spec>`` over L2 in ``dim + 1`` dimensions."""
+    mips, base = split_mips(spec)
     try:
-        return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+        if mips:
+            return faiss.index_factory(dim + 1, base, faiss.METRIC_L2)
+        return faiss.index_factory(dim, base, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise ValueError(f"retrieval index {requested!r}: faiss cannot build {spec!r} for d={dim} "
                          f"({str(e).strip().splitlines()[-1]})") from None
+
+
+def split_mips(spec: str) -> Tuple[bool, str]:
+    """``MIPS,<spec>`` -> ``(True, <spec>)``; any other spec -> ``(False, spec)``."""
+    head, _, rest = spec.partition(",")
+    return (True, rest) if head.strip().upper() == "MIPS" and rest else (False, spec)
+
+
+def _max_sq_norm(rows: np.ndarray) -> float:
+    return float(np.einsum("nd,nd->n", rows, rows).max(initial=0.0))
+
+
+def _stored_sq_norm(index) -> float:
+    """M^2 of a MIPS index read from disk: every lifted row has squared norm M^2, so the distance of the zero
+    query to whatever it finds is M^2 (faiss's file does not hold it; the folder's reader passes only the spec)."""
+    d2, pos = index.search(np.zeros((1, index.d), np.float32), 1)
+    if pos[0, 0] < 0:
+        raise ValueError("a MIPS index that returns nothing for the zero query: cannot recover its norm bound")
+    return float(d2[0, 0])
 
 
 def _train_sample_ids(n: int, train_size: int) -> np.ndarray:
