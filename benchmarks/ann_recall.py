@@ -1,7 +1,18 @@
 """ANN indexes against exact search on large item tables: recall of the merged top-N, time per user, build time,
 memory.
 
-The table is synthetic (the large-catalogue generator has not landed): ``N`` items in ``clusters`` Gaussian
+Two sources of tables and users:
+
+* ``--model DIR``: a **trained** table. DIR is a model folder (``eimf export``'s output, or the ``export`` folder
+  of a training run); the table is its item embeddings, the users are ``--users`` test users of the prepared
+  dataset the folder records (a fixed-seed sample), and their interests come from the model itself. The
+  ``reached`` training rows (``--train-rows``) are the items in the exact per-interest top-``--reach-n`` of
+  ``--reach-users`` *valid* users (not the test users measured), ``popular`` samples rows by train-split
+  popularity.
+
+      python benchmarks/ann_recall.py --model /tmp/ann/runs/sa1m-3k/export --output docs/benchmarks/ann_recall_sa1m_3k.json
+
+* ``--items N [N ...]`` (no ``--model``): synthetic. ``N`` items in ``clusters`` Gaussian
 clusters on the unit sphere, each item's norm set by a Zipf popularity (norm = 0.5 + log1p(count)/log1p(max count),
 so popular items score higher, as in trained tables); each user has ``K`` interests near clusters drawn by the same
 popularity. Every user is ranked as serving ranks (eimf.evaluation.retrieval.ItemIndex.search_multi: top-N per
@@ -11,7 +22,8 @@ baseline is batched the same way (BLAS), which favours it.
 
     python benchmarks/ann_recall.py --items 1000000 10000000 --output docs/benchmarks/ann_recall.json
 
-writes the JSON rows and prints a Markdown table (docs/serving.md).
+writes the JSON rows and prints a Markdown table (docs/serving.md). Timings: every search (exact included) runs
+``--repeats`` times in this process and the fastest counts, so exact and ANN see the same machine load.
 """
 from __future__ import annotations
 
@@ -29,7 +41,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402,F401  (before faiss: import-order crashes are reported on Linux wheels)
 
+from eimf.evaluation.evaluate import history_batch, item_popularity  # noqa: E402
 from eimf.evaluation.retrieval import ItemIndex, set_faiss_threads  # noqa: E402
+from eimf.formats.prepared import load_prepared  # noqa: E402
+from eimf.serving.folder import ModelFolder  # noqa: E402
 
 #: (index_factory string, {search parameter: values to sweep}) per catalogue size; {n} is replaced by nlist.
 DEFAULT_SPECS = {
@@ -40,6 +55,24 @@ DEFAULT_SPECS = {
               ("IVF{n},Flat", {"nprobe": [16, 32, 64, 128]}),
               ("IVF{n},PQ32x4fs,RFlat", {"nprobe": [32, 64, 128]})],
 }
+
+
+#: Trained tables: (index_factory string, {search parameter: values}, training rows). ``{n}`` is nlist (about
+#: 4 sqrt(N), a multiple of 1024), ``{q}`` and ``{e}`` a quarter and an eighth of it. ``MIPS,``
+#: lifts items to L2 (eimf.evaluation.retrieval.ItemIndex); ``reached``/``popular``: see the module doc.
+TRAINED_SPECS = [
+    ("IVF{n},Flat", {"nprobe": [8, 16, 32, 64, 128]}, "uniform"),
+    ("MIPS,IVF{n},Flat", {"nprobe": [8, 16, 32, 64, 128, 192, 256]}, "uniform"),
+    ("MIPS,IVF{q},Flat", {"nprobe": [8, 16, 24, 32, 48]}, "uniform"),
+    ("MIPS,IVF{e},Flat", {"nprobe": [8, 12, 16, 24, 32]}, "uniform"),
+    ("IVF{n},Flat", {"nprobe": [8, 16, 32, 64]}, "reached"),
+    ("MIPS,IVF{n},Flat", {"nprobe": [8, 16, 32, 64]}, "reached"),
+    ("MIPS,IVF{n},Flat", {"nprobe": [8, 16, 32, 64]}, "popular"),
+    ("HNSW32", {"ef_search": [32, 64, 128, 256]}, "uniform"),
+    ("MIPS,HNSW32", {"ef_search": [32, 64, 128, 256]}, "uniform"),
+    ("IVF{n},PQ32x4fs,RFlat", {"nprobe": [16, 32, 64], "refine_k": [4, 16]}, "uniform"),
+    ("MIPS,PCAR64,IVF{n},PQ32x4fs,RFlat", {"nprobe": [16, 32, 64], "refine_k": [4, 16]}, "uniform"),
+]
 
 
 def synthetic(n_items: int, n_users: int, k: int, dim: int, clusters: int, seed: int,
@@ -79,10 +112,107 @@ def index_mb(index: ItemIndex) -> float:
         return os.path.getsize(f.name) / 2**20
 
 
-def timed_search(index: ItemIndex, users: np.ndarray, topn: int):
+def timed_search(index: ItemIndex, users: np.ndarray, topn: int, repeats: int = 1):
+    """The top-N of every user and the fastest of ``repeats`` batched searches, in seconds."""
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        ids, _ = index.search_multi(users, topn)
+        best = min(best, time.perf_counter() - t)
+    return ids, best
+
+
+def _grid(sweep: dict) -> list:
+    """{a: [1, 2], b: [3]} -> [{a: 1, b: 3}, {a: 2, b: 3}] (every combination)."""
+    combos = [{}]
+    for name, values in sweep.items():
+        combos = [{**c, name: v} for c in combos for v in values]
+    return combos
+
+
+def trained_inputs(args):
+    """(table [N + 1, d], test interests [U, K, d], reached train rows, popular train rows, description) of
+    ``--model``; see the module doc."""
+    folder = ModelFolder.load(args.model, index=False)
+    model, cfg = folder.model, folder.cfg
+    data = load_prepared(args.data or folder.data_path)
+    table = model.item_embeddings().detach().float().cpu().numpy()
+    rng = np.random.default_rng(args.seed)
+
+    def interests(split_df, n):
+        part = split_df.iloc[np.sort(rng.choice(len(split_df), min(n, len(split_df)), replace=False))]
+        out = []
+        for s in range(0, len(part), 1024):
+            hist, mask = history_batch(list(part["history"].iloc[s:s + 1024]), cfg.model.maxlen)
+            with torch.no_grad():
+                out.append(model.interests(torch.from_numpy(hist), torch.from_numpy(mask)).float().numpy())
+        return np.concatenate(out)
+
+    users = interests(data.test, args.users)
+    flat = ItemIndex(table, index="Flat", threads=args.threads)
+    probe = interests(data.valid, args.reach_users)
+    ids, _ = flat.search(probe.reshape(-1, probe.shape[-1]), args.reach_n)
+    reached = np.unique(ids[ids > 0]) - 1  # row positions in the index (item id - 1)
+    counts = item_popularity(data.train, len(table) - 1)[1:].astype(np.float64) + 1e-3
+    take = min(args.train_size, len(counts))
+    popular = np.sort(rng.choice(len(counts), take, replace=False, p=counts / counts.sum()))
+    norms = np.linalg.norm(table[1:], axis=1)
+    about = {"model": args.model, "data": str(args.data or folder.data_path), "backbone": cfg.model.backbone,
+             "items": len(table) - 1, "dim": int(table.shape[1]), "interests": int(users.shape[1]),
+             "test_users": len(users), "reach_users": len(probe), "reached_rows": int(len(reached)),
+             "metrics": {k: v for k, v in (folder.metrics or {}).items() if "recall@50" in k},
+             "item_norm": {"p50": float(np.median(norms)), "p99": float(np.quantile(norms, 0.99)),
+                           "max": float(norms.max())}}
+    del flat
+    return table, users, {"reached": reached, "popular": popular, "uniform": None}, about
+
+
+def run_trained(args) -> list:
+    set_faiss_threads(args.threads)
+    table, users, train_rows, about = trained_inputs(args)
+    n_items = len(table) - 1
+    print(f"  {about}", flush=True)
+    nlist = args.nlist or max(1024, int(4 * np.sqrt(n_items)) // 1024 * 1024)
     t = time.perf_counter()
-    ids, _ = index.search_multi(users, topn)
-    return ids, time.perf_counter() - t
+    flat = ItemIndex(table, index="Flat", threads=args.threads)
+    build = time.perf_counter() - t
+    exact, secs = timed_search(flat, users, args.topn, args.repeats)
+    exact_ms = 1000 * secs / len(users)
+    base = {"items": n_items, "table": about}
+    rows = [{**base, "index": "Flat", "train_rows": "", "params": "", "recall": 1.0, "ms_per_user": exact_ms,
+             "speedup": 1.0, "build_s": build, "memory_mb": index_mb(flat)}]
+    print(f"  N={n_items:,} Flat: {exact_ms:.2f} ms/user", flush=True)
+    for spec, sweep, rows_kind in TRAINED_SPECS:
+        spec = spec.format(n=nlist, q=nlist // 4, e=nlist // 8)
+        if args.only and not any(spec.startswith(o) for o in args.only):
+            continue
+        if args.train_rows and rows_kind not in args.train_rows:
+            continue
+        t = time.perf_counter()
+        index = ItemIndex(table, index=spec, threads=args.threads, train_size=args.train_size,
+                          train_ids=train_rows[rows_kind])
+        build = time.perf_counter() - t
+        memory = index_mb(index)
+        for params in _grid(sweep):
+            index.set_params(**params)
+            ids, secs = timed_search(index, users, args.topn, args.repeats)
+            ms = 1000 * secs / len(users)
+            label = " ".join(f"{k}={v}" for k, v in params.items())
+            rows.append({**base, "index": spec, "train_rows": rows_kind, "params": label,
+                         "recall": recall(ids, exact), "ms_per_user": ms, "speedup": exact_ms / ms, "build_s": build,
+                         "memory_mb": memory})
+            print(f"  N={n_items:,} {spec} [{rows_kind}] {label}: recall {rows[-1]['recall']:.4f}, {ms:.3f} ms/user "
+                  f"(x{rows[-1]['speedup']:.1f}), build {build:.0f} s, {memory:.0f} MB", flush=True)
+        del index
+        gc.collect()
+        if args.output:  # after every index: a sweep stopped half-way keeps what it measured
+            with open(args.output, "w") as f:
+                json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    # exact once more at the end: how much the machine's load moved during the sweep
+    _, secs = timed_search(flat, users, args.topn, args.repeats)
+    print(f"  exact again at the end: {1000 * secs / len(users):.2f} ms/user", flush=True)
+    rows[0]["ms_per_user_end"] = 1000 * secs / len(users)
+    return rows
 
 
 def recall(ids: np.ndarray, exact: np.ndarray) -> float:
@@ -128,16 +258,26 @@ def run(n_items: int, args) -> list:
 
 
 def markdown(rows: list) -> str:
-    out = ["| items | index | search | recall@50 vs exact | ms / user | speed-up | build s | index MB |",
-           "|---:|---|---|---:|---:|---:|---:|---:|"]
+    trained = any("train_rows" in r for r in rows)
+    extra = " centroids from |" if trained else ""
+    out = [f"| items | index |{extra} search | recall@50 vs exact | ms / user | speed-up | build s | index MB |",
+           "|---:|---|" + ("---|" if trained else "") + "---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['items']:,} | {r['index']} | {r['params'] or 'exact'} | {r['recall']:.4f} | "
+        cells = f" {r.get('train_rows') or '-'} |" if trained else ""
+        out.append(f"| {r['items']:,} | {r['index']} |{cells} {r['params'] or 'exact'} | {r['recall']:.4f} | "
                    f"{r['ms_per_user']:.3f} | {r['speedup']:.1f}x | {r['build_s']:.1f} | {r['memory_mb']:.0f} |")
     return "\n".join(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a model folder: measure its trained table on its own test users")
+    p.add_argument("--data", help="with --model: the prepared dataset (default: the one the folder records)")
+    p.add_argument("--reach-users", type=int, default=2000, help="valid users whose exact top lists are 'reached'")
+    p.add_argument("--reach-n", type=int, default=100, help="per-interest top-N that counts as reached")
+    p.add_argument("--train-rows", nargs="*", help="with --model: only these centroid training rows "
+                   "(uniform reached popular)")
+    p.add_argument("--repeats", type=int, default=2, help="timed searches per setting; the fastest counts")
     p.add_argument("--items", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--interests", type=int, default=4)
@@ -152,8 +292,8 @@ def main() -> None:
     p.add_argument("--output", help="write the rows as JSON here")
     args = p.parse_args()
     rows = []
-    for n in args.items:
-        rows += run(n, args)
+    for n in ([None] if args.model else args.items):
+        rows += run_trained(args) if args.model else run(n, args)
         if args.output:
             with open(args.output, "w") as f:
                 json.dump({"args": vars(args), "rows": rows}, f, indent=1)
