@@ -1,7 +1,11 @@
 """Step ``evaluate``: an exported model on its prepared data, MostPopular beside it (no Ray, no LLM).
 
 The model, its index and the data are loaded once for all splits (:func:`evaluate_splits`), through the folder's
-own retrieval index. With ``per_user=True`` each split's per-user metrics go to
+own retrieval index. When that index is approximate (``retrieval.index=auto`` above
+``eimf.evaluation.retrieval.AUTO_EXACT_MAX_ITEMS`` items, or any non-``Flat`` string), an exact index over the same
+table is built beside it: ``<split>/recall@50`` etc. are exact, ``<split>/ann/recall@50`` etc. are through the
+folder's index (what serving returns), ``<split>/ann/recall_of_exact@50`` is how much of the exact top-50 it finds
+(eimf.evaluation.evaluate). With ``per_user=True`` each split's per-user metrics go to
 ``<out_dir>/per_user.<split>.parquet`` too, for paired comparisons (eimf.evaluation.compare).
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from eimf import fs, tracking
 from eimf.evaluation.evaluate import evaluate, most_popular
 from eimf.evaluation.metrics import MetricAccumulator
+from eimf.evaluation.retrieval import ItemIndex
 from eimf.formats.prepared import load_prepared
 from eimf.serving.folder import ModelFolder, ModelFolderError
 from eimf.steps import StepOutput, mlflow_run, numbers
@@ -50,7 +55,8 @@ def evaluate_splits(model_dir: str, splits: Sequence[str] = ("valid", "test"), w
                     data_path: Optional[str] = None,
                     per_user: Optional[Dict[str, pd.DataFrame]] = None) -> Dict[str, float]:
     """``{"<split>/recall@50": ..., "<split>/mostpop/recall@50": ...}`` for each split, through the folder's own
-    retrieval index (the ``retrieval`` setting it was exported with). The model and the data are read once.
+    retrieval index (the ``retrieval`` setting it was exported with); an approximate one adds ``<split>/ann/...``
+    beside exact plain keys (module doc). The model and the data are read once.
     ``data_path``: the prepared dataset, by default the one recorded in the folder. ``per_user``: a dict that
     receives each split's per-user metrics (``MetricAccumulator.per_user``), for paired comparisons."""
     folder = ModelFolder.load(model_dir)
@@ -67,13 +73,16 @@ def evaluate_splits(model_dir: str, splits: Sequence[str] = ("valid", "test"), w
             return model.interests(torch.as_tensor(hist), torch.as_tensor(mask)).numpy()
 
     topk = tuple(cfg.eval.topk)
+    exact = None
+    if not folder.index.exact:  # built once for all splits; the metrics are never the lossy index's alone
+        exact = ItemIndex(model.item_embeddings().detach().float().cpu().numpy(), index="Flat")
     out: Dict[str, float] = {}
     for split in splits:
         split_df = getattr(data, split)
         acc = MetricAccumulator(topk, keep_users=per_user is not None)
         got = evaluate(interest_fn, None, split_df, topk=topk, batch_size=cfg.eval.batch_size,
                        maxlen=cfg.model.maxlen, exclude_history=cfg.eval.exclude_history, index=folder.index,
-                       accumulator=acc)
+                       accumulator=acc, exact_index=exact)
         if per_user is not None:
             per_user[split] = acc.per_user()
         out.update({f"{split}/{k}": v for k, v in got.items()})
