@@ -252,3 +252,34 @@ def test_evaluate_through_an_approximate_index_reports_exact_metrics_beside_it()
     # without the table the metrics are the lossy index's, and say so
     alone = evaluate(interest_fn, None, users, topk=(20, 50), index=lossy)
     assert alone["approximate_index"] == 1.0 and alone["recall@50"] == pytest.approx(both["ann/recall@50"])
+
+
+def test_evaluate_stage_through_an_approximate_folder_index_reports_exact_and_ann(tiny_dataset, tmp_path):
+    """The evaluate stage on a model folder whose index is lossy: plain keys exact (equal to a Flat folder's), the
+    folder's index under ann/ with its recall of the exact top-N."""
+    from eimf.config import load_config
+    from eimf.data.preprocess import prepare
+    from eimf.models import build_model
+    from eimf.serving.folder import ModelFolder, build_index
+    from eimf.steps.evaluate import evaluate_splits
+
+    def folder(index, nprobe):
+        cfg = load_config(None, tiny_dataset + [f"data.output_dir={tmp_path / 'prepared'}", "model.dim=16",
+                                                f"retrieval.index={index}", f"retrieval.nprobe={nprobe}"])
+        data = prepare(cfg.data)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, data.n_items).eval()
+        items = pd.DataFrame({"item": np.arange(1, data.n_items + 1), "raw_id": [str(i) for i in range(data.n_items)],
+                              "text": [""] * data.n_items, "count": np.ones(data.n_items, dtype=np.int64)})
+        out = str(tmp_path / index.replace(",", "_"))
+        ModelFolder(model=model, cfg=cfg, items=items, index=build_index(model, cfg), metrics={},
+                    head=None, phrases=None, data_path=str(data.path)).write(out)
+        return out
+
+    exact = evaluate_splits(folder("Flat", 1), ("test",), with_baseline=False)
+    lossy = evaluate_splits(folder("IVF16,Flat", 1), ("test",), with_baseline=False)
+    assert not any("/ann/" in k for k in exact)
+    for k, v in exact.items():
+        assert lossy[k] == pytest.approx(v), k
+    assert 0 < lossy["test/ann/recall_of_exact@50"] < 1
+    assert lossy["test/ann/recall@50"] <= lossy["test/recall@50"] + 0.05
