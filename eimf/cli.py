@@ -146,6 +146,19 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from eimf.serving.ray_serve import openapi_document, serve_until_stopped
+
+    if args.openapi:
+        print(json.dumps(openapi_document(), indent=1))
+        return 0
+    if not args.model:
+        raise UserError("eimf serve needs a model (a model folder or an MLflow model URI), or --openapi")
+    serve_until_stopped(args.model, host=args.host, port=args.port, num_replicas=args.replicas,
+                        max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000)
+    return 0
+
+
 def cmd_ui(args) -> int:
     from eimf.tracking import default_tracking_uri
 
@@ -183,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--include-seen", action="store_true", help="keep the history's items in the answer")
     r.add_argument("--json", action="store_true", help="print the answer as JSON")
     r.set_defaults(fn=cmd_recommend)
+
+    sv = sub.add_parser("serve", help="serve a model over HTTP with Ray Serve (POST /recommend, /openapi.json) "
+                        "until Ctrl-C; starts Ray here unless RAY_ADDRESS names a cluster")
+    sv.add_argument("model", nargs="?", help="model folder (local or s3://) or MLflow model URI")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--max-batch-size", type=int, default=64)
+    sv.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
+    sv.add_argument("--openapi", action="store_true", help="print the API's OpenAPI document and exit")
+    sv.set_defaults(fn=cmd_serve)
 
     a = sub.add_parser("annotate", help="ESIM: pick typical users, annotate their interests (semantic.annotator: "
                        "metadata | openai | vllm), encode, write Parquet, log to MLflow")
@@ -231,7 +255,7 @@ def user_errors() -> tuple:
     from eimf.data.download import DownloadError
 
     from eimf.serving.folder import ModelFolderError
-    from eimf.serving.recommender import RequestError
+    from eimf.serving.schema import RequestError
 
     # ModelNotFoundError is a FileNotFoundError; ConfigError names the setting and what it accepts
     errors = [UserError, ConfigError, DownloadError, FileNotFoundError, ModelFolderError, RequestError]

@@ -12,7 +12,8 @@ import torch
 from eimf.config import load_config
 from eimf.evaluation.retrieval import ItemIndex, auto_index, brute_force_topn
 from eimf.serving.folder import ModelFolder, ModelFolderError, build_index
-from eimf.serving.recommender import MAX_HISTORY, Recommender, RequestError
+from eimf.serving.recommender import Recommender
+from eimf.serving.schema import MAX_HISTORY, RequestError
 
 N_ITEMS = 300
 
@@ -140,33 +141,41 @@ def test_unknown_ids_are_ignored_and_counted():
     assert a["items"] == b["items"]
 
 
-@pytest.mark.parametrize("request_, match", [
-    ({"history": []}, "'history' is empty"),
-    ({"history": ["nope", "never"]}, "none of the 2 history ids is in the catalogue"),
-    ({}, "'history' is required"),
-    ({"history": "sku-0001"}, "'history' must be a list"),
-    ({"history": ["sku-0001", 1.5]}, r"history\[1\]: an item id is a string or an integer, got float"),
-    ({"history": [None]}, r"history\[0\]"),
-    ({"history": ["sku-0001"], "k": 0}, "'k' must be >= 1"),
-    ({"history": ["sku-0001"], "k": -3}, "'k' must be >= 1"),
-    ({"history": ["sku-0001"], "k": N_ITEMS + 1}, f"more than the catalogue's {N_ITEMS} items"),
-    ({"history": ["sku-0001"], "k": "ten"}, "'k' must be an integer"),
-    ({"history": ["sku-0001"], "k": 2.5}, "'k' must be an integer"),
-    ({"history": ["sku-0001"], "exclude_seen": "yes"}, "'exclude_seen' must be true or false"),
-    ({"history": ["sku-0001"], "user": 3}, "unknown field"),
-    ({"history": ["sku-0001"] * (MAX_HISTORY + 1)}, f"at most {MAX_HISTORY}"),
-    (["sku-0001"], "a request is an object"),
+@pytest.mark.parametrize("request_, field, match", [
+    ({"history": []}, "history", "is empty"),
+    ({"history": ["nope", "never"]}, "history", "none of the 2 ids is in the catalogue"),
+    ({}, "history", "is required"),
+    ({"history": "sku-0001"}, "history", "must be a list of item ids, got str"),
+    ({"history": ["sku-0001", 1.5]}, "history[1]", "an item id is a string or an integer, got float"),
+    ({"history": [None]}, "history[0]", "got NoneType"),
+    ({"history": [True]}, "history[0]", "got bool"),
+    ({"history": [""]}, "history[0]", "1 to 256 characters, got 0"),
+    ({"history": ["x" * 300]}, "history[0]", "1 to 256 characters, got 300"),
+    ({"history": ["sku-0001"], "k": 0}, "k", "must be >= 1, got 0"),
+    ({"history": ["sku-0001"], "k": -3}, "k", "must be >= 1"),
+    ({"history": ["sku-0001"], "k": N_ITEMS + 1}, "k", f"more than the catalogue's {N_ITEMS} items"),
+    ({"history": ["sku-0001"], "k": 10**30}, "k", "at most 1000 per request"),
+    ({"history": ["sku-0001"], "k": "ten"}, "k", "must be an integer, got str"),
+    ({"history": ["sku-0001"], "k": "5"}, "k", "must be an integer, got str"),
+    ({"history": ["sku-0001"], "k": True}, "k", "must be an integer, got bool"),
+    ({"history": ["sku-0001"], "k": 2.5}, "k", "must be an integer, got float"),
+    ({"history": ["sku-0001"], "exclude_seen": "yes"}, "exclude_seen", "must be true or false"),
+    ({"history": ["sku-0001"], "exclude_seen": 1}, "exclude_seen", "must be true or false"),
+    ({"history": ["sku-0001"], "user": 3}, "user", "unknown field"),
+    ({"history": ["sku-0001"] * (MAX_HISTORY + 1)}, "history", f"at most {MAX_HISTORY}"),
+    (["sku-0001"], None, "a request is an object"),
 ])
-def test_bad_requests_get_a_clear_error(request_, match):
+def test_bad_requests_get_a_clear_error(request_, field, match):
     rec = Recommender(_folder())
-    with pytest.raises(RequestError, match=match):
+    with pytest.raises(RequestError, match=match) as e:
         rec.recommend([request_])
+    assert e.value.field == field
     assert rec.recommend([{"history": ["sku-0001"], "k": 3}])[0]["items"]  # still serves
 
 
 def test_a_bad_request_in_a_batch_is_named_by_position():
     rec = Recommender(_folder())
-    with pytest.raises(RequestError, match="request 1: 'k' must be >= 1"):
+    with pytest.raises(RequestError, match=r"request 1\.k: must be >= 1"):
         rec.recommend([{"history": ["sku-0001"]}, {"history": ["sku-0001"], "k": 0}])
 
 
@@ -202,7 +211,7 @@ def test_pyfunc_predict_maps_a_dataframe_and_raises_mlflow_errors(tmp_path):
     assert list(out["items"].map(len)) == [3, 4]
     assert set(out.columns) == {"items", "scores", "interests", "titles", "interest_labels", "unknown_ids",
                                 "history_used"}
-    with pytest.raises(MlflowException, match="request 1: 'k' must be >= 1"):
+    with pytest.raises(MlflowException, match=r"request 1\.k: must be >= 1"):
         model.predict(None, pd.DataFrame({"history": [["sku-0001"], ["sku-0002"]], "k": [3, 0]}))
     with pytest.raises(MlflowException, match="needs a 'history' column"):
         model.predict(None, pd.DataFrame({"items": [["sku-0001"]]}))

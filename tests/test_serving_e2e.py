@@ -93,13 +93,13 @@ def test_a_fresh_process_loads_it_and_matches_exact_retrieval(registered, tmp_pa
     assert np.abs(np.asarray(got["scores"]) - np.asarray(ref["scores"])).max() < 1e-5
 
 
-def _wait_http(url: str, proc, log: Path, timeout: float = 300) -> None:
+def _wait_http(url: str, proc, log: Path, timeout: float = 300, ok=lambda status: status < 500) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if requests.get(url, timeout=2).status_code < 500:
+            if ok(requests.get(url, timeout=2).status_code):
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy starting to answer in 2 s
             pass
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
@@ -163,6 +163,7 @@ def test_ray_serve_batches_concurrent_requests_and_refuses_bad_ones(registered, 
     from ray import serve
 
     from eimf.serving.ray_serve import app
+    from eimf.serving.schema import RecommendRequest, RecommendResponse
 
     uri, ref, server, n_items = registered
     port = free_port()
@@ -170,11 +171,21 @@ def test_ray_serve_batches_concurrent_requests_and_refuses_bad_ones(registered, 
     try:
         serve.run(app({"model_uri": uri, "tracking_uri": server, "max_batch_size": 8, "num_cpus": 0.5}),
                   name="eimf", route_prefix="/")
-        base = f"http://127.0.0.1:{port}/"
+        base = f"http://127.0.0.1:{port}"
 
-        def post(payload, raw=None):
-            r = requests.post(base, data=raw if raw is not None else json.dumps(payload), timeout=120)
+        def post(payload, raw=None, headers=None):
+            r = requests.post(f"{base}/recommend", data=raw if raw is not None else json.dumps(payload),
+                              headers=headers or {"Content-Type": "application/json"}, timeout=120)
             return r.status_code, r.text
+
+        # the published contract is the shared schema itself
+        doc = requests.get(f"{base}/openapi.json", timeout=60).json()
+        schemas = doc["components"]["schemas"]
+        shared = RecommendRequest.model_json_schema(ref_template="#/components/schemas/{model}")["properties"]
+        for name, field in schemas["RecommendRequest"]["properties"].items():  # FastAPI leaves "default": null out
+            assert field == {k: v for k, v in shared[name].items() if k != "default"}, name
+        assert set(schemas["RecommendResponse"]["properties"]) == set(RecommendResponse.model_fields)
+        assert set(doc["paths"]["/recommend"]["post"]["responses"]) >= {"200", "400", "413", "422"}
 
         bodies = [{"history": h, "k": 10, "exclude_seen": False} for h in ref["histories"][:32]]
         with ThreadPoolExecutor(16) as pool:
@@ -185,13 +196,84 @@ def test_ray_serve_batches_concurrent_requests_and_refuses_bad_ones(registered, 
         good = bodies[0]
         for name, bad in _bad_requests(post, good, n_items):
             status, text = post(bad)
-            assert status == 400, (name, status, text)
-            assert "error" in json.loads(text)
+            assert status == 422, (name, status, text)
+            error = json.loads(text)["error"]
+            assert error["field"] in ("history", "history[0]", "k") and error["reason"], (name, error)
             assert post(good)[0] == 200, f"not serving after {name}"
         status, text = post(None, raw=b"x" * (10 * 2**20))
-        assert status == 413, (status, text[:200])
+        assert status == 413 and json.loads(text)["error"]["reason"], (status, text[:200])
         status, text = post(None, raw=b"{not json")
-        assert status == 400 and "not JSON" in text
+        assert status == 400 and "not JSON" in json.loads(text)["error"]["reason"]
+        status, text = post(None, raw=json.dumps(good), headers={"Content-Type": "text/plain"})
+        assert status == 415, (status, text)
         assert post(good)[0] == 200
     finally:
         serve.shutdown()
+
+
+def test_ray_serve_sheds_load_with_503_past_its_queue(registered, free_port):
+    """One request at a time, one waiting (each held 0.5 s by the batch wait): the rest get 503 at once, the
+    accepted ones are answered, and the server serves normally afterwards."""
+    from ray import serve
+
+    from eimf.serving.ray_serve import app
+
+    uri, ref, server, _ = registered
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app({"model_uri": uri, "tracking_uri": server, "num_cpus": 0.5, "max_ongoing_requests": 1,
+                       "max_queued_requests": 1, "batch_wait_timeout_s": 0.5}), name="eimf", route_prefix="/")
+        url = f"http://127.0.0.1:{port}/recommend"
+        good = {"history": ref["histories"][0], "k": 5, "exclude_seen": False}
+
+        def post(_):
+            t = time.monotonic()
+            r = requests.post(url, json=good, timeout=120)
+            return r.status_code, time.monotonic() - t, r.text
+
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(post, range(12)))
+        codes = [a[0] for a in answers]
+        assert set(codes) <= {200, 503} and codes.count(503) >= 6 and codes.count(200) >= 1, codes
+        for status, seconds, text in answers:
+            if status == 200:
+                assert json.loads(text)["items"] == ref["items"][0][:5]
+            else:  # refused at once, not after waiting in a queue
+                assert seconds < 0.45, (status, seconds)
+        assert post(0)[0] == 200
+    finally:
+        serve.shutdown()
+
+
+def test_eimf_serve_answers_then_stops_on_ctrl_c_leaving_nothing_behind(registered, free_port, tmp_path):
+    import psutil
+
+    uri, ref, server, _ = registered
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(MLFLOW_TRACKING_URI=server)
+    proc = subprocess.Popen([sys.executable, "-m", "eimf.cli", "serve", uri, "--port", str(port)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        # 200 only once the proxy routes to the app (it answers 404 before)
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, log, ok=lambda status: status == 200)
+        r = requests.post(f"http://127.0.0.1:{port}/recommend", timeout=60,
+                          json={"history": ref["histories"][0], "k": 5, "exclude_seen": False})
+        assert r.status_code == 200 and r.json()["items"] == ref["items"][0][:5], r.text
+        started = psutil.Process(proc.pid).children(recursive=True)  # its Ray: GCS, raylet, Serve's actors...
+        assert len(started) >= 3
+        t = time.monotonic()
+        proc.send_signal(2)  # Ctrl-C
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+        took = time.monotonic() - t
+        time.sleep(1)
+        left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, [(p.pid, p.name()) for p in left]
+        assert took < 15, took
+        assert "stopped in" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

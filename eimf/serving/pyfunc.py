@@ -4,8 +4,9 @@
 The MLflow model carries the whole model folder (:mod:`eimf.serving.folder`) as its one artifact, and the
 ``eimf`` package as code, so it loads with the data and run folders gone and on a machine without eimf
 installed (the pip requirements list the rest). Input: a DataFrame, one row per user, with ``history`` (a list of
-raw item ids as strings) and optional ``k`` and ``exclude_seen``. Output: a DataFrame with one row per user and
-the fields of :mod:`eimf.serving.recommender`. A bad row raises an ``MlflowException`` (HTTP 400 when served)
+raw item ids as strings) and optional ``k`` and ``exclude_seen``; each row is validated by
+:class:`eimf.serving.schema.RecommendRequest`. Output: a DataFrame with one row per user and the fields of
+:class:`eimf.serving.schema.RecommendResponse`. A bad row raises an ``MlflowException`` (HTTP 400 when served)
 that names the row and the field.
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ from mlflow.types.schema import Array, ColSpec, DataType, Schema
 import eimf
 from eimf import fs
 from eimf.formats.model_folder import ITEMS, MANIFEST
-from eimf.serving.recommender import FIELDS, Recommender, RequestError
+from eimf.serving.recommender import Recommender
+from eimf.serving.schema import RecommendRequest, RecommendResponse, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +54,32 @@ class EIMFRecommenderModel(mlflow.pyfunc.PythonModel):
         if "history" not in frame.columns:
             raise MlflowException(f"the input needs a 'history' column (got {list(frame.columns)})",
                                   INVALID_PARAMETER_VALUE)
-        rows = [{k: v for k, v in row.items() if k in FIELDS} for row in frame.to_dict("records")]
+        # MLflow's signature check has already dropped undeclared columns; a direct predict() is checked in full
+        rows = frame.to_dict("records")
         try:
             return pd.DataFrame(self.recommender.recommend(rows))
         except RequestError as e:
             raise MlflowException(str(e), INVALID_PARAMETER_VALUE) from None
 
 
-def signature():
-    inputs = Schema([ColSpec(Array(DataType.string), "history"),
-                     ColSpec(DataType.long, "k", required=False),
-                     ColSpec(DataType.boolean, "exclude_seen", required=False)])
-    outputs = Schema([ColSpec(Array(DataType.string), "items"), ColSpec(Array(DataType.double), "scores"),
-                      ColSpec(Array(DataType.long), "interests"), ColSpec(Array(DataType.string), "titles"),
-                      ColSpec(Array(DataType.string), "interest_labels"), ColSpec(DataType.long, "unknown_ids"),
-                      ColSpec(DataType.long, "history_used")])
+def signature() -> ModelSignature:
+    """The pyfunc model's MLflow signature, derived from :mod:`eimf.serving.schema` so that the contract has one
+    source.
+
+    MLflow checks it before the model sees a request, with its own rules: a batch where only some rows give ``k``
+    is a float column, which it refuses for ``long`` (``double`` would refuse every integer ``k`` instead).
+    """
+    request_types = {"history": Array(DataType.string), "k": DataType.long, "exclude_seen": DataType.boolean}
+    answer_types = {"items": Array(DataType.string), "scores": Array(DataType.double),
+                    "interests": Array(DataType.long), "titles": Array(DataType.string),
+                    "interest_labels": Array(DataType.string), "unknown_ids": DataType.long,
+                    "history_used": DataType.long}
+    if set(request_types) != set(RecommendRequest.model_fields) or \
+            set(answer_types) != set(RecommendResponse.model_fields):
+        raise AssertionError("signature() is out of step with RecommendRequest / RecommendResponse")
+    inputs = Schema([ColSpec(request_types[name], name, required=field.is_required())
+                     for name, field in RecommendRequest.model_fields.items()])
+    outputs = Schema([ColSpec(answer_types[name], name) for name in RecommendResponse.model_fields])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 

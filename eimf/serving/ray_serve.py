@@ -1,44 +1,130 @@
-"""A Ray Serve deployment of a trained model: the same model URI as ``mlflow models serve``, with concurrent
-requests batched into one forward pass and one index search.
+"""The Ray Serve application of a trained model: the same model URI as ``mlflow models serve``, a typed HTTP API
+(FastAPI, so the contract of :mod:`eimf.serving.schema` is published at ``/openapi.json``), and concurrent requests
+batched into one forward pass and one index search.
 
-    serve run eimf.serving.ray_serve:app model_uri=models:/eimf-ml-1m/1
-    curl -s -X POST http://127.0.0.1:8000/ -H 'Content-Type: application/json' \\
+    eimf serve models:/eimf-ml-1m/1                      # starts Ray, serves on :8000, Ctrl-C stops it all
+    serve run eimf.serving.ray_serve:app model_uri=models:/eimf-ml-1m/1        # on a running Ray cluster
+    curl -s -X POST http://127.0.0.1:8000/recommend -H 'Content-Type: application/json' \\
          -d '{"history": ["1193", "661", "914"], "k": 5}'
 
-A request is one user (:mod:`eimf.serving.recommender`); it is validated on its own before it joins a batch, so a
-bad request gets a 400 naming its field and never fails the others. Bodies over ``max_body_bytes`` get a 413
-without being read. ``model_uri`` is anything :func:`eimf.serving.pyfunc.load_recommender` reads (a model folder,
-``models:/...``, ``runs:/...``); a ``models:/`` URI needs ``MLFLOW_TRACKING_URI`` in the replica's environment.
+Routes: ``POST /recommend`` (one user), ``GET /health``, ``GET /openapi.json``, ``GET /docs``. Every error answer is
+:class:`~eimf.serving.schema.ErrorResponse` ``{"error": {"field", "reason"}}``: 400 for a body that is not JSON,
+413 for a body over 1 MiB (refused before it is read), 415 for a body not sent as JSON, 422 for JSON that breaks the contract or names
+no known item, 404/405 for a wrong route or method. Past ``max_ongoing_requests`` + ``max_queued_requests`` in
+flight, Ray Serve answers 503 at once instead of queueing without bound. A request is validated on its own before
+it joins a batch, so a bad request never fails the others.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import threading
+import time
 from typing import List
 
+import ray
 import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from ray import serve
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
+import eimf
 from eimf.evaluation.retrieval import set_faiss_threads
+from eimf.ray_init import init_ray
 from eimf.serving.pyfunc import load_recommender
-from eimf.serving.recommender import RequestError
+from eimf.serving.schema import (ErrorResponse, RecommendRequest, RecommendResponse, RequestError,
+                                 from_error_dicts)
 
 log = logging.getLogger(__name__)
 
+#: Larger bodies get 413 unread: a 10,000-id history is about 100 KB.
 MAX_BODY_BYTES = 1 << 20
+#: Requests one replica works on at once (a batch is at most this) and those that may wait for it; past both, 503.
+MAX_ONGOING = 64
+MAX_QUEUED = 256
+ROUTE = "/recommend"
+APP_NAME = "eimf"
+
+api = FastAPI(title="eimf recommender", version=getattr(eimf, "__version__", "0"),
+              description="Multi-interest recommendations from a trained eimf model (raw item ids in and out).")
 
 
-@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
+def _error(status: int, reason: str, field=None) -> JSONResponse:
+    return JSONResponse({"error": {"field": field, "reason": reason}}, status_code=status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        return _error(400, f"the body is not JSON: {errors[0].get('ctx', {}).get('error', errors[0]['msg'])}")
+    if errors and isinstance(errors[0].get("input"), bytes):  # FastAPI passes a non-JSON content type's body as is
+        return _error(415, f"send the request as JSON (Content-Type: application/json), not "
+                           f"{request.headers.get('content-type', 'no content type')!r:.60}")
+    e = from_error_dicts(errors)
+    return _error(422, e.reason, e.field)
+
+
+@api.exception_handler(HTTPException)
+async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    # FastAPI's own 400 ("error parsing the body": invalid UTF-8, nesting too deep), 404, 405: the same shape
+    cause = exc.__cause__
+    reason = f"the body is not JSON ({type(cause).__name__}: {cause!s:.100})" if exc.status_code == 400 and cause \
+        else str(exc.detail)
+    return _error(exc.status_code, reason)
+
+
+class BodyLimit:
+    """Refuses a body over ``limit`` bytes with 413: at once from its Content-Length, else as soon as the streamed
+    (chunked) body passes it, so that nothing larger is ever held. Plain ASGI: no per-request task or copy."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.limit):
+            reason = f"request body of {size.decode('latin-1')[:20]} bytes; at most {self.limit}"
+            return await _error(413, reason)(scope, receive, send)
+        seen = 0
+
+        async def bounded():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # FastAPI re-raises an HTTPException from the body read; other errors become 400
+                raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, bounded, send)
+
+
+api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+_ERRORS = {400: {"model": ErrorResponse, "description": "the body is not JSON"},
+           413: {"model": ErrorResponse, "description": f"the body is over {MAX_BODY_BYTES} bytes"},
+           415: {"model": ErrorResponse, "description": "the body is not sent as JSON"},
+           422: {"model": ErrorResponse, "description": "the request breaks the contract or names no known item"},
+           503: {"description": "overloaded: retry later"}}
+
+
+# A stopping replica finishes its requests for up to 5 s (Ray's default, 20 s, held Ctrl-C for 18 s in all).
+@serve.deployment(max_ongoing_requests=MAX_ONGOING, max_queued_requests=MAX_QUEUED,
+                  graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=5, ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
 class Recommend:
     def __init__(self, model_uri: str, max_batch_size: int = 64, batch_wait_timeout_s: float = 0.002,
-                 max_body_bytes: int = MAX_BODY_BYTES, threads: int = 1):
+                 threads: int = 1):
         torch.set_num_threads(threads)  # a single-user forward is tiny: more threads only add contention
         set_faiss_threads(threads)
         self.recommender = load_recommender(model_uri)
         self.model_uri = model_uri
-        self.max_body_bytes = max_body_bytes
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         log.info("serving %s (%d items)", model_uri, self.recommender.n_items)
@@ -47,43 +133,65 @@ class Recommend:
     async def _batch(self, queries: List) -> List[dict]:
         return self.recommender.answer(queries)
 
-    async def __call__(self, request: Request):
-        if request.method == "GET":
-            return JSONResponse({"model_uri": self.model_uri, "items": self.recommender.n_items})
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > self.max_body_bytes:
-            return _error(413, f"request body of {size} bytes; at most {self.max_body_bytes}")
-        body = b""
-        async for chunk in request.stream():  # bounded even without a content-length header
-            body += chunk
-            if len(body) > self.max_body_bytes:
-                return _error(413, f"request body over {self.max_body_bytes} bytes")
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"model_uri": self.model_uri, "items": self.recommender.n_items}
+
+    # The answer is returned as a JSONResponse: FastAPI would otherwise validate it against RecommendResponse
+    # again, on the hot path, for a dict the Recommender builds field by field.
+    @api.post(ROUTE, response_model=RecommendResponse, responses=_ERRORS)
+    async def recommend(self, request: RecommendRequest):
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return _error(400, f"the body is not JSON: {e}")
-        try:
-            query = self.recommender.parse(payload)
+            query = self.recommender.parse(request)
         except RequestError as e:
-            return _error(400, str(e))
+            return JSONResponse(ErrorResponse.of(e), status_code=422)
         return JSONResponse(await self._batch(query))
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 def app(args: dict):
     """The application ``serve run eimf.serving.ray_serve:app model_uri=...`` builds. Optional arguments:
-    ``max_batch_size``, ``batch_wait_timeout_s``, ``max_body_bytes``, ``num_replicas``, ``num_cpus`` (per replica),
-    ``threads``, and ``tracking_uri`` (set as ``MLFLOW_TRACKING_URI`` in the replicas, for ``models:/`` URIs;
-    default: the replicas' own environment)."""
+    ``max_batch_size``, ``batch_wait_timeout_s``, ``num_replicas``, ``num_cpus`` (per replica), ``threads``,
+    ``max_ongoing_requests``, ``max_queued_requests``, and ``tracking_uri`` (set as ``MLFLOW_TRACKING_URI`` in the
+    replicas, for ``models:/`` URIs; default: the replicas' own environment)."""
     if "model_uri" not in args:
         raise ValueError("serve run eimf.serving.ray_serve:app needs model_uri=<model folder or models:/name/version>")
     actor = {"num_cpus": float(args.get("num_cpus", 1))}
     if args.get("tracking_uri"):
         actor["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": str(args["tracking_uri"])}}
-    deployment = Recommend.options(num_replicas=int(args.get("num_replicas", 1)), ray_actor_options=actor)
+    deployment = Recommend.options(num_replicas=int(args.get("num_replicas", 1)), ray_actor_options=actor,
+                                   max_ongoing_requests=int(args.get("max_ongoing_requests", MAX_ONGOING)),
+                                   max_queued_requests=int(args.get("max_queued_requests", MAX_QUEUED)))
     return deployment.bind(str(args["model_uri"]), int(args.get("max_batch_size", 64)),
-                           float(args.get("batch_wait_timeout_s", 0.002)), int(args.get("max_body_bytes", MAX_BODY_BYTES)),
-                           int(args.get("threads", 1)))
+                           float(args.get("batch_wait_timeout_s", 0.002)), int(args.get("threads", 1)))
+
+
+def openapi_document() -> dict:
+    """The OpenAPI document the app serves, without starting it (for clients and ``eimf serve --openapi``)."""
+    return json.loads(json.dumps(api.openapi()))
+
+
+def serve_until_stopped(model_uri: str, host: str = "127.0.0.1", port: int = 8000, **app_args) -> None:
+    """``eimf serve``: deploy the app on the Ray cluster in ``RAY_ADDRESS``, else on a Ray started here for it, and
+    serve until SIGINT or SIGTERM. Then a Ray started here is shut down whole (the Serve controller, proxy and
+    replicas with it, so no actor outlives the command); on a cluster only this application is deleted."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    own_ray = not os.environ.get("RAY_ADDRESS")
+    init_ray(own=True)
+    try:
+        serve.start(http_options={"host": host, "port": int(port)})
+        serve.run(app({"model_uri": model_uri, **app_args}), name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"eimf serve: {model_uri} at http://{host}:{port}{ROUTE} (contract: /openapi.json); "
+              "Ctrl-C stops it", flush=True)
+        while not stop.wait(0.2):  # a short wait: signal handlers run between waits
+            pass
+        print("eimf serve: stopping", flush=True)
+    finally:
+        t0 = time.monotonic()
+        serve.delete(APP_NAME)  # the replicas drain: requests in flight are answered
+        if own_ray:  # then the Serve controller and proxy go with the Ray this command started
+            ray.shutdown()
+        log.info("eimf serve: stopped in %.1f s", time.monotonic() - t0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+

@@ -1,8 +1,8 @@
 """Recommendations from a model folder, in raw item ids: the core that the CLI, MLflow and Ray Serve share.
 
 A request is a mapping ``{"history": [raw item id, ...], "k": 10, "exclude_seen": true}`` (``k`` and
-``exclude_seen`` optional). :meth:`Recommender.parse` validates one request and maps its ids, so that a bad
-request fails alone; :meth:`Recommender.answer` serves a batch of parsed requests with one forward pass and one
+``exclude_seen`` optional; the contract is :mod:`eimf.serving.schema`). :meth:`Recommender.parse` validates one
+request there, then against the catalogue, and maps its ids, so that a bad request fails alone; :meth:`Recommender.answer` serves a batch of parsed requests with one forward pass and one
 index search. The answer per request:
 
 ``items`` (raw ids, best first), ``scores`` (max over interests of the inner product), ``interests`` (which
@@ -15,10 +15,8 @@ fallback: a caller that wants one for cold users knows better than a model which
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from numbers import Integral
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,16 +25,7 @@ import torch
 from eimf.data.sampling import last_items
 from eimf.serving.explain import label_interests
 from eimf.serving.folder import ModelFolder
-
-DEFAULT_K = 10
-#: Bounds on what one request may ask, so that one request cannot hold a replica for long.
-MAX_K = 1000
-MAX_HISTORY = 10_000
-FIELDS = ("history", "k", "exclude_seen")
-
-
-class RequestError(ValueError):
-    """A request that cannot be served; the message names the field and what was wrong with it."""
+from eimf.serving.schema import DEFAULT_K, RequestError, validate_request
 
 
 @dataclass
@@ -69,51 +58,19 @@ class Recommender:
 
     # ------------------------------------------------------------------------------------------ parse
     def parse(self, request: Any) -> Query:
-        if not isinstance(request, Mapping):
-            raise RequestError(f"a request is an object with a 'history' list, got {type(request).__name__}")
-        extra = sorted(set(request) - set(FIELDS))
-        if extra:
-            raise RequestError(f"unknown field(s) {', '.join(map(repr, extra))}; a request has {', '.join(FIELDS)}")
-        if "history" not in request:
-            raise RequestError("'history' is required: the user's recent raw item ids, oldest first")
-        history = request["history"]
-        if isinstance(history, np.ndarray):
-            history = history.tolist()
-        if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
-            raise RequestError(f"'history' must be a list of item ids, got {type(history).__name__}")
-        if len(history) == 0:
-            raise RequestError("'history' is empty: at least one known item id is needed (no popularity fallback)")
-        if len(history) > MAX_HISTORY:
-            raise RequestError(f"'history' has {len(history)} ids; at most {MAX_HISTORY} (the model reads the last "
-                               f"{self.maxlen} known ones)")
-        raw = []
-        for i, v in enumerate(history):
-            if isinstance(v, str):
-                raw.append(v)
-            elif isinstance(v, Integral) and not isinstance(v, bool):
-                raw.append(str(int(v)))
-            else:
-                raise RequestError(f"history[{i}]: an item id is a string or an integer, got {type(v).__name__} "
-                                   f"{v!r:.40}")
-        pos = self._lookup.get_indexer(raw)
+        """One request (a mapping or a :class:`RecommendRequest`) validated by the shared schema, then against
+        the catalogue: its ids mapped, ``k`` at most the number of items."""
+        req = validate_request(request)
+        pos = self._lookup.get_indexer(req.history)
         known = pos[pos >= 0] + 1
         unknown = int((pos < 0).sum())
         if len(known) == 0:
-            raise RequestError(f"none of the {len(raw)} history ids is in the catalogue (e.g. {raw[0]!r:.40}); "
-                               "no popularity fallback")
-        k = _optional_int(request.get("k"), "k", self.default_k)
-        if k < 1:
-            raise RequestError(f"'k' must be >= 1, got {k}")
-        if k > min(self.n_items, MAX_K):
-            raise RequestError(f"'k'={k} is more than the catalogue's {self.n_items} items" if k > self.n_items
-                               else f"'k'={k}: at most {MAX_K} per request")
-        exclude = request.get("exclude_seen")
-        if exclude is None or (isinstance(exclude, float) and math.isnan(exclude)):
-            exclude = self.exclude_seen
-        elif isinstance(exclude, (bool, np.bool_)):
-            exclude = bool(exclude)
-        else:
-            raise RequestError(f"'exclude_seen' must be true or false, got {type(exclude).__name__} {exclude!r:.40}")
+            raise RequestError(f"none of the {len(req.history)} ids is in the catalogue (e.g. {req.history[0]!r:.40}); "
+                               "there is no popularity fallback", "history")
+        k = self.default_k if req.k is None else req.k
+        if k > self.n_items:
+            raise RequestError(f"{k} is more than the catalogue's {self.n_items} items", "k")
+        exclude = self.exclude_seen if req.exclude_seen is None else req.exclude_seen
         return Query(ids=known.astype(np.int64), k=k, exclude_seen=exclude, unknown=unknown)
 
     # ----------------------------------------------------------------------------------------- answer
@@ -151,7 +108,7 @@ class Recommender:
             try:
                 queries.append(self.parse(r))
             except RequestError as e:
-                raise RequestError(f"request {i}: {e}" if len(requests) > 1 else str(e)) from None
+                raise (e.prefixed(f"request {i}") if len(requests) > 1 else e) from None
         return self.answer(queries)
 
     def _labels(self, interests: torch.Tensor) -> Optional[List[List[str]]]:
@@ -161,12 +118,3 @@ class Recommender:
 
         return [[names[0][0] for names in user] for user in label_interests(f.head, interests, f.phrases, topk=1)]
 
-
-def _optional_int(value: Any, name: str, default: int) -> int:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return default
-    if isinstance(value, bool) or not isinstance(value, (Integral, float)):
-        raise RequestError(f"'{name}' must be an integer, got {type(value).__name__} {value!r:.40}")
-    if isinstance(value, float) and not value.is_integer():
-        raise RequestError(f"'{name}' must be an integer, got {value!r}")
-    return int(value)
