@@ -248,3 +248,23 @@ def test_log_recommender_registers_a_loadable_model_and_leaves_the_tracking_uri_
     code = [p.relative_to(stored) for p in stored.rglob("*") if "code" in p.relative_to(stored).parts]
     assert any(p.name == "pyfunc.py" for p in code)
     assert not [p for p in code if p.name == "__pycache__" or p.suffix == ".pyc"]
+
+
+@pytest.mark.parametrize("request_, field", [
+    ({"history": ["\ud800"]}, "history[0]"),  # JSON's "\ud800" escape: a lone surrogate (HTTP 500 before)
+    ({"history": ["sku-0001", "a\udfffb"]}, "history[1]"),
+])
+def test_an_id_that_is_not_valid_unicode_is_a_request_error_not_a_crash(request_, field):
+    rec = Recommender(_folder())
+    with pytest.raises(RequestError, match="valid Unicode") as e:
+        rec.recommend([request_])
+    assert e.value.field == field
+    (e.value.reason + e.value.field).encode("utf-8")  # the error itself must encode as a JSON answer
+
+
+def test_an_error_quoting_a_lone_surrogate_still_encodes():
+    rec = Recommender(_folder())
+    with pytest.raises(RequestError, match="unicode") as e:
+        rec.recommend([{"history": ["sku-0001"], "\ud800": 1}])
+    str(e.value).encode("utf-8")
+    assert RequestError("got '\ud800'", "a\udfff").field == "a\\udfff"

@@ -32,7 +32,8 @@ class RequestError(ValueError):
     """A request that cannot be served: ``field`` (None for the whole body) and ``reason``."""
 
     def __init__(self, reason: str, field: Optional[str] = None):
-        self.field, self.reason = field, reason
+        # a field name or reason may quote the request (a key with a lone surrogate): an error must still encode
+        self.field, self.reason = (None if field is None else utf8_safe(field)), utf8_safe(reason)
         super().__init__(f"{field}: {reason}" if field else reason)
 
     def prefixed(self, prefix: str) -> "RequestError":
@@ -40,14 +41,30 @@ class RequestError(ValueError):
         return RequestError(self.reason, f"{prefix}.{self.field}" if self.field else prefix)
 
 
+def utf8_safe(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates, which JSON's ``\\ud800`` escapes can carry)
+    written as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _item_id(value: Any) -> str:
     if isinstance(value, str):
         if not 1 <= len(value) <= MAX_ID_CHARS:
             raise ValueError(f"an item id has 1 to {MAX_ID_CHARS} characters, got {len(value)}")
+        if not _encodes(value):  # the catalogue lookup hashes ids as UTF-8: a lone surrogate would fail it
+            raise ValueError(f"an item id is valid Unicode text, got {value!r:.40} (a lone surrogate)")
         return value
     if isinstance(value, (Integral, np.integer)) and not isinstance(value, (bool, np.bool_)):
         return str(int(value))
     raise ValueError(f"an item id is a string or an integer, got {type(value).__name__} {value!r:.40}")
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _id_list(value: Any) -> Any:
