@@ -27,7 +27,7 @@ from eimf.config import Config
 from eimf.evaluation.retrieval import ItemIndex
 from eimf.formats import checkpoints as ckpt
 from eimf.formats.annotations import read_annotations
-from eimf.formats.model_folder import ModelFolderError, read_manifest
+from eimf.formats.model_folder import ModelFolderError
 from eimf.formats.prepared import read_split
 from eimf.models import build_model
 from eimf.plots import learning_curve
@@ -134,16 +134,13 @@ def log_model_folder(uri: str, run_id: Optional[str], local_folder: str, cfg: Op
 
 def log_run_artifacts(uri: str, run_id: Optional[str], export_dir: str, data_path: str,
                       cfg: Optional[Config] = None) -> Optional[str]:
-    """Dataset manifest, item embeddings and the learning curve to MLflow, and the model folder once
-    (:func:`log_model_folder`). ``export_dir`` and ``data_path`` may be local or ``s3://``. Returns the logged
+    """Dataset manifest and the learning curve to MLflow, and the model folder once (:func:`log_model_folder`): the
+    item table is in it (``model.pt`` or the sharded row blocks), and is not stored again beside it. ``export_dir`` and ``data_path`` may be local or ``s3://``. Returns the logged
     model's URI (None with tracking or model logging off)."""
     if not run_id:
         return None
     with tempfile.TemporaryDirectory() as tmp, fs.local_dir(str(export_dir)) as local_export:
         tmp = Path(tmp)
-        if "item_table" not in read_manifest(local_export):  # sharded: the row blocks are in the model folder
-            folder = ModelFolder.load(local_export, index=False)
-            np.save(tmp / "item_embeddings.npy", folder.model.item_embeddings().detach().numpy())
         manifest = fs.join(str(data_path), "manifest.json")
         if fs.exists(manifest):
             (tmp / "dataset_manifest.json").write_bytes(fs.read_bytes(manifest))
