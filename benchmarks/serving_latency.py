@@ -34,15 +34,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait(url: str, timeout: float = 600) -> None:
+def wait(url: str, timeout: float = 600, ok: int = 0) -> None:
+    """Until ``url`` answers below 500 (or exactly ``ok``: Ray Serve's proxy answers 404 until it routes)."""
     import requests
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if requests.get(url, timeout=2).status_code < 500:
+            status = requests.get(url, timeout=2).status_code
+            if status == ok or (not ok and status < 500):
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:
             pass
         time.sleep(1)
     raise RuntimeError(f"{url} did not answer in {timeout} s")
@@ -109,17 +111,39 @@ def ray_serve(args, bodies) -> dict:
     from eimf.serving.ray_serve import app
 
     port = free_port()
+    for pair in args.ray_env:  # Ray Serve's own switches are read from the environment of its processes
+        key, _, value = pair.partition("=")
+        os.environ[key] = value
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app({"model_uri": args.model_uri, "max_batch_size": args.max_batch_size,
-                       "batch_wait_timeout_s": args.batch_wait_timeout_s}), name="eimf", route_prefix="/")
-        wait(f"http://127.0.0.1:{port}/")
-        return measure(f"Ray Serve (1 replica, batch <= {args.max_batch_size})", f"http://127.0.0.1:{port}/", bodies,
-                       lambda b: b, args)
+                       "batch_wait_timeout_s": args.batch_wait_timeout_s, "threads": args.threads}),
+                  name="eimf", route_prefix="/")
+        wait(f"http://127.0.0.1:{port}/health", ok=200)
+        name = f"Ray Serve (1 replica, batch <= {args.max_batch_size}, wait {args.batch_wait_timeout_s * 1000:g} ms" \
+            + "".join(f", {e}" for e in args.ray_env) + ")"
+        row = measure(name, f"http://127.0.0.1:{port}/recommend", bodies, lambda b: b, args)
+        row.update(replica_times(ray._private.worker._global_node.get_session_dir_path(), args.warmup, args.single))
+        return row
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def replica_times(session_dir: str, warmup: int, single: int) -> dict:
+    """p50 / p99 of the replica's own time for the single-user requests, from its access log (Ray Serve writes
+    ``POST /recommend 200 2.1ms`` per request, in order: warm-up, single-user, load): the rest of a client's latency
+    is the HTTP proxy and the hops to and from the replica."""
+    ms = []
+    for log in Path(session_dir, "logs", "serve").glob("replica_*.log"):
+        for line in log.read_text().splitlines():
+            if "POST /recommend 200" in line:
+                ms.append(float(line.rsplit(" ", 1)[1].rstrip("ms")))
+    own = np.asarray(ms[warmup: warmup + single])
+    if not len(own):  # a buffered access log (RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE) may not be written yet
+        return {}
+    return {"replica_p50_ms": float(np.percentile(own, 50)), "replica_p99_ms": float(np.percentile(own, 99))}
 
 
 def in_process(args, bodies) -> dict:
@@ -166,6 +190,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.002)
+    p.add_argument("--threads", type=int, default=1, help="torch/faiss threads of a Ray Serve replica")
+    p.add_argument("--ray-env", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="environment for Ray's processes, e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
     p.add_argument("--servers", nargs="+", default=["mlflow", "ray", "inprocess"])
     p.add_argument("--output")
     args = p.parse_args()
@@ -186,6 +213,9 @@ def main() -> None:
         print(f"| {r['server']} | {r['single_p50_ms']:.1f} | {r['single_p99_ms']:.1f} | {r['clients']} | "
               f"{r['requests']} | {r['throughput_rps']:.0f} | {r['load_p50_ms']:.1f} | {r['load_p99_ms']:.1f} | "
               f"{r['single_errors'] + r['load_errors']} |")
+    for r in rows:
+        if "replica_p50_ms" in r:
+            print(f"{r['server']}: the replica's own time p50 {r['replica_p50_ms']:.1f} ms, p99 {r['replica_p99_ms']:.1f} ms")
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 #: Requests one replica works on at once (a batch is at most this) and those that may wait for it; past both, 503.
 MAX_ONGOING = 64
-MAX_QUEUED = 256
+MAX_QUEUED = 64
 ROUTE = "/recommend"
 APP_NAME = "eimf"
 
