@@ -4,6 +4,7 @@ served by a real `mlflow models serve` and by the Ray Serve deployment, and bad 
 servers keep serving."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +20,12 @@ import requests
 import torch
 
 from eimf.config import load_config
+
+# the fuzz harness is a script (benchmarks/ is not a package): the CI subset runs the very code of the full run
+_FUZZ_SPEC = importlib.util.spec_from_file_location(
+    "serving_fuzz", Path(__file__).resolve().parents[1] / "benchmarks" / "serving_fuzz.py")
+serving_fuzz = sys.modules.setdefault("serving_fuzz", importlib.util.module_from_spec(_FUZZ_SPEC))
+_FUZZ_SPEC.loader.exec_module(serving_fuzz)  # dataclasses look their module up in sys.modules
 
 DATA_DIR = os.environ.get("EIMF_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = [pytest.mark.e2e,
@@ -277,3 +284,49 @@ def test_eimf_serve_answers_then_stops_on_ctrl_c_leaving_nothing_behind(register
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+FUZZ_REQUESTS = 300
+FUZZ_SEED = 0
+
+
+def _known_ids(ref) -> list:
+    return list(dict.fromkeys(i for h in ref["histories"] for i in h))
+
+
+def _assert_survived(result: dict) -> None:
+    assert result["sent"] >= FUZZ_REQUESTS, result["sent"]
+    assert result["2xx"] > 0 and result["4xx"] > 0, result["by_status"]
+    assert result["pids_before"] and not result["crashed_or_restarted"], (result["pids_before"],
+                                                                        result["pids_after"])
+    assert result["rss_within_tolerance"], (result["rss_mb_before"], result["rss_mb_after"])
+    assert result["same_answer"]
+    assert result["slow"] == {"200": serving_fuzz.SLOW_SOCKETS}, result["slow"]  # slowloris bodies are answered
+    assert result["abandoned"] > 0
+
+
+def test_fuzzing_ray_serve_gives_no_5xx_and_leaves_it_serving(registered, free_port):
+    """schemathesis against /openapi.json plus the hostile cases: every answer is a documented status in the
+    documented shape, no 5xx, the replica and the proxy are the same processes after, in the same memory."""
+    uri, ref, server, _ = registered
+    result = serving_fuzz.fuzz_ray(uri, server, free_port(), _known_ids(ref), FUZZ_REQUESTS, FUZZ_SEED)
+    assert set(result["pids_before"]) == {"ServeReplica:eimf:Recommend", "ProxyActor"}, result["pids_before"]
+    assert result["5xx"] == 0 and result["503"] == 0, result["causes_5xx"]
+    assert not result["dropped"], result["dropped"]
+    assert not result["check_failures"], result["check_examples"]
+    _assert_survived(result)
+
+
+def test_fuzzing_mlflow_models_serve_gives_only_mlflows_own_5xx(registered, free_port, tmp_path):
+    """hypothesis bodies in every input format plus the hostile cases. The only 5xx allowed are the MLflow-side
+    causes listed in serving_fuzz.MLFLOW_CAUSES (docs/serving.md, "Faults that are MLflow's own"), and each must
+    show an MLflow traceback in the server's log with no eimf frame in it."""
+    uri, ref, server, _ = registered
+    log = tmp_path / "mlflow-serve.log"
+    result = serving_fuzz.fuzz_mlflow(uri, server, free_port(), _known_ids(ref), FUZZ_REQUESTS, FUZZ_SEED, log)
+    named = {cause: serving_fuzz.mlflow_cause(cause, entry) for cause, entry in result["causes_5xx"].items()}
+    assert None not in named.values(), result["causes_5xx"]
+    # the known faults are still there (the hostile list has both), and alone
+    assert set(named.values()) == set(serving_fuzz.MLFLOW_CAUSES), named
+    assert result["503"] == 0
+    _assert_survived(result)
