@@ -1,5 +1,6 @@
 """A load test of the served model, bounded in time: each server on 127.0.0.1 under 1, 8, 64 and 256 concurrent
-clients for ``--duration`` seconds each (Locust, headless, no think time; benchmarks/serving_locustfile.py).
+clients for ``--duration`` seconds each (Locust, headless, no think time, 1 s pause after a 503;
+benchmarks/serving_locustfile.py).
 
 Servers (``--servers``):
 - ``ray``: ``eimf serve`` (the Ray Serve app on a Ray of its own; one replica, batches of up to 64, at most 64
