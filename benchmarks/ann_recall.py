@@ -23,7 +23,8 @@ baseline is batched the same way (BLAS), which favours it.
     python benchmarks/ann_recall.py --items 1000000 10000000 --output docs/benchmarks/ann_recall.json
 
 writes the JSON rows and prints a Markdown table (docs/serving.md). Timings: every search (exact included) runs
-``--repeats`` times in this process and the fastest counts, so exact and ANN see the same machine load.
+``--repeats`` times in this process and the fastest counts; with ``--model`` exact search runs again right after
+each ANN setting and the speed-up is against that time, so both see the same machine load.
 """
 from __future__ import annotations
 
@@ -58,11 +59,13 @@ DEFAULT_SPECS = {
 
 
 #: Trained tables: (index_factory string, {search parameter: values}, training rows). ``{n}`` is nlist (about
-#: 4 sqrt(N), a multiple of 1024), ``{q}`` and ``{e}`` a quarter and an eighth of it. ``MIPS,``
+#: 4 sqrt(N), a multiple of 1024), ``{d}`` twice it, ``{q}`` and ``{e}`` a quarter and an eighth of it. ``MIPS,``
 #: lifts items to L2 (eimf.evaluation.retrieval.ItemIndex); ``reached``/``popular``: see the module doc.
 TRAINED_SPECS = [
     ("IVF{n},Flat", {"nprobe": [8, 16, 32, 64, 128]}, "uniform"),
     ("MIPS,IVF{n},Flat", {"nprobe": [8, 16, 32, 64, 128, 192, 256]}, "uniform"),
+    ("MIPS,IVF{d},Flat", {"nprobe": [128, 192, 256, 384]}, "uniform"),
+    ("MIPS,IVF{d}_HNSW32,Flat", {"nprobe": [128, 192, 256, 384]}, "uniform"),
     ("MIPS,IVF{q},Flat", {"nprobe": [8, 16, 24, 32, 48]}, "uniform"),
     ("MIPS,IVF{e},Flat", {"nprobe": [8, 12, 16, 24, 32]}, "uniform"),
     ("IVF{n},Flat", {"nprobe": [8, 16, 32, 64]}, "reached"),
@@ -183,7 +186,7 @@ def run_trained(args) -> list:
              "speedup": 1.0, "build_s": build, "memory_mb": index_mb(flat)}]
     print(f"  N={n_items:,} Flat: {exact_ms:.2f} ms/user", flush=True)
     for spec, sweep, rows_kind in TRAINED_SPECS:
-        spec = spec.format(n=nlist, q=nlist // 4, e=nlist // 8)
+        spec = spec.format(n=nlist, d=2 * nlist, q=nlist // 4, e=nlist // 8)
         if args.only and not any(spec.startswith(o) for o in args.only):
             continue
         if args.train_rows and rows_kind not in args.train_rows:
@@ -193,14 +196,21 @@ def run_trained(args) -> list:
                           train_ids=train_rows[rows_kind])
         build = time.perf_counter() - t
         memory = index_mb(index)
+        if args.nprobe and "nprobe" in sweep:
+            sweep = {**sweep, "nprobe": args.nprobe}
+        if args.ef_search and "ef_search" in sweep:
+            sweep = {**sweep, "ef_search": args.ef_search}
         for params in _grid(sweep):
             index.set_params(**params)
             ids, secs = timed_search(index, users, args.topn, args.repeats)
             ms = 1000 * secs / len(users)
+            # exact again right after: the speed-up compares two searches under the same load (a shared machine)
+            _, exact_secs = timed_search(flat, users, args.topn, args.repeats)
+            near_ms = 1000 * exact_secs / len(users)
             label = " ".join(f"{k}={v}" for k, v in params.items())
             rows.append({**base, "index": spec, "train_rows": rows_kind, "params": label,
-                         "recall": recall(ids, exact), "ms_per_user": ms, "speedup": exact_ms / ms, "build_s": build,
-                         "memory_mb": memory})
+                         "recall": recall(ids, exact), "ms_per_user": ms, "exact_ms_per_user": near_ms,
+                         "speedup": near_ms / ms, "build_s": build, "memory_mb": memory})
             print(f"  N={n_items:,} {spec} [{rows_kind}] {label}: recall {rows[-1]['recall']:.4f}, {ms:.3f} ms/user "
                   f"(x{rows[-1]['speedup']:.1f}), build {build:.0f} s, {memory:.0f} MB", flush=True)
         del index
@@ -257,15 +267,24 @@ def run(n_items: int, args) -> list:
     return rows
 
 
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def markdown(rows: list) -> str:
     trained = any("train_rows" in r for r in rows)
-    extra = " centroids from |" if trained else ""
-    out = [f"| items | index |{extra} search | recall@50 vs exact | ms / user | speed-up | build s | index MB |",
-           "|---:|---|" + ("---|" if trained else "") + "---|---:|---:|---:|---:|---:|"]
+    head = "| items | index | centroids from | search | recall@50 vs exact | ms / user | exact ms / user | speed-up |" \
+        if trained else "| items | index | search | recall@50 vs exact | ms / user | speed-up |"
+    out = [head + " build s | index MB |", "|---:|---|" + ("---|---|---:|---:|---:|---:|" if trained else
+                                                        "---|---:|---:|---:|") + "---:|---:|"]
     for r in rows:
-        cells = f" {r.get('train_rows') or '-'} |" if trained else ""
-        out.append(f"| {r['items']:,} | {r['index']} |{cells} {r['params'] or 'exact'} | {r['recall']:.4f} | "
-                   f"{r['ms_per_user']:.3f} | {r['speedup']:.1f}x | {r['build_s']:.1f} | {r['memory_mb']:.0f} |")
+        if trained:
+            cells = (f" {r.get('train_rows') or '-'} | {r['params'] or 'exact'} | {r['recall']:.4f} | "
+                     f"{r['ms_per_user']:.3f} | {_ms(r.get('exact_ms_per_user'))} |")
+        else:
+            cells = f" {r['params'] or 'exact'} | {r['recall']:.4f} | {r['ms_per_user']:.3f} |"
+        out.append(f"| {r['items']:,} | {r['index']} |{cells} {r['speedup']:.1f}x | {r['build_s']:.1f} | "
+                   f"{r['memory_mb']:.0f} |")
     return "\n".join(out)
 
 
@@ -277,6 +296,8 @@ def main() -> None:
     p.add_argument("--reach-n", type=int, default=100, help="per-interest top-N that counts as reached")
     p.add_argument("--train-rows", nargs="*", help="with --model: only these centroid training rows "
                    "(uniform reached popular)")
+    p.add_argument("--nprobe", type=int, nargs="*", help="with --model: these nprobe values for every IVF index")
+    p.add_argument("--ef-search", type=int, nargs="*", help="with --model: these efSearch values for HNSW")
     p.add_argument("--repeats", type=int, default=2, help="timed searches per setting; the fastest counts")
     p.add_argument("--items", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--users", type=int, default=1000)
