@@ -602,11 +602,15 @@ def problems(result: dict) -> List[str]:
     return out
 
 
-def markdown(results: List[dict]) -> str:
+def markdown(results: List[dict], top_reasons: int = 8) -> str:
     lines = ["| server | requests | 2xx | 4xx by reason | 5xx | 503 | dropped | crashed or restarted | "
              "RSS start / after warm-up -> end (MB) | same answer after |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        reasons = "<br>".join(f"{n} × `{reason.replace('|', '/')}`" for reason, n in r["4xx_by_reason"].items())
+        ranked = list(r["4xx_by_reason"].items())
+        reasons = "<br>".join(f"{n} × `{reason.replace('|', '/')}`" for reason, n in ranked[:top_reasons])
+        if len(ranked) > top_reasons:
+            reasons += (f"<br>{sum(n for _, n in ranked[top_reasons:])} × {len(ranked) - top_reasons} other reasons"
+                        " (the JSON lists them)")
         causes = "<br>".join(f"{v['count']} × `{c.replace('|', '/')}`" for c, v in r["causes_5xx"].items())
         name = "Ray Serve (`eimf serve`)" if r["server"] == "ray" else "`mlflow models serve`"
         lines.append(f"| {name} | {r['sent']} | {r['2xx']} | {reasons} | {r['5xx']}{'<br>' + causes if causes else ''}"
@@ -627,11 +631,17 @@ def main(argv=None) -> int:
     p.add_argument("--server", choices=("ray", "mlflow", "both"), default="both")
     p.add_argument("--requests", type=int, default=10_000, help="per server")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model-uri", required=True)
+    p.add_argument("--model-uri", help="required unless --table-from")
+    p.add_argument("--table-from", default=None, help="print the table of a saved --output JSON and exit")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     p.add_argument("--port", type=int, default=0, help="0: a free one")
     p.add_argument("--output", default=None, help="JSON of the results")
     args = p.parse_args(argv)
+    if args.table_from:
+        print(markdown(json.loads(Path(args.table_from).read_text())["results"]))
+        return 0
+    if not args.model_uri:
+        p.error("--model-uri is required")
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     known = known_ids_of(args.model_uri)
