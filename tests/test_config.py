@@ -162,3 +162,21 @@ def test_a_setting_or_data_error_in_a_worker_is_not_retried():
         stop.after_exception(None, {1: RuntimeError("collateral"), 0: ConfigError("model.x must be ...")})
     err = ConfigError("model.x must be ...")
     assert repeating_error(ControllerError(err)) is err and repeating_error(RuntimeError("x")) is None
+
+
+def test_retrieval_nprobe_unset_means_a_share_of_the_cells(tmp_path):
+    from eimf.config import ConfigError
+    from eimf.evaluation.retrieval import MIN_NPROBE, default_nprobe
+
+    cfg = load_config()
+    assert cfg.retrieval.nprobe is None and cfg.retrieval.index == "auto"
+    assert load_config(None, ["retrieval.nprobe=64"]).retrieval.nprobe == 64
+    with pytest.raises(ConfigError, match="retrieval.nprobe must be >= 1"):
+        load_config(None, ["retrieval.nprobe=0"])
+    f = tmp_path / "c.yaml"
+    f.write_text(to_yaml(cfg))
+    assert load_config(f).retrieval.nprobe is None  # unset survives the YAML round trip
+    assert default_nprobe("Flat") is None and default_nprobe("HNSW32") is None
+    assert default_nprobe("IVF64,Flat") == MIN_NPROBE  # a small index keeps the old fixed default
+    assert default_nprobe("IVF8,Flat") == 8  # never more cells than there are
+    assert default_nprobe("MIPS,IVF12288,Flat") > default_nprobe("MIPS,IVF3072,Flat") > MIN_NPROBE

@@ -283,3 +283,17 @@ def test_evaluate_stage_through_an_approximate_folder_index_reports_exact_and_an
         assert lossy[k] == pytest.approx(v), k
     assert 0 < lossy["test/ann/recall_of_exact@50"] < 1
     assert lossy["test/ann/recall@50"] <= lossy["test/recall@50"] + 0.05
+
+
+def test_auto_is_exact_for_small_catalogues_then_the_lifted_ivf_probing_a_share_of_its_cells(tmp_path):
+    from eimf.evaluation.retrieval import AUTO_EXACT_MAX_ITEMS, auto_index, default_nprobe, resolve_index
+
+    assert auto_index(1000) == "Flat" and auto_index(AUTO_EXACT_MAX_ITEMS) == "Flat"
+    assert auto_index(1_000_000) == "MIPS,IVF3072,Flat" and auto_index(10_000_000) == "MIPS,IVF12288,Flat"
+    assert resolve_index("auto", 667_377) == "MIPS,IVF3072,Flat"
+    # nprobe unset: the share of the cells, recorded in params (so the model folder writes it) and read back
+    index = ItemIndex(skewed_table(4000), index="MIPS,IVF256,Flat")
+    assert index.params == {"nprobe": default_nprobe("MIPS,IVF256,Flat")}
+    index.save(tmp_path / "i.faiss")
+    assert ItemIndex.load(tmp_path / "i.faiss", index.spec, nprobe=index.params["nprobe"]).params == index.params
+    assert ItemIndex(skewed_table(4000), index="MIPS,IVF256,Flat", nprobe=3).params == {"nprobe": 3}

@@ -193,11 +193,13 @@ class RetrievalConfig(Section):
     PATH: ClassVar[str] = "retrieval"
     MINIMUMS: ClassVar[dict] = {"nprobe": 1, "ef_search": 1, "refine_k": 1}
     #: A faiss ``index_factory`` string over inner product (``Flat``, ``HNSW32``, ``IVF4096,Flat``,
-    #: ``IVF16384,PQ32x4fs,RFlat``, ...), or ``auto``: exact ``Flat`` for small catalogues, ANN above
-    #: (``eimf.evaluation.retrieval.auto_index``; docs/serving.md measures the choice).
+    #: ``IVF16384,PQ32x4fs,RFlat``, ...), ``MIPS,<string>`` for the same over items lifted to L2, or ``auto``:
+    #: exact ``Flat`` for small catalogues, ANN above (``eimf.evaluation.retrieval.auto_index``; docs/serving.md
+    #: measures the choice on trained tables).
     index: str = "auto"
-    #: IVF cells probed per query (IVF indexes only); docs/serving.md measures recall against it.
-    nprobe: int = 16
+    #: IVF cells probed per query (IVF indexes only); None: a fixed share of the cells
+    #: (``eimf.evaluation.retrieval.default_nprobe``). docs/serving.md measures recall against it.
+    nprobe: Optional[int] = None
     #: HNSW search beam (HNSW indexes only).
     ef_search: int = 128
     #: An ``RFlat`` stage re-scores this many candidates per result exactly.

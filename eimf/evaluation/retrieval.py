@@ -13,7 +13,16 @@ Index choice: :class:`ItemIndex` takes a faiss ``index_factory`` string (the ``r
 by evaluation and serving). ``Flat`` is exact brute force, what the metrics protocol asks for, and fast enough
 up to a few hundred thousand items (``B * K * N_items * d`` multiply-adds per batch); ``auto`` keeps it there and
 switches to an ANN index above (docs/serving.md measures recall against exact search and time per user). An ANN
-index makes metrics approximate: its string and search parameters are logged beside them.
+index makes metrics approximate: its string and search parameters are logged beside them, and the evaluation
+reports the exact metrics beside them (eimf.evaluation.evaluate).
+
+MIPS lift (``MIPS,<spec>``): trained item rows have very different norms (popular items score high through their
+norm), and an IVF over inner product then assigns most rows to a few cells of large-norm centroids. The lift
+appends ``sqrt(M^2 - |x|^2)`` to every item row (``M`` the largest row norm) and 0 to every query, so that
+``|q' - x'|^2 = |q|^2 + M^2 - 2 <q, x>``: the L2-nearest lifted rows are the best inner-product rows, and an L2
+index clusters them evenly. Scores are turned back into inner products (they are merged across interests and
+shards, and served). ``M^2`` is not in faiss's file: :meth:`ItemIndex.load` recovers it as the distance of the
+zero query (every lifted row has squared norm ``M^2``).
 
 Threads: faiss uses OpenMP, with every core by default. :func:`set_faiss_threads` sets it from the
 ``threads`` argument, else ``$EIMF_FAISS_THREADS``, else leaves the process's setting alone. faiss and torch share
@@ -113,18 +122,29 @@ def merge_candidates(
 #: Rows added to a faiss index at a time (bounds the MIPS lift's copy).
 _ADD_BLOCK = 1_000_000
 
+#: ``retrieval.nprobe`` unset: the share of an IVF index's cells probed (docs/serving.md, "The retrieval index").
+AUTO_PROBE_SHARE = 1 / 16
+#: ... and never fewer cells than this (the old fixed default).
+MIN_NPROBE = 16
+
 #: Catalogue size up to which ``index="auto"`` stays exact (docs/serving.md: 1.6-1.9 ms per user at 100K items).
 AUTO_EXACT_MAX_ITEMS = 200_000
 
 
 def auto_index(n_items: int) -> str:
     """The faiss ``index_factory`` string ``index="auto"`` picks for a catalogue of ``n_items``: exact up to
-    :data:`AUTO_EXACT_MAX_ITEMS`, then an inverted file of about 4 sqrt(N) cells (a multiple of 1024) with exact
-    vectors. At nprobe 16 that kept 0.98 of the exact top-50 at 1M items (12.7x faster) and 0.97 at 10M (43x);
-    HNSW32 was slower to build (59 s at 1M; unfinished after 25 min at 10M) and no better (docs/serving.md)."""
+    :data:`AUTO_EXACT_MAX_ITEMS`, then the MIPS lift of an inverted file of about 4 sqrt(N) cells (a multiple of
+    1024) with exact vectors, searched (``retrieval.nprobe`` unset) in :data:`AUTO_PROBE_SHARE` of its cells.
+
+    Chosen on trained tables (docs/serving.md, "The retrieval index": ComiRec-SA, 667K items): the inner-product
+    IVF it replaces kept 0.63-0.65 of the exact top-50 at nprobe 16, and its uneven cells made more probes slow
+    (0.96 at nprobe 128, 2.1x faster than exact). The lifted one at 1/16 of its cells (nprobe 192 of 3072) kept
+    0.97 at 6.4x (0.94 at 1/24, 9.9x: the 10x goal and 0.95 were not both met on the longer-trained table).
+    HNSW32 needs twice the memory and minutes to build; IVF-PQ with re-ranking stayed under 0.90; IVF centroids
+    trained on the rows users reach, or by popularity, did worse than a uniform sample."""
     if n_items <= AUTO_EXACT_MAX_ITEMS:
         return "Flat"
-    return f"IVF{max(1024, int(4 * np.sqrt(n_items)) // 1024 * 1024)},Flat"
+    return f"MIPS,IVF{max(1024, int(4 * np.sqrt(n_items)) // 1024 * 1024)},Flat"
 
 
 def resolve_index(spec: str, n_items: int) -> str:
@@ -136,6 +156,23 @@ def resolve_index(spec: str, n_items: int) -> str:
     if spec == "ivf":
         return f"IVF{max(1, min(n_items // 39, int(4 * np.sqrt(n_items))))},Flat"
     return spec
+
+
+def ivf_cells(spec: str) -> Optional[int]:
+    """The number of inverted lists of an ``IVF<n>...`` spec (any position, e.g. ``MIPS,IVF3072,Flat``), else None."""
+    for part in spec.split(","):
+        part = part.strip()
+        if part.upper().startswith("IVF"):
+            digits = part[3:len(part) - len(part[3:].lstrip("0123456789"))]
+            return int(digits) if digits else None
+    return None
+
+
+def default_nprobe(spec: str) -> Optional[int]:
+    """``retrieval.nprobe`` unset: probe :data:`AUTO_PROBE_SHARE` of the cells, at least
+    :data:`MIN_NPROBE` (None for an index without cells)."""
+    cells = ivf_cells(spec)
+    return None if cells is None else min(cells, max(MIN_NPROBE, round(cells * AUTO_PROBE_SHARE)))
 
 
 def _set_search_params(index, nprobe: Optional[int], ef_search: Optional[int], refine_k: Optional[int]) -> dict:
@@ -168,7 +205,7 @@ class ItemIndex:
         self,
         item_embeddings: np.ndarray,
         index: str = "Flat",
-        nprobe: Optional[int] = 16,
+        nprobe: Optional[int] = None,
         ef_search: Optional[int] = 128,
         refine_k: Optional[int] = 4,
         threads: Optional[int] = None,
@@ -236,6 +273,7 @@ class ItemIndex:
         self.index = built
         self.n_items = int(built.ntotal)
         self.dim = int(built.d) - (self.mips_m2 is not None)  # the MIPS index holds one extra coordinate
+        nprobe = default_nprobe(self.spec) if nprobe is None else nprobe
         self.params = _set_search_params(built, nprobe, ef_search, refine_k)
 
     @property
@@ -263,7 +301,7 @@ class ItemIndex:
         faiss.write_index(self.index, str(path))
 
     @classmethod
-    def load(cls, path, spec: str, nprobe: Optional[int] = 16, ef_search: Optional[int] = 128,
+    def load(cls, path, spec: str, nprobe: Optional[int] = None, ef_search: Optional[int] = 128,
              refine_k: Optional[int] = 4, threads: Optional[int] = None) -> "ItemIndex":
         """An index written by :meth:`save`; search parameters are set again (faiss does not store them all)."""
         self = cls.__new__(cls)
