@@ -4,6 +4,7 @@ served by a real `mlflow models serve` and by the Ray Serve deployment, and bad 
 servers keep serving."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -261,8 +262,10 @@ def test_eimf_serve_answers_then_stops_on_ctrl_c_leaving_nothing_behind(register
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(MLFLOW_TRACKING_URI=server)
+    # a process group of its own, so that SIGINT can go to the whole group, as a terminal's Ctrl-C sends it
     proc = subprocess.Popen([sys.executable, "-m", "eimf.cli", "serve", uri, "--port", str(port)],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                            start_new_session=True)
     try:
         # 200 only once the proxy routes to the app (it answers 404 before)
         _wait_http(f"http://127.0.0.1:{port}/health", proc, log, ok=lambda status: status == 200)
@@ -272,7 +275,7 @@ def test_eimf_serve_answers_then_stops_on_ctrl_c_leaving_nothing_behind(register
         started = psutil.Process(proc.pid).children(recursive=True)  # its Ray: GCS, raylet, Serve's actors...
         assert len(started) >= 3
         t = time.monotonic()
-        proc.send_signal(2)  # Ctrl-C
+        os.killpg(proc.pid, 2)  # Ctrl-C: its Ray's processes get the SIGINT too
         assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
         took = time.monotonic() - t
         time.sleep(1)
@@ -281,9 +284,9 @@ def test_eimf_serve_answers_then_stops_on_ctrl_c_leaving_nothing_behind(register
         assert took < 15, took
         assert "stopped in" in log.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # whatever of its group is left, if the test failed
+            os.killpg(proc.pid, 9)
+        proc.wait()
 
 
 FUZZ_REQUESTS = 300
