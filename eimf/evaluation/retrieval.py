@@ -138,10 +138,11 @@ def auto_index(n_items: int) -> str:
 
     Chosen on trained tables (docs/serving.md, "The retrieval index": ComiRec-SA, 667K items): the inner-product
     IVF it replaces kept 0.63-0.65 of the exact top-50 at nprobe 16, and its uneven cells made more probes slow
-    (0.96 at nprobe 128, 2.1x faster than exact). The lifted one at 1/16 of its cells (nprobe 192 of 3072) kept
-    0.97 at 6.4x (0.94 at 1/24, 9.9x: the 10x goal and 0.95 were not both met on the longer-trained table).
-    HNSW32 needs twice the memory and minutes to build; IVF-PQ with re-ranking stayed under 0.90; IVF centroids
-    trained on the rows users reach, or by popularity, did worse than a uniform sample."""
+    (0.96 at nprobe 128, 2.0x faster than exact). The lifted one at 1/16 of its cells (nprobe 192 of 3072) kept
+    0.985 / 0.970 (3k / 12k training steps) at 5.8x / 6.4x; at 1/24, 0.956 / 0.940 at 7.9x / 9.6x: no setting
+    met both 0.95 and 10x on both tables. HNSW32 was as fast for the same recall but needs twice the memory and
+    2.5x the build time (not finished at 10M); IVF-PQ with re-ranking stayed under 0.90; IVF centroids trained on
+    the rows users reach, or by popularity, did worse than a uniform sample."""
     if n_items <= AUTO_EXACT_MAX_ITEMS:
         return "Flat"
     return f"MIPS,IVF{max(1024, int(4 * np.sqrt(n_items)) // 1024 * 1024)},Flat"
