@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,11 +43,11 @@ HERE = Path(__file__).resolve().parent
 SERVERS = ("ray", "mlflow", "mlflow2", "mlflow2-limited")
 
 
-def start(server: str, model_uri: str, port: int, log: Path) -> subprocess.Popen:
+def start(server: str, model_uri: str, port: int, log: Path, serve_args=()) -> subprocess.Popen:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     if server == "ray":
         env.pop("RAY_ADDRESS", None)
-        cmd = [sys.executable, "-m", "eimf.cli", "serve", model_uri, "--port", str(port)]
+        cmd = [sys.executable, "-m", "eimf.cli", "serve", model_uri, "--port", str(port), *serve_args]
     else:
         workers = "1" if server == "mlflow" else "2"
         if server.endswith("-limited"):
@@ -103,6 +104,7 @@ def main() -> None:
     p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     p.add_argument("--clients", nargs="+", type=int, default=[1, 8, 64, 256])
     p.add_argument("--duration", type=int, default=60, help="seconds per level")
+    p.add_argument("--serve-args", default="", help='more arguments to eimf serve, e.g. --serve-args="--max-queued 1"')
     p.add_argument("--output")
     args = p.parse_args()
     test = pd.read_parquet(args.histories)
@@ -118,7 +120,7 @@ def main() -> None:
             body_file = tmp / f"{server}.json"
             body_file.write_text(json.dumps(wrapped))
             port = free_port()
-            proc = start(server, args.model_uri, port, tmp / f"{server}.log")
+            proc = start(server, args.model_uri, port, tmp / f"{server}.log", shlex.split(args.serve_args))
             try:
                 rss_start = serving_rss_mb(server, proc)
                 run_locust(f"http://127.0.0.1:{port}", 4, 5, body_file, path, tmp)  # warm-up, not reported

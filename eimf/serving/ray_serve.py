@@ -47,6 +47,12 @@ MAX_BODY_BYTES = 1 << 20
 MAX_ONGOING = 64
 MAX_QUEUED = 64
 ROUTE = "/recommend"
+#: A lone request does not wait for company: under load, batches fill with what queued while the last one ran
+#: (measured: a 2 ms wait cost single users 2.5 ms at p50 and 12 ms at p99, and bought no throughput).
+BATCH_WAIT_S = 0.0
+#: Ray Serve's own low-latency switches (direct ingress: no proxy hop; user code on the replica's event loop;
+#: buffered access logs), read by Ray's processes from their environment: set for a Ray that `eimf serve` starts.
+LOW_LATENCY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 APP_NAME = "eimf"
 
 api = FastAPI(title="eimf recommender", version=getattr(eimf, "__version__", "0"),
@@ -119,7 +125,7 @@ _ERRORS = {400: {"model": ErrorResponse, "description": "the body is not JSON"},
                   graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=5, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class Recommend:
-    def __init__(self, model_uri: str, max_batch_size: int = 64, batch_wait_timeout_s: float = 0.002,
+    def __init__(self, model_uri: str, max_batch_size: int = 64, batch_wait_timeout_s: float = BATCH_WAIT_S,
                  threads: int = 1):
         torch.set_num_threads(threads)  # a single-user forward is tiny: more threads only add contention
         set_faiss_threads(threads)
@@ -129,7 +135,7 @@ class Recommend:
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         log.info("serving %s (%d items)", model_uri, self.recommender.n_items)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _batch(self, queries: List) -> List[dict]:
         return self.recommender.answer(queries)
 
@@ -162,7 +168,7 @@ def app(args: dict):
                                    max_ongoing_requests=int(args.get("max_ongoing_requests", MAX_ONGOING)),
                                    max_queued_requests=int(args.get("max_queued_requests", MAX_QUEUED)))
     return deployment.bind(str(args["model_uri"]), int(args.get("max_batch_size", 64)),
-                           float(args.get("batch_wait_timeout_s", 0.002)), int(args.get("threads", 1)))
+                           float(args.get("batch_wait_timeout_s", BATCH_WAIT_S)), int(args.get("threads", 1)))
 
 
 def openapi_document() -> dict:
@@ -177,6 +183,9 @@ def serve_until_stopped(model_uri: str, host: str = "127.0.0.1", port: int = 800
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     own_ray = not os.environ.get("RAY_ADDRESS")
+    if own_ray:
+        for key, value in LOW_LATENCY_ENV.items():
+            os.environ.setdefault(key, value)
     init_ray(own=True)
     try:
         serve.start(http_options={"host": host, "port": int(port)})

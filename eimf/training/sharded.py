@@ -41,7 +41,7 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingType
 
-from eimf.evaluation.retrieval import ItemIndex, resolve_index
+from eimf.evaluation.retrieval import ItemIndex, ivf_cells, resolve_index
 from eimf.formats import checkpoints as ckpt
 from eimf.formats.checkpoints import BEST_TABLE_PREFIX, TABLE_PREFIX, shard_file, shard_files
 from eimf.models import build_model
@@ -361,7 +361,8 @@ class ShardedItemIndex(ItemIndex):
         rows = local_rows if offset == 0 else np.vstack([np.zeros((1, local_rows.shape[1]), np.float32),
                                                          local_rows])
         spec = resolve_index(retrieval.index, n_items)
-        if spec.startswith("IVF") and len(rows) - 1 < 40 * _nlist(spec):
+        cells = ivf_cells(spec)  # also inside a MIPS-lifted spec
+        if cells and len(rows) - 1 < 40 * cells:
             spec = resolve_index("auto", len(rows) - 1)  # a shard too small for the catalogue's cell count
         super().__init__(rows, index=spec, nprobe=retrieval.nprobe, ef_search=retrieval.ef_search,
                          refine_k=retrieval.refine_k, threads=threads)
@@ -390,9 +391,3 @@ def merge_shard_results(ids: np.ndarray, scores: np.ndarray, k: int) -> Tuple[np
     disjoint ids, so no id repeats."""
     order = np.lexsort((ids, -scores), axis=1)[:, :k]
     return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
-
-
-def _nlist(spec: str) -> int:
-    head = spec.split(",")[0]
-    digits = "".join(ch for ch in head[3:] if ch.isdigit())
-    return int(digits) if digits else 1
