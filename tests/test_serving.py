@@ -268,3 +268,20 @@ def test_an_error_quoting_a_lone_surrogate_still_encodes():
         rec.recommend([{"history": ["sku-0001"], "\ud800": 1}])
     str(e.value).encode("utf-8")
     assert RequestError("got '\ud800'", "a\udfff").field == "a\\udfff"
+
+
+def test_the_app_refuses_past_its_in_flight_limit_with_503_before_reading_the_body():
+    from starlette.testclient import TestClient
+
+    from eimf.serving.ray_serve import ROUTE, InFlightLimit, api
+
+    before = InFlightLimit.limit
+    InFlightLimit.limit = 0  # every request finds the replica full
+    try:
+        client = TestClient(api)
+        r = client.post(ROUTE, json={"history": ["sku-0001"]})
+        assert r.status_code == 503 and "overloaded" in r.json()["error"]["reason"]
+        assert client.get("/openapi.json").status_code == 200  # only the recommend route is limited
+        assert InFlightLimit.in_flight == 0
+    finally:
+        InFlightLimit.limit = before

@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 
 #: Larger bodies get 413 unread: a 10,000-id history is about 100 KB.
 MAX_BODY_BYTES = 1 << 20
-#: Requests one replica works on at once (a batch is at most this) and those that may wait for it; past both, 503.
-MAX_ONGOING = 64
+#: Requests one replica holds (waiting for a batch or in one); past it, the app answers 503 at once (InFlightLimit).
+MAX_IN_FLIGHT = 128
+#: Ray Serve's own limits, above the app's so that its queue stays empty: past both, Ray answers 503 too.
+MAX_ONGOING = 256
 MAX_QUEUED = 64
 ROUTE = "/recommend"
 #: A lone request does not wait for company: under load, batches fill with what queued while the last one ran
@@ -111,7 +113,32 @@ class BodyLimit:
         await self.app(scope, bounded, send)
 
 
+class InFlightLimit:
+    """Admission control: past ``limit`` requests in the replica (waiting for a batch or in one), a request is
+    refused with 503 at once, before its body is read. Ray Serve's own queue (``max_queued_requests``) refused
+    as promptly but let the requests it kept wait up to 23 s at 4x overload (docs/serving.md, Load)."""
+
+    limit = MAX_IN_FLIGHT  # set per replica by Recommend.__init__
+    in_flight = 0
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        cls = type(self)
+        if scope["type"] != "http" or scope.get("path") != ROUTE:
+            return await self.app(scope, receive, send)
+        if cls.in_flight >= cls.limit:
+            return await _error(503, f"overloaded: {cls.limit} requests in work; retry later")(scope, receive, send)
+        cls.in_flight += 1  # one event loop per replica: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            cls.in_flight -= 1
+
+
 api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+api.add_middleware(InFlightLimit)  # added last, so it runs first
 
 _ERRORS = {400: {"model": ErrorResponse, "description": "the body is not JSON"},
            413: {"model": ErrorResponse, "description": f"the body is over {MAX_BODY_BYTES} bytes"},
@@ -126,7 +153,8 @@ _ERRORS = {400: {"model": ErrorResponse, "description": "the body is not JSON"},
 @serve.ingress(api)
 class Recommend:
     def __init__(self, model_uri: str, max_batch_size: int = 64, batch_wait_timeout_s: float = BATCH_WAIT_S,
-                 threads: int = 1):
+                 threads: int = 1, max_in_flight: int = MAX_IN_FLIGHT):
+        InFlightLimit.limit = max_in_flight
         torch.set_num_threads(threads)  # a single-user forward is tiny: more threads only add contention
         set_faiss_threads(threads)
         self.recommender = load_recommender(model_uri)
@@ -157,7 +185,7 @@ class Recommend:
 def app(args: dict):
     """The application ``serve run eimf.serving.ray_serve:app model_uri=...`` builds. Optional arguments:
     ``max_batch_size``, ``batch_wait_timeout_s``, ``num_replicas``, ``num_cpus`` (per replica), ``threads``,
-    ``max_ongoing_requests``, ``max_queued_requests``, and ``tracking_uri`` (set as ``MLFLOW_TRACKING_URI`` in the
+    ``max_in_flight`` (the app's own limit), ``max_ongoing_requests``, ``max_queued_requests`` (Ray's), and ``tracking_uri`` (set as ``MLFLOW_TRACKING_URI`` in the
     replicas, for ``models:/`` URIs; default: the replicas' own environment)."""
     if "model_uri" not in args:
         raise ValueError("serve run eimf.serving.ray_serve:app needs model_uri=<model folder or models:/name/version>")
@@ -168,7 +196,8 @@ def app(args: dict):
                                    max_ongoing_requests=int(args.get("max_ongoing_requests", MAX_ONGOING)),
                                    max_queued_requests=int(args.get("max_queued_requests", MAX_QUEUED)))
     return deployment.bind(str(args["model_uri"]), int(args.get("max_batch_size", 64)),
-                           float(args.get("batch_wait_timeout_s", BATCH_WAIT_S)), int(args.get("threads", 1)))
+                           float(args.get("batch_wait_timeout_s", BATCH_WAIT_S)), int(args.get("threads", 1)),
+                           int(args.get("max_in_flight", MAX_IN_FLIGHT)))
 
 
 def openapi_document() -> dict:
