@@ -54,7 +54,9 @@ ROUTE = "/recommend"
 BATCH_WAIT_S = 0.0
 #: Ray Serve's own low-latency switches (direct ingress: no proxy hop; user code on the replica's event loop;
 #: buffered access logs), read by Ray's processes from their environment: set for a Ray that `eimf serve` starts.
-LOW_LATENCY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+#: Direct ingress drains a stopping replica for at least 30 s by default, so that a load balancer sees it go: a
+#: Ray that `eimf serve` owns has no balancer in front, and Ctrl-C should end it in seconds.
+LOW_LATENCY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 APP_NAME = "eimf"
 
 api = FastAPI(title="eimf recommender", version=getattr(eimf, "__version__", "0"),
