@@ -180,7 +180,7 @@ class Recommend:
         try:
             query = self.recommender.parse(request)
         except RequestError as e:
-            return JSONResponse(ErrorResponse.of(e), status_code=422)
+            return _error(422, e.reason, e.field)
         return JSONResponse(await self._batch(query))
 
 

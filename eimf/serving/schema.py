@@ -122,10 +122,6 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorDetail
 
-    @classmethod
-    def of(cls, e: RequestError) -> dict:
-        return {"error": {"field": e.field, "reason": e.reason}}
-
 
 FIELDS = tuple(RecommendRequest.model_fields)
 
