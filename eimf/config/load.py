@@ -49,7 +49,8 @@ def _renames() -> dict:
     out = {f"train.{k}": f"train.scaling.{k}" for k in ("num_workers", "use_gpu", "cpus_per_worker",
                                                          "placement_strategy")}
     out.update({f"train.{k}": f"train.failure.{k}" for k in ("max_failures", "restart_timeout_s")})
-    out.update({"train.zero_stage": "train.deepspeed.zero_stage", "train.precision": "train.deepspeed.precision",
+    # train.precision was train.deepspeed.precision's old name; it is the setting of every strategy now
+    out.update({"train.zero_stage": "train.deepspeed.zero_stage", "train.deepspeed.precision": "train.precision",
                 "train.sparse_optimizer": "train.sharded.optimizer", "train.sparse_lr": "train.sharded.lr"})
     out.update({f"semantic.openai_{k}": f"semantic.openai.{k}" for k in ("base_url", "model", "api_key_env")})
     out.update({f"semantic.{k}": f"semantic.openai.{k}" for k in (
@@ -76,20 +77,33 @@ def _warn_renamed(old: str, new: str, where: str) -> None:
 
 def rename_overrides(overrides: List[str]) -> List[str]:
     """``key=value`` overrides with old keys (:data:`RENAMED`) replaced by the new ones, each with a warning."""
+    given = {}  # the keys given under their new name, with their values
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        if sep and key.strip() not in RENAMED:
+            given[key.strip()] = value.strip()
     out = []
     for item in overrides:
         key, sep, value = str(item).partition("=")
         new = RENAMED.get(key.strip())
         if new is not None and sep:
+            _check_agree(key.strip(), value.strip(), new, given, "overrides")
             _warn_renamed(key.strip(), new, "override")
             item = f"{new}={value}"
         out.append(item)
     return out
 
 
+def _check_agree(old: str, value, new: str, given: dict, where: str) -> None:
+    # both names given: a value silently dropped would be worse than a stop (e.g. train.deepspeed.precision=bf16
+    # beside train.precision=fp32)
+    if new in given and str(given[new]) != str(value):
+        raise ConfigError(f"{where}: {new}={given[new]} and its old name {old}={value} disagree; give {new} only")
+
+
 def rename_tree(tree: dict, where: str) -> dict:
     """A nested dict (a YAML file) with old keys moved to their new place, each with a warning; where both are
-    given, the new key wins."""
+    given with one value, it loads once; with two, a :class:`ConfigError`."""
     for old, new in RENAMED.items():
         *parents, leaf = old.split(".")
         node = tree
@@ -105,6 +119,8 @@ def rename_tree(tree: dict, where: str) -> dict:
             if not isinstance(node.get(p), dict):
                 node[p] = {}
             node = node[p]
+        if leaf in node:
+            _check_agree(old, value, new, {new: node[leaf]}, where)
         node.setdefault(leaf, value)
     return tree
 

@@ -92,10 +92,9 @@ class DeepSpeedConfig(Section):
     """``train.deepspeed``: the DeepSpeed path (``train.strategy`` deepspeed, or auto with several workers)."""
 
     PATH: ClassVar[str] = "train.deepspeed"
-    #: ZeRO stage 0-3 (3 partitions the item table across workers).
+    #: ZeRO stage 0-3 (3 partitions the item table across workers). Its precision is ``train.precision`` (the old
+    #: ``train.deepspeed.precision`` loads as that key, eimf.config.load.RENAMED).
     zero_stage: Literal[0, 1, 2, 3] = 0
-    #: fp32 | bf16 (no fp16 on CPU).
-    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass
@@ -109,6 +108,8 @@ class ShardedConfig(Section):
     #: The table's learning rate; None: 0.2 for the Adagrads (how it was chosen: docs/distributed.md, Parity),
     #: else ``train.lr``.
     lr: Optional[float] = None
+    # The table's rows stay fp32 under train.precision=bf16: fbgemm-gpu-cpu 1.8.0 has no BFloat16 CPU lookup
+    # ("split_embedding_nobag_cpu_forward_2" not implemented for 'BFloat16'), so bf16 rows are not offered.
 
     def __post_init__(self):
         super().__post_init__()
@@ -139,6 +140,14 @@ class TrainConfig(Section):
     #: the random cut happens in that pipeline; ``memory``: each worker samples from its shard in memory
     #: (users drawn with replacement, as ComiRec does).
     input: Literal["memory", "ray_data"] = "memory"
+    #: ``fp32`` | ``bf16``: bf16 runs the forward and the loss under ``torch.autocast`` (bf16 matmuls: AMX on CPU)
+    #: while parameters and optimizer state stay fp32, and the sampled-softmax logits, log-Q and log-softmax are
+    #: computed in fp32. Every strategy (DeepSpeed: its ``torch_autocast`` section; the sharded table's rows stay
+    #: fp32). Evaluation always runs in fp32.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    #: ``torch.compile`` (inductor, static shapes) of the backbone's extractor and of the sampled softmax; a
+    #: failure to compile falls back to eager with a warning. Off until its accuracy parity is measured (issue 31).
+    compile: bool = False
     #: Where runs and checkpoints go (local or ``s3://``); None: <EIMF_HOME>/runs.
     storage_path: Optional[str] = operational()
     #: Same name again resumes the run instead of starting over; None: generated.

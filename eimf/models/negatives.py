@@ -149,18 +149,33 @@ class SampledSoftmaxLoss(nn.Module):
             negatives = self.sample()
         rows = item_table.__getitem__ if isinstance(item_table, torch.Tensor) else item_table
         neg_ids = negatives.ids.to(target.device)
-        pos = (user_vec * rows(target)).sum(-1).float()  # [B]
-        neg = (user_vec @ rows(neg_ids).t()).float()  # [B, M]
+        # The sampling, the lookups and log-Q stay here (data-dependent, float num_tries); ``self.core`` is pure
+        # tensor work with fixed shapes, what eimf.training.compiled compiles.
+        logq_pos = logq_neg = hits = None
         if self.logq_correction:
-            pos = pos - self.sampler.log_q(target, negatives.num_tries)
-            neg = neg - self.sampler.log_q(neg_ids, negatives.num_tries).unsqueeze(0)
-        lowest = torch.finfo(neg.dtype).min  # TF adds -FLT_MAX to accidental hits
-        hits = None
+            logq_pos = self.sampler.log_q(target, negatives.num_tries)
+            logq_neg = self.sampler.log_q(neg_ids, negatives.num_tries)
         if self.remove_accidental_hits:
             hits = neg_ids.unsqueeze(0) == target.unsqueeze(1)
-            neg_masked = neg.masked_fill(hits, lowest)
-        else:
-            neg_masked = neg
+        return self.core(user_vec, rows(target), rows(neg_ids), logq_pos, logq_neg, hits)
+
+    def core(self, user_vec: torch.Tensor, pos_rows: torch.Tensor, neg_rows: torch.Tensor,
+             logq_pos: Optional[torch.Tensor], logq_neg: Optional[torch.Tensor],
+             hits: Optional[torch.Tensor]) -> torch.Tensor:
+        """The loss from ``user_vec`` [B, d], the targets' rows [B, d], the negatives' rows [M, d], their log-Q
+        ([B], [M]) and the accidental hits [B, M]. Always fp32, also under a bf16 autocast: logits of a few
+        units in bf16 (8 mantissa bits) are off by ~0.05, a log-Q correction of the same order."""
+        with torch.autocast(device_type=user_vec.device.type, enabled=False):
+            return self._core(user_vec.float(), pos_rows.float(), neg_rows.float(), logq_pos, logq_neg, hits)
+
+    def _core(self, user_vec, pos_rows, neg_rows, logq_pos, logq_neg, hits) -> torch.Tensor:
+        pos = (user_vec * pos_rows).sum(-1)  # [B]
+        neg = user_vec @ neg_rows.t()  # [B, M]
+        if logq_pos is not None:
+            pos = pos - logq_pos
+            neg = neg - logq_neg.unsqueeze(0)
+        lowest = torch.finfo(neg.dtype).min  # TF adds -FLT_MAX to accidental hits
+        neg_masked = neg.masked_fill(hits, lowest) if hits is not None else neg
         if self.hard_negative_beta == 0:
             logits = torch.cat([pos.unsqueeze(1), neg_masked], dim=1)
             return (torch.logsumexp(logits, dim=1) - pos).mean()

@@ -20,6 +20,8 @@ from eimf.models.comirec_sa import ComiRecSA
 
 
 def routing_regularization(attention: torch.Tensor, dim: int) -> torch.Tensor:
+    # fp32 also under a bf16 autocast: a sum of squares over the whole batch, in bf16 only 8 mantissa bits
+    attention = attention.float()
     centred = attention - attention.mean(dim=2, keepdim=True)
     # diag(C C^T) is each interest's squared deviation summed over positions: no K x K product needed.
     diag = centred.pow(2).sum(dim=2) / dim  # [B, K]

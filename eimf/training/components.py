@@ -14,6 +14,8 @@ import torch
 from eimf.config import Config
 from eimf.models import build_model
 from eimf.models.negatives import build_loss
+from eimf.training.compiled import compile_step
+from eimf.training.hardware import adam
 from eimf.training.loop import StepRunner
 
 
@@ -22,12 +24,27 @@ def peak_rss_mb() -> float:
 
 
 def build_components(cfg: Config, n_items: int, micro_batch: Optional[int] = None):
-    """Model, loss and plain-torch step runner: the single-device pieces every runner shares."""
+    """Model, loss and plain-torch step runner: the single-device pieces every runner shares (with
+    ``train.precision`` and ``train.compile`` applied; :func:`deepspeed_runner` carries them over)."""
     model = build_model(cfg.model, n_items)
     loss_fn = build_loss(cfg.negatives, n_items, micro_batch or cfg.train.batch_size, cfg.model)
     lr = cfg.train.lr if cfg.train.lr is not None else model.default_lr
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
-    return model, loss_fn, StepRunner(model, optimizer), lr
+    optimizer = adam(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
+    runner = StepRunner(model, optimizer, precision=cfg.train.precision)
+    if cfg.train.compile:
+        runner.compiled = compile_step(model, loss_fn)
+    return model, loss_fn, runner, lr
+
+
+def deepspeed_runner(cfg: Config, plain: StepRunner, micro_batch: int):
+    """The DeepSpeed step runner around :func:`build_components`' model and optimizer (call inside the workers'
+    process group), with ``train.precision`` as its autocast and the same compiled parts."""
+    from eimf.training.deepspeed_step import DeepSpeedStepRunner, deepspeed_config  # DeepSpeed: heavy, optional
+
+    runner = DeepSpeedStepRunner(plain.model, plain.optimizer,
+                                 deepspeed_config(micro_batch, cfg.train.deepspeed.zero_stage, cfg.train.precision))
+    runner.compiled = plain.compiled
+    return runner
 
 
 STRATEGIES = ("auto", "torch", "deepspeed", "sharded")
@@ -45,8 +62,10 @@ def build_sharded_components(cfg: Config, n_items: int, micro_batch: int, device
     gpu, opt = t.scaling.use_gpu, t.sharded.optimizer
     sparse_lr = t.sharded.lr if t.sharded.lr is not None else default_sparse_lr(opt, lr, gpu)
     sparse = sparse_optimizer_params(opt, sparse_lr, gpu)
-    runner = ShardedStepRunner(model, lr, t.weight_decay, sparse, device, init_seed=t.seed)
+    runner = ShardedStepRunner(model, lr, t.weight_decay, sparse, device, init_seed=t.seed, precision=t.precision)
     loss_fn = build_loss(cfg.negatives, n_items, micro_batch, cfg.model)
+    if t.compile:
+        runner.compiled = compile_step(runner.model, loss_fn)
     return runner.model, loss_fn, runner, lr
 
 

@@ -1,4 +1,9 @@
-"""DeepSpeed as a step runner: ZeRO stage 0-3, fp32 or bf16, with a torch optimizer handed in.
+"""DeepSpeed as a step runner: ZeRO stage 0-3, fp32 or bf16 (``train.precision``), with a torch optimizer handed in.
+
+bf16 is DeepSpeed's ``torch_autocast`` section, not its ``bf16`` one: the same autocast as the other strategies
+(parameters and optimizer state fp32, the sampled softmax in fp32), where the ``bf16`` section would turn the
+module's weights themselves to bf16 and run every op in bf16. DeepSpeed then reduces the Linear layers' gradients
+in bf16.
 
 The engine replaces forward/backward/step; ZeRO shards optimizer state (1), gradients (2) and the
 parameters themselves (3) across the ranks, so under stage 3 the item table (the bulk of the model) is
@@ -25,12 +30,13 @@ def deepspeed_config(micro_batch: int, zero_stage: int, precision: str) -> dict:
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"train.deepspeed.zero_stage must be 0-3, got {zero_stage}")
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.deepspeed.precision must be fp32 or bf16 (no fp16 on CPU), got {precision!r}")
+        raise ValueError(f"train.precision must be fp32 or bf16 (no fp16 on CPU), got {precision!r}")
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": False},  # weights stay fp32: bf16 is the autocast below
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
     }
@@ -46,9 +52,14 @@ class DeepSpeedStepRunner(ReplicatedHead, StepRunner):
             model=model, optimizer=optimizer, config=config, dist_init_required=False,
         )
         self.model = self.engine.module
+        self.precision = "bf16" if config.get("torch_autocast", {}).get("enabled") else "fp32"
 
-    def forward(self, *args):
+    def _forward(self, *args):
         return self.engine(*args)
+
+    def autocast(self, device_type: str):
+        # the engine enters its own (torch_autocast); one entered here would make it switch autocast off
+        return contextlib.nullcontext()
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # autograd also fills the head's gradients (it sits outside the engine)

@@ -65,14 +65,31 @@ class StepRunner:
     #: EIMF's P and g (:class:`eimf.modules.alignment.EIMFHead`) once attached: trained by this optimizer and
     #: checkpointed beside the model, but not part of it, so never exported.
     head: Optional[torch.nn.Module] = None
+    #: ``train.precision``: ``bf16`` runs :meth:`forward` under a bf16 autocast (parameters stay fp32).
+    precision: str = "fp32"
+    #: ``train.compile``: the compiled parts of the model and loss (eimf.training.compiled), else None.
+    compiled = None
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: str = "fp32"):
         self.model = model
         self.optimizer = optimizer
+        self.precision = check_precision(precision)
 
     def forward(self, *args):
+        """The model's forward (the loss dict, or the interests) under ``precision``; its floating outputs are fp32
+        either way, so what uses them outside (EIMF's head, the metrics) needs no autocast of its own."""
+        with self.autocast(args[0].device.type):
+            out = self._forward(*args)
+        return as_fp32(out) if self.precision != "fp32" else out
+
+    def _forward(self, *args):
         # Through forward(), so DDP/DeepSpeed wrappers see the computation.
         return self.model(*args)
+
+    def autocast(self, device_type: str):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -132,6 +149,24 @@ class StepRunner:
         if self.head is not None:
             self.head.load_state_dict(torch.load(folder / ckpt.HEAD, map_location="cpu"))
         self.optimizer.load_state_dict(torch.load(folder / ckpt.OPTIMIZER, map_location="cpu"))
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def as_fp32(out):
+    """A forward's output (a tensor, or a dict of them) with its floating tensors in fp32."""
+    if isinstance(out, dict):
+        return {k: as_fp32(v) for k, v in out.items()}
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype != torch.float32:
+        return out.float()
+    return out
 
 
 def to_tensors(batch, device) -> tuple:
@@ -199,6 +234,23 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, batch) -> Dict[str, float]:
+        """One step (:meth:`step`); with ``train.compile``, a step that fails while building a compiled graph (its
+        forward or its backward) falls back to eager and runs again, with a warning (eimf.training.compiled)."""
+        compiled = self.runner.compiled
+        if compiled is None or compiled.fell_back:
+            return self.step(batch)
+        graphs, t0 = compiled.graphs, time.perf_counter()
+        try:
+            out = self.step(batch)
+        except Exception as e:  # noqa: BLE001 - the compiler's failure, not the step's (checked just below)
+            if compiled.verified and compiled.graphs == graphs:
+                raise  # no graph was new in this step: not the compiler's doing
+            compiled.fall_back(f"the first step with a new compiled graph failed: {e!r}")
+            return self.step(batch)
+        compiled.record_step(time.perf_counter() - t0, built=compiled.graphs != graphs)
+        return out
+
+    def step(self, batch) -> Dict[str, float]:
         hist, mask, target = to_tensors(batch[:3], self.device)
         out = self.runner.forward(hist, mask, target, self.loss_fn)
         self.runner.backward_and_step(out["loss"])

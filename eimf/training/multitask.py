@@ -81,7 +81,7 @@ class EIMFTrainer(Trainer):
 
     _warned_no_semantics = False
 
-    def train_step(self, batch) -> Dict[str, float]:
+    def step(self, batch) -> Dict[str, float]:
         head = self.runner.head
         if head is not None and isinstance(batch, SemanticBatch):
             hist, mask, target = to_tensors(batch[:3], self.device)
@@ -89,7 +89,7 @@ class EIMFTrainer(Trainer):
         if head is not None and not self._warned_no_semantics:
             log.warning("an EIMF head is attached but the batches carry no semantic interests: no auxiliary loss")
             self._warned_no_semantics = True
-        return super().train_step(batch)
+        return super().step(batch)
 
     def examples_in(self, batch) -> int:
         # rows after rec_rows (extra sampling) feed the auxiliary losses only: not examples of the recommender

@@ -45,7 +45,8 @@ from eimf.evaluation.retrieval import ItemIndex, ivf_cells, resolve_index
 from eimf.formats import checkpoints as ckpt
 from eimf.formats.checkpoints import BEST_TABLE_PREFIX, TABLE_PREFIX, shard_file, shard_files
 from eimf.models import build_model
-from eimf.training.loop import StepRunner
+from eimf.training.hardware import adam
+from eimf.training.loop import StepRunner, check_precision
 from eimf.training.replicated_head import ReplicatedHead, broadcast_object
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
     collective_eval = True
 
     def __init__(self, model: ShardedItemModel, dense_lr: float, weight_decay: float, sparse: dict,
-                 device: torch.device, init_seed: int):
+                 device: torch.device, init_seed: int, precision: str = "fp32"):
         if not dist.is_initialized():
             raise RuntimeError("train.strategy=sharded needs torch.distributed (it runs inside Ray Train workers)")
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
@@ -215,10 +216,12 @@ class ShardedStepRunner(ReplicatedHead, StepRunner):
         self.dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
         self.model = self.dmp.module
         self.model.init_rows(init_seed)
-        self.optimizer = torch.optim.Adam(self.model.backbone.parameters(), lr=dense_lr, weight_decay=weight_decay)
+        self.optimizer = adam(self.model.backbone.parameters(), lr=dense_lr, weight_decay=weight_decay)
         self._optimizer_factory = (torch.optim.Adam, dict(self.optimizer.defaults))
+        # bf16: the backbone under autocast; the table's rows stay fp32 (fbgemm's CPU lookup has no bf16 rows)
+        self.precision = check_precision(precision)
 
-    def forward(self, *args):
+    def _forward(self, *args):
         return self.dmp(*args)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
@@ -360,10 +363,10 @@ class ShardedItemIndex(ItemIndex):
         # ItemIndex skips its first row (the padding row): give it a dummy one unless this shard has id 0.
         rows = local_rows if offset == 0 else np.vstack([np.zeros((1, local_rows.shape[1]), np.float32),
                                                          local_rows])
-        spec = resolve_index(retrieval.index, n_items)
+        spec = resolve_index(retrieval.index, n_items, rows.shape[1])
         cells = ivf_cells(spec)  # also inside a MIPS-lifted spec
         if cells and len(rows) - 1 < 40 * cells:
-            spec = resolve_index("auto", len(rows) - 1)  # a shard too small for the catalogue's cell count
+            spec = resolve_index("auto", len(rows) - 1, rows.shape[1])  # a shard too small for the catalogue's cell count
         super().__init__(rows, index=spec, nprobe=retrieval.nprobe, ef_search=retrieval.ef_search,
                          refine_k=retrieval.refine_k, threads=threads)
         self.first_id = max(offset, 1)  # global id of this index's first row (local id 1)

@@ -22,17 +22,18 @@ from ray.train import Checkpoint
 from eimf import tracking
 from eimf.config import Config, from_dict
 from eimf.data.sampling import TrainSampler
-from eimf.evaluation import set_faiss_threads
 from eimf.formats import checkpoints as ckpt
 from eimf.formats.prepared import read_manifest, read_split
 from eimf.training.components import (
     build_components,
     build_sharded_components,
+    deepspeed_runner,
     load_item_init,
     peak_rss_mb,
     per_worker_batch,
     use_deepspeed,
 )
+from eimf.training.hardware import set_threads
 from eimf.training.host_stats import WorkerPlacement, as_dicts, link_bytes, placement_metrics, placement_tags
 from eimf.training.loop import (
     LoopState,
@@ -133,8 +134,7 @@ def _set_threads(cfg: Config, ctx) -> None:
     logging.getLogger("eimf").setLevel(logging.INFO)
     # Torch threads: the configured CPUs, else this node's cores shared by the workers on it.
     threads = cfg.train.scaling.cpus_per_worker or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
-    torch.set_num_threads(threads)
-    set_faiss_threads(threads)
+    set_threads(threads)
 
 
 def _build(cfg: Config, loop_config: dict, n_items: int, micro_batch: int, device: torch.device):
@@ -151,12 +151,7 @@ def _build(cfg: Config, loop_config: dict, n_items: int, micro_batch: int, devic
         model.to(device)
     loss_fn.to(device)
     if use_deepspeed(cfg):
-        from eimf.training.deepspeed_step import DeepSpeedStepRunner, deepspeed_config  # DeepSpeed: heavy, optional
-
-        step_runner = DeepSpeedStepRunner(
-            model, step_runner.optimizer,
-            deepspeed_config(micro_batch, cfg.train.deepspeed.zero_stage, cfg.train.deepspeed.precision)
-        )
+        step_runner = deepspeed_runner(cfg, step_runner, micro_batch)
     semantics = None
     if cfg.eimf.enabled:
         # Before the checkpoint load: the head's parameters are in the optimizer state restored there.
@@ -242,6 +237,9 @@ def train_worker(loop_config: dict) -> None:
             "world_size": ctx.get_world_size(),
             **placement_metrics(placement),
             **input_stats,
+            # train.compile: the seconds its first steps took to build the graphs (inside train_seconds), and
+            # whether it fell back to eager
+            **(step_runner.compiled.metrics() if step_runner.compiled is not None else {}),
             "done": 1,
         }
     )
