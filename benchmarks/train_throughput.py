@@ -1,11 +1,13 @@
 """Training throughput on CPU: examples/s of the single-process step and the input pipeline's share.
 
     python benchmarks/train_throughput.py --dataset ml-1m --threads 2 --steps 300 \
-        --backbones comirec_sa comirec_dr mind remi
+        --backbones comirec_sa comirec_dr mind remi --precision fp32 bf16 --compile off on
 
-Measures, per backbone, after a warm-up: examples/s of the full step (sample batch -> forward ->
-sampled softmax -> backward -> Adam), the share of step time spent producing batches (outside the
-model), and the sampler alone. Results go to stdout as a Markdown table (and JSON with --json).
+Measures, per backbone and per setting (each ``--precision`` with each ``--compile``: a row each), after a warm-up:
+examples/s of the full step (sample batch -> forward -> sampled softmax -> backward -> Adam), the share of step
+time spent producing batches (outside the model), and the sampler alone. With compile on, the warm-up builds the
+graphs (their seconds are the ``compile_s`` column) and the timed steps run compiled. Results go to stdout as a
+Markdown table (and JSON with --json).
 """
 from __future__ import annotations
 
@@ -13,14 +15,13 @@ import argparse
 import json
 import time
 
-import torch
-
 from eimf.config import load_config
 from eimf.data.preprocess import prepare
 from eimf.formats.prepared import load_prepared
 from eimf.data.sampling import TrainSampler
-from eimf.training.loop import Trainer, seed_everything
 from eimf.training.components import build_components, peak_rss_mb
+from eimf.training.hardware import set_threads
+from eimf.training.loop import Trainer, seed_everything
 
 
 def bench(cfg, data, steps: int, warmup: int) -> dict:
@@ -30,8 +31,10 @@ def bench(cfg, data, steps: int, warmup: int) -> dict:
                            batch_size=cfg.train.batch_size, min_cut=cfg.train.min_cut, seed=0)
     it = iter(sampler)
     trainer = Trainer(cfg, model, loss_fn, runner, it, data.valid, data.test)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         trainer.train_step(next(it))
+    warmup_s = time.perf_counter() - t0
     t_data = t_model = 0.0
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -46,7 +49,12 @@ def bench(cfg, data, steps: int, warmup: int) -> dict:
     for _ in range(steps):
         next(it)
     sampler_only = steps * cfg.train.batch_size / (time.perf_counter() - t0)
+    compiled = runner.compiled
     return {
+        "precision": cfg.train.precision,
+        "compile": "off" if compiled is None else ("fell back" if compiled.fell_back else "on"),
+        "compile_s": compiled.compile_seconds if compiled is not None else 0.0,
+        "warmup_s": warmup_s,
         "examples_per_s": steps * cfg.train.batch_size / total,
         "ms_per_step": 1000 * total / steps,
         "input_share": t_data / total,
@@ -62,24 +70,34 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                   help="train.precision of the rows (each one a row per backbone)")
+    p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
+                   help="train.compile of the rows (each one a row per backbone and precision)")
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = load_config(None, [f"data.dataset={args.dataset}", *args.overrides])
     data = load_prepared(prepare(cfg.data).path)
     rows = []
     for backbone in args.backbones:
-        cfg.model.backbone = backbone
-        r = {"backbone": backbone, **bench(cfg, data, args.steps, args.warmup)}
-        rows.append(r)
-        print(json.dumps(r) if args.json else
-              f"{backbone:<11} {r['examples_per_s']:>8.0f} ex/s  {r['ms_per_step']:6.1f} ms/step  "
-              f"input {100 * r['input_share']:4.1f}%  sampler alone {r['sampler_examples_per_s']:>9.0f} ex/s")
-    print(f"\n| backbone | examples/s | ms/step | input share | sampler alone (ex/s) |\n|---|---|---|---|---|")
+        for precision in args.precision:
+            for compile_ in args.compile:
+                cfg.model.backbone, cfg.train.precision, cfg.train.compile = backbone, precision, compile_ == "on"
+                r = {"backbone": backbone, **bench(cfg, data, args.steps, args.warmup)}
+                rows.append(r)
+                print(json.dumps(r) if args.json else
+                      f"{backbone:<11} {precision} compile {r['compile']:<9} {r['examples_per_s']:>8.0f} ex/s  "
+                      f"{r['ms_per_step']:6.1f} ms/step  input {100 * r['input_share']:4.1f}%  "
+                      f"sampler alone {r['sampler_examples_per_s']:>9.0f} ex/s  compile {r['compile_s']:.1f} s",
+                      flush=True)
+    print("\n| backbone | precision | compile | examples/s | ms/step | input share | sampler alone (ex/s) | "
+          "compile s |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backbone']} | {r['examples_per_s']:.0f} | {r['ms_per_step']:.1f} | "
-              f"{100 * r['input_share']:.1f}% | {r['sampler_examples_per_s']:.0f} |")
+        print(f"| {r['backbone']} | {r['precision']} | {r['compile']} | {r['examples_per_s']:.0f} | "
+              f"{r['ms_per_step']:.1f} | {100 * r['input_share']:.1f}% | {r['sampler_examples_per_s']:.0f} | "
+              f"{r['compile_s']:.1f} |")
     print(f"\nthreads={args.threads} batch={cfg.train.batch_size} maxlen={cfg.model.maxlen} "
           f"dim={cfg.model.dim} K={cfg.model.num_interests} n_items={data.n_items} "
           f"peak RSS {rows[-1]['peak_rss_mb']:.0f} MB")
