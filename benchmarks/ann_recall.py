@@ -75,6 +75,9 @@ TRAINED_SPECS = [
     ("MIPS,HNSW32", {"ef_search": [32, 64, 128, 256]}, "uniform"),
     ("IVF{n},PQ32x4fs,RFlat", {"nprobe": [16, 32, 64], "refine_k": [4, 16]}, "uniform"),
     ("MIPS,PCAR64,IVF{n},PQ32x4fs,RFlat", {"nprobe": [16, 32, 64], "refine_k": [4, 16]}, "uniform"),
+    ("MIPS,IVF{n},PQ13x4fs,RFlat", {"nprobe": [128, 192, 256], "refine_k": [8, 16, 32]}, "uniform"),
+    ("MIPS,IVF{n},PQ65x4fs,RFlat", {"nprobe": [96, 128, 160, 192, 256], "refine_k": [4, 8, 16, 32]}, "uniform"),
+    ("MIPS,PCAR64,IVF{n},PQ32x4fs,RFlat", {"nprobe": [128, 192, 256], "refine_k": [8, 16, 32]}, "uniform"),
 ]
 
 
@@ -200,6 +203,8 @@ def run_trained(args) -> list:
             sweep = {**sweep, "nprobe": args.nprobe}
         if args.ef_search and "ef_search" in sweep:
             sweep = {**sweep, "ef_search": args.ef_search}
+        if args.refine_k and "refine_k" in sweep:
+            sweep = {**sweep, "refine_k": args.refine_k}
         for params in _grid(sweep):
             index.set_params(**params)
             ids, secs = timed_search(index, users, args.topn, args.repeats)
@@ -298,6 +303,7 @@ def main() -> None:
                    "(uniform reached popular)")
     p.add_argument("--nprobe", type=int, nargs="*", help="with --model: these nprobe values for every IVF index")
     p.add_argument("--ef-search", type=int, nargs="*", help="with --model: these efSearch values for HNSW")
+    p.add_argument("--refine-k", type=int, nargs="*", help="with --model: these refine_k values for RFlat stages")
     p.add_argument("--repeats", type=int, default=2, help="timed searches per setting; the fastest counts")
     p.add_argument("--items", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--users", type=int, default=1000)

@@ -211,8 +211,9 @@ class RetrievalConfig(Section):
     nprobe: Optional[int] = None
     #: HNSW search beam (HNSW indexes only).
     ef_search: int = 128
-    #: An ``RFlat`` stage re-scores this many candidates per result exactly.
-    refine_k: int = 4
+    #: An ``RFlat`` stage re-scores this many candidates per result exactly; None: 8
+    #: (``eimf.evaluation.retrieval.DEFAULT_REFINE_K``, measured in docs/serving.md).
+    refine_k: Optional[int] = None
 
     def __post_init__(self):
         super().__post_init__()

@@ -122,36 +122,43 @@ def merge_candidates(
 #: Rows added to a faiss index at a time (bounds the MIPS lift's copy).
 _ADD_BLOCK = 1_000_000
 
-#: ``retrieval.nprobe`` unset: the share of an IVF index's cells probed (docs/serving.md, "The retrieval index").
-AUTO_PROBE_SHARE = 1 / 16
+#: ``retrieval.nprobe`` unset: the share of an IVF index's cells probed (docs/serving.md, "The retrieval index":
+#: 160 of 3072 kept 0.954-0.963 of the exact top-50 on trained 667K-item tables).
+AUTO_PROBE_SHARE = 160 / 3072
 #: ... and never fewer cells than this (the old fixed default).
 MIN_NPROBE = 16
+#: ``retrieval.refine_k`` unset: candidates per result an ``RFlat`` stage re-scores exactly (4 lost 0.013 of
+#: recall against 8 behind 4-bit codes; 16 gained 0.002 for up to twice the time).
+DEFAULT_REFINE_K = 8
 
 #: Catalogue size up to which ``index="auto"`` stays exact (docs/serving.md: 1.6-1.9 ms per user at 100K items).
 AUTO_EXACT_MAX_ITEMS = 200_000
 
 
-def auto_index(n_items: int) -> str:
-    """The faiss ``index_factory`` string ``index="auto"`` picks for a catalogue of ``n_items``: exact up to
-    :data:`AUTO_EXACT_MAX_ITEMS`, then the MIPS lift of an inverted file of about 4 sqrt(N) cells (a multiple of
-    1024) with exact vectors, searched (``retrieval.nprobe`` unset) in :data:`AUTO_PROBE_SHARE` of its cells.
+def auto_index(n_items: int, dim: int) -> str:
+    """The faiss ``index_factory`` string ``index="auto"`` picks for a catalogue of ``n_items`` rows of ``dim``:
+    exact up to :data:`AUTO_EXACT_MAX_ITEMS`, then the MIPS lift of an inverted file of about 4 sqrt(N) cells (a
+    multiple of 1024) over 4-bit codes of each lifted coordinate (fast-scan PQ with one dimension per
+    sub-quantizer), whose candidates are re-scored exactly (``RFlat``, :data:`DEFAULT_REFINE_K` per result);
+    searched (``retrieval.nprobe`` unset) in :data:`AUTO_PROBE_SHARE` of its cells.
 
-    Chosen on trained tables (docs/serving.md, "The retrieval index": ComiRec-SA, 667K items): the inner-product
-    IVF it replaces kept 0.63-0.65 of the exact top-50 at nprobe 16, and its uneven cells made more probes slow
-    (0.96 at nprobe 128, 2.0x faster than exact). The lifted one at 1/16 of its cells (nprobe 192 of 3072) kept
-    0.985 / 0.970 (3k / 12k training steps) at 5.8x / 6.4x; at 1/24, 0.956 / 0.940 at 7.9x / 9.6x: no setting
-    met both 0.95 and 10x on both tables. HNSW32 was as fast for the same recall but needs twice the memory and
-    2.5x the build time (not finished at 10M); IVF-PQ with re-ranking stayed under 0.90; IVF centroids trained on
-    the rows users reach, or by popularity, did worse than a uniform sample."""
+    Chosen on trained tables (docs/serving.md, "The retrieval index": ComiRec-SA, 667K items, 3k and 12k training
+    steps). The inner-product IVF it replaces kept 0.63-0.65 of the exact top-50 at nprobe 16. The MIPS lift makes
+    the cells even; with exact vectors in the cells it needed 1/16 of them for 0.97-0.985 at 5.8-6.4x less time
+    than exact search. Scanning 4-bit codes instead and re-scoring 8 candidates per result loses under 0.003 of
+    recall at equal nprobe and scans far faster, so the same share costs less. HNSW32 was as fast for the same
+    recall but needs more memory and build time (not finished at 10M); IVF centroids trained on the rows users
+    reach, or by popularity, did worse than a uniform sample."""
     if n_items <= AUTO_EXACT_MAX_ITEMS:
         return "Flat"
-    return f"MIPS,IVF{max(1024, int(4 * np.sqrt(n_items)) // 1024 * 1024)},Flat"
+    cells = max(1024, int(4 * np.sqrt(n_items)) // 1024 * 1024)
+    return f"MIPS,IVF{cells},PQ{dim + 1}x4fs,RFlat"
 
 
-def resolve_index(spec: str, n_items: int) -> str:
+def resolve_index(spec: str, n_items: int, dim: int) -> str:
     """``auto`` -> :func:`auto_index`; the legacy names ``flat``/``ivf`` -> ``Flat``/``IVF<4 sqrt N>,Flat``."""
     if spec == "auto":
-        return auto_index(n_items)
+        return auto_index(n_items, dim)
     if spec == "flat":
         return "Flat"
     if spec == "ivf":
@@ -208,7 +215,7 @@ class ItemIndex:
         index: str = "Flat",
         nprobe: Optional[int] = None,
         ef_search: Optional[int] = 128,
-        refine_k: Optional[int] = 4,
+        refine_k: Optional[int] = None,
         threads: Optional[int] = None,
         train_size: int = 500_000,
         nlist: Optional[int] = None,
@@ -224,7 +231,7 @@ class ItemIndex:
         n, self.dim = items.shape
         if nlist is not None and index == "ivf":  # the older keyword form
             index = f"IVF{int(nlist)},Flat"
-        self.spec = resolve_index(index, n)
+        self.spec = resolve_index(index, n, self.dim)
         built = _factory(self.dim, self.spec, index)
         self.mips_m2 = _max_sq_norm(items) if split_mips(self.spec)[0] else None
         if not built.is_trained:
@@ -242,7 +249,7 @@ class ItemIndex:
         fixed-seed sample, once to add). Memory: the index and one block."""
         self = cls.__new__(cls)
         self.threads = set_faiss_threads(threads)
-        self.spec = resolve_index(retrieval.index, n_items)
+        self.spec = resolve_index(retrieval.index, n_items, dim)
         built = _factory(dim, self.spec, retrieval.index)
         self.mips_m2 = None
         if split_mips(self.spec)[0]:  # one more pass: the lift needs the largest norm before any row goes in
@@ -275,6 +282,7 @@ class ItemIndex:
         self.n_items = int(built.ntotal)
         self.dim = int(built.d) - (self.mips_m2 is not None)  # the MIPS index holds one extra coordinate
         nprobe = default_nprobe(self.spec) if nprobe is None else nprobe
+        refine_k = DEFAULT_REFINE_K if refine_k is None else refine_k
         self.params = _set_search_params(built, nprobe, ef_search, refine_k)
 
     @property
@@ -303,7 +311,7 @@ class ItemIndex:
 
     @classmethod
     def load(cls, path, spec: str, nprobe: Optional[int] = None, ef_search: Optional[int] = 128,
-             refine_k: Optional[int] = 4, threads: Optional[int] = None) -> "ItemIndex":
+             refine_k: Optional[int] = None, threads: Optional[int] = None) -> "ItemIndex":
         """An index written by :meth:`save`; search parameters are set again (faiss does not store them all)."""
         self = cls.__new__(cls)
         self.threads = set_faiss_threads(threads)
