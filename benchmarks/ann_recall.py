@@ -77,6 +77,7 @@ TRAINED_SPECS = [
     ("MIPS,PCAR64,IVF{n},PQ32x4fs,RFlat", {"nprobe": [16, 32, 64], "refine_k": [4, 16]}, "uniform"),
     ("MIPS,IVF{n},PQ13x4fs,RFlat", {"nprobe": [128, 192, 256], "refine_k": [8, 16, 32]}, "uniform"),
     ("MIPS,IVF{n},PQ65x4fs,RFlat", {"nprobe": [96, 128, 160, 192, 256], "refine_k": [4, 8, 16, 32]}, "uniform"),
+    ("MIPS,IVF{n},PQ65x4fsr,RFlat", {"nprobe": [96, 128, 160, 192, 256], "refine_k": [4, 8, 16, 32]}, "uniform"),
     ("MIPS,PCAR64,IVF{n},PQ32x4fs,RFlat", {"nprobe": [128, 192, 256], "refine_k": [8, 16, 32]}, "uniform"),
 ]
 

@@ -71,7 +71,7 @@ def test_index_setting_errors_and_auto():
         ItemIndex(table, index="NotAnIndex")
     with pytest.raises(ValueError, match="retrieval.nprobe must be >= 1"):
         load_config(None, ["retrieval.nprobe=0"])
-    assert auto_index(1000, 16) == "Flat" and auto_index(1_000_000, 16) == "MIPS,IVF3072,PQ17x4fs,RFlat"
+    assert auto_index(1000) == "Flat" and auto_index(1_000_000) == "MIPS,IVF3072,Flat"
     assert ItemIndex(table, index="auto").spec == "Flat"
 
 

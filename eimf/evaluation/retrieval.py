@@ -123,42 +123,38 @@ def merge_candidates(
 _ADD_BLOCK = 1_000_000
 
 #: ``retrieval.nprobe`` unset: the share of an IVF index's cells probed (docs/serving.md, "The retrieval index":
-#: 160 of 3072 kept 0.954-0.963 of the exact top-50 on trained 667K-item tables).
-AUTO_PROBE_SHARE = 160 / 3072
+#: 1/16 kept 0.970-0.996 of the exact top-50 on trained 667K- and 7.3M-item tables).
+AUTO_PROBE_SHARE = 1 / 16
 #: ... and never fewer cells than this (the old fixed default).
 MIN_NPROBE = 16
-#: ``retrieval.refine_k`` unset: candidates per result an ``RFlat`` stage re-scores exactly (4 lost 0.013 of
-#: recall against 8 behind 4-bit codes; 16 gained 0.002 for up to twice the time).
+#: ``retrieval.refine_k`` unset: candidates per result an ``RFlat`` stage re-scores exactly (behind 4-bit codes on
+#: a trained 667K-item table, 4 lost 0.013 of recall against 8; 16 gained 0.002 for up to twice the time).
 DEFAULT_REFINE_K = 8
 
 #: Catalogue size up to which ``index="auto"`` stays exact (docs/serving.md: 1.6-1.9 ms per user at 100K items).
 AUTO_EXACT_MAX_ITEMS = 200_000
 
 
-def auto_index(n_items: int, dim: int) -> str:
-    """The faiss ``index_factory`` string ``index="auto"`` picks for a catalogue of ``n_items`` rows of ``dim``:
-    exact up to :data:`AUTO_EXACT_MAX_ITEMS`, then the MIPS lift of an inverted file of about 4 sqrt(N) cells (a
-    multiple of 1024) over 4-bit codes of each lifted coordinate (fast-scan PQ with one dimension per
-    sub-quantizer), whose candidates are re-scored exactly (``RFlat``, :data:`DEFAULT_REFINE_K` per result);
-    searched (``retrieval.nprobe`` unset) in :data:`AUTO_PROBE_SHARE` of its cells.
+def auto_index(n_items: int) -> str:
+    """The faiss ``index_factory`` string ``index="auto"`` picks for a catalogue of ``n_items``: exact up to
+    :data:`AUTO_EXACT_MAX_ITEMS`, then the MIPS lift of an inverted file of about 4 sqrt(N) cells (a multiple of
+    1024) with exact vectors, searched (``retrieval.nprobe`` unset) in :data:`AUTO_PROBE_SHARE` of its cells.
 
-    Chosen on trained tables (docs/serving.md, "The retrieval index": ComiRec-SA, 667K items, 3k and 12k training
-    steps). The inner-product IVF it replaces kept 0.63-0.65 of the exact top-50 at nprobe 16. The MIPS lift makes
-    the cells even; with exact vectors in the cells it needed 1/16 of them for 0.97-0.985 at 5.8-6.4x less time
-    than exact search. Scanning 4-bit codes instead and re-scoring 8 candidates per result loses under 0.003 of
-    recall at equal nprobe and scans far faster, so the same share costs less. HNSW32 was as fast for the same
-    recall but needs more memory and build time (not finished at 10M); IVF centroids trained on the rows users
-    reach, or by popularity, did worse than a uniform sample."""
+    Chosen on trained tables (docs/serving.md, "The retrieval index": ComiRec-SA, 667K and 7.3M items). The
+    inner-product IVF it replaces kept 0.63-0.65 of the exact top-50 at nprobe 16. The lifted one at 1/16 of its
+    cells kept 0.970-0.996 on all three tables at 3.8-5.5x less time than exact search. Faster settings lose
+    recall somewhere: 4-bit codes with exact re-scoring (``MIPS,IVF3072,PQ65x4fs,RFlat`` at nprobe 160) kept
+    0.954-0.962 at 9-17x on the 667K tables but 0.30 on the 7.3M one; HNSW32 kept 0.931-0.963 at efSearch 32 and
+    needs more memory and build time (not finished at 10M)."""
     if n_items <= AUTO_EXACT_MAX_ITEMS:
         return "Flat"
-    cells = max(1024, int(4 * np.sqrt(n_items)) // 1024 * 1024)
-    return f"MIPS,IVF{cells},PQ{dim + 1}x4fs,RFlat"
+    return f"MIPS,IVF{max(1024, int(4 * np.sqrt(n_items)) // 1024 * 1024)},Flat"
 
 
-def resolve_index(spec: str, n_items: int, dim: int) -> str:
+def resolve_index(spec: str, n_items: int) -> str:
     """``auto`` -> :func:`auto_index`; the legacy names ``flat``/``ivf`` -> ``Flat``/``IVF<4 sqrt N>,Flat``."""
     if spec == "auto":
-        return auto_index(n_items, dim)
+        return auto_index(n_items)
     if spec == "flat":
         return "Flat"
     if spec == "ivf":
@@ -231,7 +227,7 @@ class ItemIndex:
         n, self.dim = items.shape
         if nlist is not None and index == "ivf":  # the older keyword form
             index = f"IVF{int(nlist)},Flat"
-        self.spec = resolve_index(index, n, self.dim)
+        self.spec = resolve_index(index, n)
         built = _factory(self.dim, self.spec, index)
         self.mips_m2 = _max_sq_norm(items) if split_mips(self.spec)[0] else None
         if not built.is_trained:
@@ -249,7 +245,7 @@ class ItemIndex:
         fixed-seed sample, once to add). Memory: the index and one block."""
         self = cls.__new__(cls)
         self.threads = set_faiss_threads(threads)
-        self.spec = resolve_index(retrieval.index, n_items, dim)
+        self.spec = resolve_index(retrieval.index, n_items)
         built = _factory(dim, self.spec, retrieval.index)
         self.mips_m2 = None
         if split_mips(self.spec)[0]:  # one more pass: the lift needs the largest norm before any row goes in

@@ -363,10 +363,11 @@ class ShardedItemIndex(ItemIndex):
         # ItemIndex skips its first row (the padding row): give it a dummy one unless this shard has id 0.
         rows = local_rows if offset == 0 else np.vstack([np.zeros((1, local_rows.shape[1]), np.float32),
                                                          local_rows])
-        spec = resolve_index(retrieval.index, n_items, rows.shape[1])
+        spec = resolve_index(retrieval.index, n_items)
         cells = ivf_cells(spec)  # also inside a MIPS-lifted spec
         if cells and len(rows) - 1 < 40 * cells:
-            spec = resolve_index("auto", len(rows) - 1, rows.shape[1])  # a shard too small for the catalogue's cell count
+            # a shard too small for the catalogue's cell count
+            spec = resolve_index("auto", len(rows) - 1)
         super().__init__(rows, index=spec, nprobe=retrieval.nprobe, ef_search=retrieval.ef_search,
                          refine_k=retrieval.refine_k, threads=threads)
         self.first_id = max(offset, 1)  # global id of this index's first row (local id 1)
