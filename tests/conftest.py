@@ -42,6 +42,23 @@ def free_port():
 
 
 @pytest.fixture(scope="session")
+def gloo_group(free_port):
+    """One gloo process group of 1 rank for the whole session, as a launcher would set it up. One, not one per
+    module: DeepSpeed caches the groups it derives from the first, and a second group in the same process finds
+    that cache stale ("Group ... is not registered")."""
+    import os
+
+    import torch.distributed as dist
+
+    # What a launcher (Ray Train, torchrun) sets for each rank; DeepSpeed checks it.
+    for k, v in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(k, v)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
 def moto_s3_endpoint():
     """moto's S3 server on 127.0.0.1 (a free port), for the whole session: ``http://127.0.0.1:PORT``."""
     pytest.importorskip("moto.server")

@@ -6,21 +6,6 @@ import torch
 from eimf.config import load_config
 
 
-@pytest.fixture(scope="module")
-def gloo_group(free_port):
-    import os
-
-    import torch.distributed as dist
-
-    # What a launcher (Ray Train, torchrun) sets for each rank; DeepSpeed checks it.
-    for k, v in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
-        os.environ.setdefault(k, v)
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _runner(stage: int, precision: str, n_items: int = 50):
     from eimf.training.deepspeed_step import DeepSpeedStepRunner, deepspeed_config
     from eimf.training.loop import seed_everything

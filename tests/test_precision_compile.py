@@ -126,19 +126,6 @@ def test_the_sampled_softmax_is_fp32_under_a_bf16_autocast():
 
 
 # ------------------------------------------------------------------------------------------- bf16, DeepSpeed and sharded
-@pytest.fixture(scope="module")
-def gloo_group(free_port):
-    import os
-
-    import torch.distributed as dist
-
-    for k, v in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
-        os.environ.setdefault(k, v)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("stage", [0, 2])
 def test_bf16_trains_with_fp32_weights_under_deepspeed(gloo_group, stage):
     from eimf.training.components import build_components, deepspeed_runner
