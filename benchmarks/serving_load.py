@@ -11,7 +11,9 @@ Servers (``--servers``):
 
 Per level: requests, req/s, p50 / p99 / p99.9 of all answers and of the accepted (200) ones, 503s, other errors,
 and the resident memory of the serving processes at the end (the replica and proxy actors for Ray Serve; the
-server's process tree for MLflow). Each request is one real test user (the last 50 of their history, k = 50).
+server's process tree for MLflow). For Ray Serve also the replica's own time of the accepted requests (p50 / p99
+from its access log): the part of their latency spent inside the app, batch queue included; the rest is the
+socket, the HTTP parsing and the client. Each request is one real test user (the last 50 of their history, k = 50).
 The clients run on the same cores as the server: the figures include their cost.
 
     python benchmarks/serving_load.py --model-uri models:/eimf-ml-1m/1 --histories <prepared ml-1m>/test.parquet \\
@@ -76,6 +78,16 @@ def serving_rss_mb(server: str, proc: subprocess.Popen) -> float:
     return total / 2**20
 
 
+def replica_ms(session_dir: Path) -> list:
+    """Every accepted request's time in the Ray Serve replica so far, in log order (``POST /recommend 200 2.1ms``)."""
+    ms = []
+    for log in sorted(Path(session_dir, "logs", "serve").glob("replica_*.log")):
+        for line in log.read_text().splitlines():
+            if "POST /recommend 200" in line:
+                ms.append(float(line.rsplit(" ", 1)[1].rstrip("ms")))
+    return ms
+
+
 def run_locust(url: str, clients: int, duration: int, bodies: Path, path: str, out: Path) -> dict:
     prefix = out / f"c{clients}"
     env = {**os.environ, "EIMF_LOAD_BODIES": str(bodies), "EIMF_LOAD_PATH": path}
@@ -124,10 +136,19 @@ def main() -> None:
             try:
                 rss_start = serving_rss_mb(server, proc)
                 run_locust(f"http://127.0.0.1:{port}", 4, 5, body_file, path, tmp)  # warm-up, not reported
+                # eimf serve's own Ray is the newest session (nothing else may run Ray beside this benchmark)
+                session = Path("/tmp/ray/session_latest").resolve() if server == "ray" else None
                 for clients in args.clients:
+                    seen = len(replica_ms(session)) if session else 0
                     row = {"server": server, **run_locust(f"http://127.0.0.1:{port}", clients, args.duration,
                                                           body_file, path, tmp),
                            "rss_start_mb": rss_start, "rss_end_mb": serving_rss_mb(server, proc)}
+                    if session:
+                        time.sleep(2)  # the access log is written in buffered batches
+                        own = np.asarray(replica_ms(session)[seen:])
+                        if len(own):
+                            row.update(replica_ok_p50_ms=float(np.percentile(own, 50)),
+                                       replica_ok_p99_ms=float(np.percentile(own, 99)), replica_ok=len(own))
                     print(json.dumps(row), flush=True)
                     rows.append(row)
             finally:
@@ -139,12 +160,14 @@ def main() -> None:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
-    print("| server | clients | requests | req/s | p50 ms | p99 ms | p99.9 ms | accepted p99 ms | 503 | other errors "
-          "| RSS MB start / end |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| server | clients | requests | req/s | p50 ms | p99 ms | p99.9 ms | accepted p99 ms | in the replica: "
+          "accepted p50 / p99 ms | 503 | other errors | RSS MB start / end |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|")
     for r in rows:
+        inside = f"{r['replica_ok_p50_ms']:.0f} / {r['replica_ok_p99_ms']:.0f}" if "replica_ok_p99_ms" in r else "-"
         print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['rps']:.0f} | {r['p50_ms']:.0f} | "
-              f"{r['p99_ms']:.0f} | {r['p999_ms']:.0f} | {r['ok_p99_ms']:.0f} | {r['shed_503']} | {r['errors']} | "
-              f"{r['rss_start_mb']:.0f} / {r['rss_end_mb']:.0f} |")
+              f"{r['p99_ms']:.0f} | {r['p999_ms']:.0f} | {r['ok_p99_ms']:.0f} | {inside} | {r['shed_503']} | "
+              f"{r['errors']} | {r['rss_start_mb']:.0f} / {r['rss_end_mb']:.0f} |")
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "date": time.strftime("%Y-%m-%d"),
                                                  "rows": rows}, indent=1))
