@@ -131,16 +131,21 @@ def ray_serve(args, bodies) -> dict:
         ray.shutdown()
 
 
+def replica_ms(session_dir) -> list:
+    """Every accepted request's time in the Ray Serve replica so far, in log order (``POST /recommend 200 2.1ms``)."""
+    ms = []
+    for log in sorted(Path(session_dir, "logs", "serve").glob("replica_*.log")):
+        for line in log.read_text().splitlines():
+            if "POST /recommend 200" in line:
+                ms.append(float(line.rsplit(" ", 1)[1].rstrip("ms")))
+    return ms
+
+
 def replica_times(session_dir: str, warmup: int, single: int) -> dict:
     """p50 / p99 of the replica's own time for the single-user requests, from its access log (Ray Serve writes
     ``POST /recommend 200 2.1ms`` per request, in order: warm-up, single-user, load): the rest of a client's latency
     is the HTTP proxy and the hops to and from the replica."""
-    ms = []
-    for log in Path(session_dir, "logs", "serve").glob("replica_*.log"):
-        for line in log.read_text().splitlines():
-            if "POST /recommend 200" in line:
-                ms.append(float(line.rsplit(" ", 1)[1].rstrip("ms")))
-    own = np.asarray(ms[warmup: warmup + single])
+    own = np.asarray(replica_ms(session_dir)[warmup: warmup + single])
     if not len(own):  # a buffered access log (RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE) may not be written yet
         return {}
     return {"replica_p50_ms": float(np.percentile(own, 50)), "replica_p99_ms": float(np.percentile(own, 99))}

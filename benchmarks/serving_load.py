@@ -39,7 +39,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from serving_latency import free_port, wait  # noqa: E402
+from serving_latency import free_port, replica_ms, wait  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SERVERS = ("ray", "mlflow", "mlflow2", "mlflow2-limited")
@@ -76,16 +76,6 @@ def serving_rss_mb(server: str, proc: subprocess.Popen) -> float:
         except psutil.NoSuchProcess:
             continue
     return total / 2**20
-
-
-def replica_ms(session_dir: Path) -> list:
-    """Every accepted request's time in the Ray Serve replica so far, in log order (``POST /recommend 200 2.1ms``)."""
-    ms = []
-    for log in sorted(Path(session_dir, "logs", "serve").glob("replica_*.log")):
-        for line in log.read_text().splitlines():
-            if "POST /recommend 200" in line:
-                ms.append(float(line.rsplit(" ", 1)[1].rstrip("ms")))
-    return ms
 
 
 def run_locust(url: str, clients: int, duration: int, bodies: Path, path: str, out: Path) -> dict:

@@ -19,7 +19,7 @@ import deepspeed
 import torch
 
 from eimf.formats.checkpoints import HEAD as HEAD_FILE
-from eimf.training.loop import StepRunner
+from eimf.training.loop import StepRunner, check_precision
 from eimf.training.replicated_head import ReplicatedHead, broadcast_object
 from eimf.training.replicated_head import rank as _rank
 
@@ -29,8 +29,7 @@ CHECKPOINT_TAG = "deepspeed"
 def deepspeed_config(micro_batch: int, zero_stage: int, precision: str) -> dict:
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"train.deepspeed.zero_stage must be 0-3, got {zero_stage}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision must be fp32 or bf16 (no fp16 on CPU), got {precision!r}")
+    check_precision(precision)
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
