@@ -12,7 +12,8 @@ the interest that attains its maximum. The top-20 is therefore a prefix of the t
 Index choice: :class:`ItemIndex` takes a faiss ``index_factory`` string (the ``retrieval`` config section, shared
 by evaluation and serving). ``Flat`` is exact brute force, what the metrics protocol asks for, and fast enough
 up to a few hundred thousand items (``B * K * N_items * d`` multiply-adds per batch); ``auto`` keeps it there and
-switches to an ANN index above (docs/serving.md measures recall against exact search and time per user). An ANN
+switches to an ANN index above (docs/serving.md measures recall against exact search and time per user): a fast
+4-bit one where the model's own interest vectors verify it, else exact vectors in an IVF (:func:`auto_index`). An ANN
 index makes metrics approximate: its string and search parameters are logged beside them, and the evaluation
 reports the exact metrics beside them (eimf.evaluation.evaluate).
 
@@ -32,8 +33,9 @@ threads, about 5x slower per step).
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -46,6 +48,8 @@ import faiss  # noqa: E402
 from eimf.evaluation.metrics import row_isin  # noqa: E402
 
 ExcludeLike = Union[np.ndarray, Sequence[Sequence[int]], None]
+
+log = logging.getLogger(__name__)
 
 
 def set_faiss_threads(threads: Optional[int] = None) -> int:
@@ -134,21 +138,64 @@ DEFAULT_REFINE_K = 8
 #: Catalogue size up to which ``index="auto"`` stays exact (docs/serving.md: 1.6-1.9 ms per user at 100K items).
 AUTO_EXACT_MAX_ITEMS = 200_000
 
+#: The auto guard (:func:`auto_index`): the fast candidate's share of cells probed, the measured nprobe 160 of
+#: 3072 cells (about 1/19; docs/serving.md, "The retrieval index").
+AUTO_FAST_PROBE_SHARE = 160 / 3072
+#: ... kept only when it finds at least this share of the exact top-:data:`AUTO_CHECK_TOP_N` of the check queries
+AUTO_MIN_RECALL_OF_EXACT = 0.95
+AUTO_CHECK_TOP_N = 50
+#: ... over at most this many check users (their interest vectors, e.g. a fixed-seed sample of the VALID split).
+AUTO_CHECK_USERS = 500
+
 
 def auto_index(n_items: int) -> str:
-    """The faiss ``index_factory`` string ``index="auto"`` picks for a catalogue of ``n_items``: exact up to
-    :data:`AUTO_EXACT_MAX_ITEMS`, then the MIPS lift of an inverted file of about 4 sqrt(N) cells (a multiple of
-    1024) with exact vectors, searched (``retrieval.nprobe`` unset) in :data:`AUTO_PROBE_SHARE` of its cells.
+    """The faiss ``index_factory`` string ``index="auto"`` picks for a catalogue of ``n_items`` when it has no check
+    queries (and its fallback when it has): exact up to :data:`AUTO_EXACT_MAX_ITEMS`, then the MIPS lift of an
+    inverted file of about 4 sqrt(N) cells (a multiple of 1024) with exact vectors, searched
+    (``retrieval.nprobe`` unset) in :data:`AUTO_PROBE_SHARE` of its cells.
 
     Chosen on trained tables (docs/serving.md, "The retrieval index": ComiRec-SA, 667K and 7.3M items). The
     inner-product IVF it replaces kept 0.63-0.65 of the exact top-50 at nprobe 16. The lifted one at 1/16 of its
     cells kept 0.970-0.996 on all three tables at 3.8-5.5x less time than exact search. Faster settings lose
     recall somewhere: 4-bit codes with exact re-scoring (``MIPS,IVF3072,PQ65x4fs,RFlat`` at nprobe 160) kept
     0.954-0.962 at 9-17x on the 667K tables but 0.30 on the 7.3M one; HNSW32 kept 0.931-0.963 at efSearch 32 and
-    needs more memory and build time (not finished at 10M)."""
+    needs more memory and build time (not finished at 10M).
+
+    The guard: an index built with check queries (the model's interest vectors, :class:`ItemIndex`'s
+    ``check_queries``) above :data:`AUTO_EXACT_MAX_ITEMS` first builds :func:`auto_fast_index` (those 4-bit codes,
+    probed in :data:`AUTO_FAST_PROBE_SHARE` of the cells, re-scoring :data:`DEFAULT_REFINE_K` candidates per
+    result) and keeps it only when it finds at least :data:`AUTO_MIN_RECALL_OF_EXACT` of the exact
+    top-:data:`AUTO_CHECK_TOP_N` of those queries; else this string. The decision is the index's ``auto_check``
+    (recorded in the model folder's ``folder.json``). An explicit spec is never changed."""
     if n_items <= AUTO_EXACT_MAX_ITEMS:
         return "Flat"
-    return f"MIPS,IVF{max(1024, int(4 * np.sqrt(n_items)) // 1024 * 1024)},Flat"
+    return f"MIPS,IVF{auto_cells(n_items)},Flat"
+
+
+def auto_cells(n_items: int) -> int:
+    """The IVF cell count of ``auto``: about 4 sqrt(N), a multiple of 1024, at least 1024."""
+    return max(1024, int(4 * np.sqrt(n_items)) // 1024 * 1024)
+
+
+def auto_fast_index(n_items: int, dim: int) -> Optional[str]:
+    """The fast candidate the auto guard checks (:func:`auto_index`): ``MIPS,IVF<cells>,PQ<d+1>x4fs,RFlat``, one
+    4-bit sub-quantizer per coordinate of the lifted ``d + 1``-dimensional rows (faiss's fast-scan layout), with
+    exact re-scoring. None where the catalogue is exact, or faiss cannot build it for this dimension."""
+    if n_items <= AUTO_EXACT_MAX_ITEMS:
+        return None
+    spec = f"MIPS,IVF{auto_cells(n_items)},PQ{int(dim) + 1}x4fs,RFlat"
+    try:
+        _factory(int(dim), spec, "auto")
+    except ValueError:
+        return None
+    return spec
+
+
+def fast_nprobe(spec: str) -> Optional[int]:
+    """The auto candidate's nprobe: :data:`AUTO_FAST_PROBE_SHARE` of its cells (160 of 3072), at least
+    :data:`MIN_NPROBE`."""
+    cells = ivf_cells(spec)
+    return None if cells is None else min(cells, max(MIN_NPROBE, round(cells * AUTO_FAST_PROBE_SHARE)))
 
 
 def resolve_index(spec: str, n_items: int) -> str:
@@ -216,7 +263,10 @@ class ItemIndex:
         train_size: int = 500_000,
         nlist: Optional[int] = None,
         train_ids: Optional[np.ndarray] = None,
+        check_queries=None,
     ):
+        """``check_queries``: the model's interest vectors (``[U, K, d]`` or ``[U, d]``, e.g. of VALID users) that
+        ``index="auto"`` checks its fast candidate with (:func:`auto_index`); ignored by any other spec."""
         table = np.asarray(item_embeddings)
         if hasattr(item_embeddings, "detach"):  # a torch tensor
             table = item_embeddings.detach().float().cpu().numpy()
@@ -224,54 +274,139 @@ class ItemIndex:
             raise ValueError(f"item table must be [N + 1, d] with N >= 1, got {table.shape}")
         self.threads = set_faiss_threads(threads)
         items = np.ascontiguousarray(table[1:], dtype=np.float32)
-        n, self.dim = items.shape
+        n, dim = items.shape
         if nlist is not None and index == "ivf":  # the older keyword form
             index = f"IVF{int(nlist)},Flat"
-        self.spec = resolve_index(index, n)
-        built = _factory(self.dim, self.spec, index)
-        self.mips_m2 = _max_sq_norm(items) if split_mips(self.spec)[0] else None
-        if not built.is_trained:
-            pick = _train_sample_ids(n, train_size) if train_ids is None else np.unique(np.asarray(train_ids))
-            built.train(self._lift(items[pick]))
-        for s in range(0, n, _ADD_BLOCK):  # in blocks: the MIPS copy of a 10M-row table would be 2.6 GB at once
-            built.add(self._lift(items[s:s + _ADD_BLOCK]))
-        self._adopt(built, nprobe, ef_search, refine_k)
+
+        def train_rows():
+            return items[_train_sample_ids(n, train_size) if train_ids is None else np.unique(np.asarray(train_ids))]
+
+        def blocks():  # in blocks: the MIPS copy of a 10M-row table would be 2.6 GB at once
+            return (items[s:s + _ADD_BLOCK] for s in range(0, n, _ADD_BLOCK))
+
+        self._build(index, n, dim, train_rows, blocks, lambda: _max_sq_norm(items), (nprobe, ef_search, refine_k),
+                    check_queries)
 
     @classmethod
     def from_blocks(cls, blocks, n_items: int, dim: int, retrieval, threads: Optional[int] = None,
-                    train_size: int = 500_000) -> "ItemIndex":
+                    train_size: int = 500_000, check_queries=None) -> "ItemIndex":
         """The same index as :meth:`from_config`, built without the whole table in memory: ``blocks()`` yields
-        the rows of ids 1..N in order as ``[n_i, d]`` arrays (called twice when the index trains: once for a
-        fixed-seed sample, once to add). Memory: the index and one block."""
+        the rows of ids 1..N in order as ``[n_i, d]`` arrays (called once for the lift's norm bound, once for a
+        fixed-seed training sample, once to add; the auto guard reads them again for its exact check and its
+        fallback). Memory: the index and one block."""
         self = cls.__new__(cls)
         self.threads = set_faiss_threads(threads)
-        self.spec = resolve_index(retrieval.index, n_items)
-        built = _factory(dim, self.spec, retrieval.index)
-        self.mips_m2 = None
-        if split_mips(self.spec)[0]:  # one more pass: the lift needs the largest norm before any row goes in
-            self.mips_m2 = max(_max_sq_norm(np.asarray(b, dtype=np.float32)) for b in blocks())
-        if not built.is_trained:
+
+        def train_rows():
             pick = _train_sample_ids(n_items, train_size)
             sample, start = [], 0
             for block in blocks():
                 lo, hi = np.searchsorted(pick, [start, start + len(block)])
                 sample.append(np.asarray(block, dtype=np.float32)[pick[lo:hi] - start])
                 start += len(block)
-            built.train(self._lift(np.concatenate(sample)))
+            return np.concatenate(sample)
+
+        def max_sq_norm():  # one more pass: the lift needs the largest norm before any row goes in
+            return max(_max_sq_norm(np.asarray(b, dtype=np.float32)) for b in blocks())
+
+        self._build(retrieval.index, n_items, int(dim), train_rows, blocks, max_sq_norm,
+                    (retrieval.nprobe, retrieval.ef_search, retrieval.refine_k), check_queries)
+        return self
+
+    @classmethod
+    def from_config(cls, item_embeddings, retrieval, threads: Optional[int] = None,
+                    check_queries=None) -> "ItemIndex":
+        """The index a :class:`eimf.config.RetrievalConfig` describes, over ``item_embeddings``; ``check_queries``
+        as in :class:`ItemIndex`."""
+        return cls(item_embeddings, index=retrieval.index, nprobe=retrieval.nprobe, ef_search=retrieval.ef_search,
+                   refine_k=retrieval.refine_k, threads=threads, check_queries=check_queries)
+
+    # -- building ---------------------------------------------------------------------------------
+    def _build(self, requested: str, n: int, dim: int, train_rows: Callable[[], np.ndarray],
+               blocks: Callable[[], Iterable[np.ndarray]], max_sq_norm: Callable[[], float], search: tuple,
+               check_queries) -> None:
+        """The index of ``requested`` over the rows ``blocks()`` yields (ids 1..n); ``auto`` above the exact
+        size goes through the guard (:meth:`_build_auto`). ``search``: (nprobe, ef_search, refine_k)."""
+        self.spec = resolve_index(requested, n)
+        #: The auto guard's decision (:func:`auto_index`), None for an explicit spec or an exact ``auto``.
+        self.auto_check: Optional[dict] = None
+        self.mips_m2 = max_sq_norm() if split_mips(self.spec)[0] else None
+        if requested == "auto" and not self.exact:
+            self._build_auto(n, dim, train_rows, blocks, search, check_queries)
+            return
+        self._adopt(self._fill(_factory(dim, self.spec, requested), train_rows, blocks, n), *search)
+
+    def _fill(self, built, train_rows, blocks, n: int, centroids: Optional[np.ndarray] = None):
+        """Train ``built`` (or give its inverted file the coarse ``centroids`` of an index over the same rows)
+        and add every row."""
+        if not built.is_trained and not (centroids is not None and _set_centroids(built, centroids)):
+            built.train(self._lift(train_rows()))
         added = 0
         for block in blocks():
             built.add(self._lift(block))
             added += len(block)
-        if added != n_items:
-            raise ValueError(f"the row blocks hold {added} items, the catalogue has {n_items}")
-        self._adopt(built, retrieval.nprobe, retrieval.ef_search, retrieval.refine_k)
-        return self
+        if added != n:
+            raise ValueError(f"the row blocks hold {added} items, the catalogue has {n}")
+        return built
 
-    @classmethod
-    def from_config(cls, item_embeddings, retrieval, threads: Optional[int] = None) -> "ItemIndex":
-        """The index a :class:`eimf.config.RetrievalConfig` describes, over ``item_embeddings``."""
-        return cls(item_embeddings, index=retrieval.index, nprobe=retrieval.nprobe, ef_search=retrieval.ef_search,
-                   refine_k=retrieval.refine_k, threads=threads)
+    def _build_auto(self, n: int, dim: int, train_rows, blocks, search: tuple, check_queries) -> None:
+        """The auto guard (:func:`auto_index`): the fast candidate, kept when its recall of the exact top-N over
+        the check queries reaches :data:`AUTO_MIN_RECALL_OF_EXACT`; else the safe ``self.spec`` (IVF, Flat).
+        Explicit ``retrieval.nprobe`` / ``refine_k`` apply to whichever is built (the check measures it so)."""
+        fallback = self.spec
+        nprobe, ef_search, refine_k = search
+        candidate = auto_fast_index(n, dim)
+        queries = _check_queries(check_queries, dim)
+        check = {"candidate": candidate, "candidate_recall_of_exact": None,
+                 "check_users": 0 if queries is None else int(queries.shape[0]),
+                 "check_vectors": 0 if queries is None else int(queries.shape[0] * queries.shape[1]),
+                 "top_n": AUTO_CHECK_TOP_N, "min_recall": AUTO_MIN_RECALL_OF_EXACT, "kept": False}
+        centroids = None
+        if candidate is None:
+            reason = f"faiss builds no 4-bit fast-scan candidate for d={dim}"
+        elif queries is None:
+            reason = "no check queries (the model's interest vectors) at this build: not verified"
+        else:
+            self.spec = candidate
+            self._adopt(self._fill(_factory(dim, candidate, "auto"), train_rows, blocks, n),
+                        fast_nprobe(candidate) if nprobe is None else nprobe, ef_search, refine_k)
+            recall = self._recall_of_exact(queries, blocks, AUTO_CHECK_TOP_N)
+            check["candidate_recall_of_exact"] = recall
+            if recall >= AUTO_MIN_RECALL_OF_EXACT:
+                check.update(kept=True, reason=f"recall of the exact top-{AUTO_CHECK_TOP_N} {recall:.4f} >= "
+                                               f"{AUTO_MIN_RECALL_OF_EXACT}")
+                self.auto_check = check
+                log.info("retrieval index auto: %s (%s) kept: it finds %.4f of the exact top-%d of %d check users "
+                         "(>= %s)", candidate, self.params, recall, AUTO_CHECK_TOP_N, check["check_users"],
+                         AUTO_MIN_RECALL_OF_EXACT)
+                return
+            reason = (f"recall of the exact top-{AUTO_CHECK_TOP_N} {recall:.4f} < {AUTO_MIN_RECALL_OF_EXACT}")
+            centroids = _coarse_centroids(self.index)  # the same cells: the fallback skips its k-means
+            self.index = None  # free the candidate before the fallback is filled
+        self.spec = fallback
+        self._adopt(self._fill(_factory(dim, fallback, "auto"), train_rows, blocks, n, centroids), *search)
+        check["reason"] = reason
+        self.auto_check = check
+        log.info("retrieval index auto: %s (%s); the fast candidate %s was not kept: %s", fallback, self.params,
+                 candidate, reason)
+
+    def _recall_of_exact(self, queries: np.ndarray, blocks, n: int) -> float:
+        """Mean over the check users of the share of their exact top-``n`` (per interest, merged as
+        :meth:`search_multi` merges) that this index's top-``n`` holds; exact by brute force over ``blocks()``."""
+        u, k, d = queries.shape
+        got, _ = self.search_multi(queries, n)
+        ids, scores = _exact_topn(blocks, queries.reshape(u * k, d), n)
+        exact, _ = merge_candidates(ids.reshape(u, -1), scores.reshape(u, -1), n)
+        hit = row_isin(got, exact) & (got > 0)
+        return float(np.mean(hit.sum(1) / np.maximum(1, (exact > 0).sum(1))))
+
+    def record(self) -> dict:
+        """What a model folder records of this index (``folder.json``'s ``index``): the spec, the search parameters
+        set, and the auto guard's decision (``auto_check``) where there was one."""
+        out = {"spec": self.spec, **self.params}
+        if getattr(self, "auto_check", None) is not None:
+            out["auto_check"] = dict(self.auto_check)
+        return out
 
     def _adopt(self, built, nprobe, ef_search, refine_k) -> None:
         self.index = built
@@ -307,11 +442,14 @@ class ItemIndex:
 
     @classmethod
     def load(cls, path, spec: str, nprobe: Optional[int] = None, ef_search: Optional[int] = 128,
-             refine_k: Optional[int] = None, threads: Optional[int] = None) -> "ItemIndex":
-        """An index written by :meth:`save`; search parameters are set again (faiss does not store them all)."""
+             refine_k: Optional[int] = None, threads: Optional[int] = None,
+             auto_check: Optional[dict] = None) -> "ItemIndex":
+        """An index written by :meth:`save`; search parameters are set again (faiss does not store them all).
+        ``auto_check``: the auto guard's decision recorded beside it (:meth:`record`), kept as it is."""
         self = cls.__new__(cls)
         self.threads = set_faiss_threads(threads)
         self.spec = spec
+        self.auto_check = None if auto_check is None else dict(auto_check)
         built = faiss.read_index(str(path))
         self.mips_m2 = 0.0 if split_mips(spec)[0] else None
         self._adopt(built, nprobe, ef_search, refine_k)
@@ -413,6 +551,64 @@ def _stored_sq_norm(index) -> float:
     if pos[0, 0] < 0:
         raise ValueError("a MIPS index that returns nothing for the zero query: cannot recover its norm bound")
     return float(d2[0, 0])
+
+
+def _check_queries(queries, dim: int) -> Optional[np.ndarray]:
+    """The auto guard's check queries as ``[U, K, d]`` float32, at most :data:`AUTO_CHECK_USERS` users (the
+    first); None for none."""
+    if queries is None:
+        return None
+    q = queries.detach().float().cpu().numpy() if hasattr(queries, "detach") else np.asarray(queries)
+    if q.ndim == 2:
+        q = q[:, None, :]
+    if q.ndim != 3 or q.shape[2] != dim:
+        raise ValueError(f"check queries must be [U, K, {dim}] or [U, {dim}], got {q.shape}")
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        return None
+    return np.ascontiguousarray(q[:AUTO_CHECK_USERS], dtype=np.float32)
+
+
+def _exact_topn(blocks: Callable[[], Iterable[np.ndarray]], queries: np.ndarray, n: int
+                ) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-``n`` (ids 1..N, scores) of each query over the rows ``blocks()`` yields in id
+    order, one block at a time (no copy of the table); ties: the smaller id."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    ids = np.zeros((len(q), 0), np.int64)
+    scores = np.zeros((len(q), 0), np.float32)
+    start = 1
+    for block in blocks():
+        b = np.ascontiguousarray(block, dtype=np.float32)
+        if len(b):
+            sc, pos = faiss.knn(q, b, min(n, len(b)), metric=faiss.METRIC_INNER_PRODUCT)
+            ids = np.hstack([ids, np.where(pos >= 0, pos + start, 0)])
+            scores = np.hstack([scores, np.where(pos >= 0, sc, -np.inf).astype(np.float32)])
+            order = np.lexsort((ids, -scores), axis=1)[:, :n]
+            ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+        start += len(b)
+    return ids, scores
+
+
+def _coarse_centroids(index) -> Optional[np.ndarray]:
+    """The centroids of an index's inverted file (through wrappers such as RFlat), or None."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+    return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+
+def _set_centroids(index, centroids: np.ndarray) -> bool:
+    """Give an untrained inverted file (nothing else to train, e.g. ``IVF<n>,Flat``) these coarse centroids;
+    whether the index is trained now."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    if ivf.nlist != len(centroids) or ivf.d != centroids.shape[1] or ivf.quantizer.ntotal != 0:
+        return False
+    ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    ivf.is_trained = True
+    return bool(index.is_trained)
 
 
 def _train_sample_ids(n: int, train_size: int) -> np.ndarray:

@@ -4,7 +4,9 @@ A model folder is everything serving needs, with no reference back to the data o
 
 =================  ===========================================================================================
 ``folder.json``    format version, backbone, catalogue size, dimension, the retrieval index spec and its search
-                   parameters, the files present, and (informational) the prepared data it was trained on
+                   parameters (and, for ``retrieval.index=auto`` above the exact size, ``auto_check``: the auto
+                   guard's candidate, its measured recall of the exact top-N, the number of check users, whether it
+                   was kept and why), the files present, and (informational) the prepared data it was trained on
 ``model.pt``       the backbone's best weights (interest extractor + item table)
 ``item_table.*``   models trained with the row-sharded table only: ``model.pt`` holds the dense weights, and the
                    table is in these ``.npy`` row blocks (one per training worker, in id order, row 0 first);
@@ -68,6 +70,8 @@ class FolderParts:
     #: writes the retrieval index to the path it is given (faiss's own format)
     save_index: Callable[[Path], None]
     #: the index's spec string and search parameters, recorded in ``folder.json``
+    #: (``eimf.evaluation.retrieval.ItemIndex.record``: ``{"spec": ..., "nprobe": ..., ..., "auto_check": {...}}``;
+    #: ``auto_check`` only where the auto guard ran, so folders without it read unchanged)
     index_spec: dict
     metrics: dict = field(default_factory=dict)
     head_state: Optional[dict] = None
@@ -169,6 +173,7 @@ class LocalFolder:
 
     @property
     def index_spec(self) -> dict:
+        """``{"spec": ..., <search parameters>}``, and ``auto_check`` where the auto guard ran (optional)."""
         return self.manifest["index"]
 
     def has(self, name: str) -> bool:

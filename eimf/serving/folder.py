@@ -16,9 +16,12 @@ import pandas as pd
 import torch
 
 from eimf.config import Config
+from eimf.evaluation import retrieval as retrieval_mod
+from eimf.evaluation.evaluate import history_batch
 from eimf.evaluation.retrieval import ItemIndex
 from eimf.formats import model_folder as fmt
 from eimf.formats.model_folder import ModelFolderError  # noqa: F401  (callers catch it from here)
+from eimf.formats.prepared import read_split
 from eimf.models import build_model
 from eimf.modules.alignment import EIMFHead
 from eimf.serving.explain import PhraseTable
@@ -55,7 +58,7 @@ class ModelFolder:
                                     "vector": list(np.asarray(self.phrases.vectors, dtype=np.float32))})
         return fmt.write(path, fmt.FolderParts(
             state=self.model.state_dict(), cfg=self.cfg, items=self.items, save_index=self.index.save,
-            index_spec={"spec": self.index.spec, **self.index.params}, metrics=self.metrics,
+            index_spec=self.index.record(), metrics=self.metrics,
             head_state=None if self.head is None else self.head.state_dict(), phrases=phrases,
             data_path=self.data_path, table_parts=self.table_parts))
 
@@ -76,7 +79,7 @@ class ModelFolder:
                 spec = folder.index_spec
                 item_index = ItemIndex.load(folder.index_file, spec["spec"], nprobe=spec.get("nprobe"),
                                             ef_search=spec.get("efSearch"), refine_k=spec.get("k_factor_rf"),
-                                            threads=threads)
+                                            threads=threads, auto_check=spec.get("auto_check"))
                 if item_index.n_items != folder.n_items:
                     raise ModelFolderError(f"{folder.index_file}: {item_index.n_items} items, the model has "
                                            f"{folder.n_items}")
@@ -91,9 +94,65 @@ class ModelFolder:
                    phrases=phrases, data_path=folder.manifest.get("data_path"))
 
 
-def build_index(model, cfg: Config, threads: Optional[int] = None) -> ItemIndex:
-    """The ``retrieval`` setting's index over the model's item table."""
-    return ItemIndex.from_config(model.item_embeddings().detach().float().cpu().numpy(), cfg.retrieval, threads)
+def build_index(model, cfg: Config, threads: Optional[int] = None, data_path: Optional[str] = None,
+                check_queries=None) -> ItemIndex:
+    """The ``retrieval`` setting's index over the model's item table.
+
+    ``retrieval.index=auto`` above ``AUTO_EXACT_MAX_ITEMS`` items checks its fast candidate with the model's
+    interest vectors (eimf.evaluation.retrieval.auto_index): ``check_queries`` if given, else those of up to
+    ``AUTO_CHECK_USERS`` VALID users of the prepared data at ``data_path`` (:func:`check_interests`). With neither
+    it builds the safe IVF,Flat, unverified, and records why."""
+    table = model.item_embeddings().detach().float().cpu().numpy()
+    if check_queries is None and data_path and needs_check(cfg, len(table) - 1):
+        check_queries = check_interests(model, cfg, data_path)
+    return ItemIndex.from_config(table, cfg.retrieval, threads, check_queries=check_queries)
+
+
+def needs_check(cfg: Config, n_items: int) -> bool:
+    """Whether the index of ``cfg.retrieval`` over ``n_items`` goes through the auto guard (so wants check
+    queries)."""
+    return cfg.retrieval.index == "auto" and n_items > retrieval_mod.AUTO_EXACT_MAX_ITEMS
+
+
+def check_interests(model, cfg: Config, data_path: str, table_parts: Optional[List[str]] = None,
+                    max_users: Optional[int] = None) -> Optional[np.ndarray]:
+    """The auto guard's check queries: the interest vectors ``[U, K, d]`` of up to ``max_users`` (default
+    ``AUTO_CHECK_USERS``) users of the VALID split of the prepared data at ``data_path``, a fixed-seed sample, their
+    last ``model.maxlen`` history items as evaluation feeds them. ``table_parts``: the ``.npy`` row blocks of a
+    sharded export (the backbone's table is then ``BatchRows``, given the histories' rows from the blocks). None,
+    with a warning, when the split cannot be read or is empty."""
+    max_users = retrieval_mod.AUTO_CHECK_USERS if max_users is None else int(max_users)
+    try:
+        valid = read_split(data_path, "valid")
+    except (OSError, ValueError) as e:  # no prepared data any more: the guard falls back, unverified
+        log.warning("retrieval index auto: no VALID split at %s to check the fast index with (%s)", data_path, e)
+        return None
+    if len(valid) == 0 or max_users <= 0:
+        return None
+    if len(valid) > max_users:
+        valid = valid.iloc[np.sort(np.random.default_rng(0).choice(len(valid), max_users, replace=False))]
+    hist, mask = history_batch(list(valid["history"]), int(cfg.model.maxlen))
+    hist_t = torch.from_numpy(np.asarray(hist, dtype=np.int64))
+    with torch.no_grad():
+        if table_parts:
+            ids = torch.unique(torch.cat([torch.zeros(1, dtype=torch.int64), hist_t.reshape(-1)]))
+            model.item_emb.set(ids, torch.from_numpy(_rows_of(table_parts, ids.numpy())))
+        out = model.interests(hist_t, torch.from_numpy(np.asarray(mask)))
+    return out.detach().float().cpu().numpy()
+
+
+def _rows_of(parts: List[str], ids: np.ndarray) -> np.ndarray:
+    """Rows of global ids ``ids`` (sorted) from ``.npy`` row blocks in id order, row 0 first."""
+    out, start = [], 0
+    for p in parts:
+        block = np.load(p, mmap_mode="r")
+        lo, hi = np.searchsorted(ids, [start, start + len(block)])
+        out.append(np.asarray(block[ids[lo:hi] - start], dtype=np.float32))
+        start += len(block)
+    rows = np.concatenate(out)
+    if len(rows) != len(ids):
+        raise ModelFolderError(f"item table blocks hold {start} rows, an id up to {int(ids.max())} was asked for")
+    return rows
 
 
 def backbone_from_state(cfg: Config, state: dict, n_items: int) -> torch.nn.Module:

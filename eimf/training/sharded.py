@@ -368,8 +368,16 @@ class ShardedItemIndex(ItemIndex):
         if cells and len(rows) - 1 < 40 * cells:
             # a shard too small for the catalogue's cell count
             spec = resolve_index("auto", len(rows) - 1)
+        # ``auto`` is resolved here, so the guard (eimf.evaluation.retrieval.auto_index) never runs per shard: a
+        # shard's build has no check queries (the interests are computed collectively by the evaluation that
+        # searches this index), and a candidate checked on one shard's rows says nothing of the merged top list.
+        # The safe IVF,Flat of auto_index it is, recorded as unverified.
         super().__init__(rows, index=spec, nprobe=retrieval.nprobe, ef_search=retrieval.ef_search,
                          refine_k=retrieval.refine_k, threads=threads)
+        if retrieval.index == "auto" and not self.exact:
+            self.auto_check = {"candidate": None, "candidate_recall_of_exact": None, "check_users": 0,
+                               "check_vectors": 0, "kept": False,
+                               "reason": "row-sharded evaluation index: built per shard, no check queries"}
         self.first_id = max(offset, 1)  # global id of this index's first row (local id 1)
         self.total_items = n_items
 
