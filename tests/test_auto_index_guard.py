@@ -223,3 +223,22 @@ def test_check_interests_of_a_sharded_export_read_the_row_blocks(tmp_path):
     dense.eval()
     np.testing.assert_allclose(check_interests(dense, cfg, data, table_parts=parts),
                                check_interests(whole, cfg, data), rtol=1e-5, atol=1e-6)
+
+
+def test_the_export_step_checks_auto_with_the_models_valid_users(tmp_path):
+    """eimf.steps.export.from_checkpoint (what the pipeline's export stage runs) hands the guard the interests of
+    the prepared data's VALID users: the folder's index is checked, not left unverified."""
+    from eimf.formats import checkpoints as ckpt
+    from eimf.steps.export import from_checkpoint
+
+    table = clustered_table()
+    cfg, model = _model_with_table(table)
+    data = _prepared_valid(tmp_path / "prepared")
+    pd.DataFrame({"item": np.arange(1, N + 1), "raw_id": [str(i) for i in range(N)], "text": "",
+                  "count": 1}).to_parquet(tmp_path / "prepared" / "items.parquet")
+    (tmp_path / "ckpt").mkdir()
+    torch.save(model.state_dict(), tmp_path / "ckpt" / ckpt.BEST_MODEL)
+    folder = from_checkpoint(tmp_path / "ckpt", cfg, data, head_file=None)
+    check = folder.index.auto_check
+    assert check["check_users"] == retrieval.AUTO_CHECK_USERS and check["kept"], check
+    assert folder.index.spec == FAST.format(9)

@@ -56,7 +56,9 @@ def evaluate_splits(model_dir: str, splits: Sequence[str] = ("valid", "test"), w
                     per_user: Optional[Dict[str, pd.DataFrame]] = None) -> Dict[str, float]:
     """``{"<split>/recall@50": ..., "<split>/mostpop/recall@50": ...}`` for each split, through the folder's own
     retrieval index (the ``retrieval`` setting it was exported with); an approximate one adds ``<split>/ann/...``
-    beside exact plain keys (module doc). The model and the data are read once.
+    beside exact plain keys (module doc), and a folder whose ``auto`` index checked its fast candidate at export
+    adds ``index/auto_candidate_recall_of_exact`` and ``index/auto_candidate_kept`` (0/1). The model and the data
+    are read once.
     ``data_path``: the prepared dataset, by default the one recorded in the folder. ``per_user``: a dict that
     receives each split's per-user metrics (``MetricAccumulator.per_user``), for paired comparisons."""
     folder = ModelFolder.load(model_dir)
@@ -77,6 +79,10 @@ def evaluate_splits(model_dir: str, splits: Sequence[str] = ("valid", "test"), w
     if not folder.index.exact:  # built once for all splits; the metrics are never the lossy index's alone
         exact = ItemIndex(model.item_embeddings().detach().float().cpu().numpy(), index="Flat")
     out: Dict[str, float] = {}
+    check = folder.index.auto_check  # retrieval.index=auto's check of its fast candidate at export, if any
+    if check and check.get("candidate_recall_of_exact") is not None:
+        out["index/auto_candidate_recall_of_exact"] = float(check["candidate_recall_of_exact"])
+        out["index/auto_candidate_kept"] = float(bool(check["kept"]))
     for split in splits:
         split_df = getattr(data, split)
         acc = MetricAccumulator(topk, keep_users=per_user is not None)

@@ -32,7 +32,8 @@ from eimf.formats.prepared import read_split
 from eimf.models import build_model
 from eimf.plots import learning_curve
 from eimf.serving.explain import PhraseTable
-from eimf.serving.folder import ModelFolder, backbone_from_file, build_index, head_from_state
+from eimf.serving.folder import (ModelFolder, backbone_from_file, build_index, check_interests,
+                                 head_from_state, needs_check)
 from eimf.serving.pyfunc import log_recommender
 from eimf.steps import StepOutput, mlflow_run, numbers
 
@@ -77,9 +78,12 @@ def from_checkpoint(checkpoint_dir: Path, cfg: Config, data_path: str, weights: 
                 block = np.load(p, mmap_mode="r")
                 yield block[1:] if i == 0 else block
 
-        index = ItemIndex.from_blocks(blocks, len(items), int(cfg.model.dim), cfg.retrieval, threads)
+        # auto's fast candidate is checked with the model's own VALID users (their rows read from the blocks)
+        check = check_interests(model, cfg, data_path, table_parts=parts) if needs_check(cfg, len(items)) else None
+        index = ItemIndex.from_blocks(blocks, len(items), int(cfg.model.dim), cfg.retrieval, threads,
+                                      check_queries=check)
     else:
-        index = build_index(model, cfg, threads=threads)
+        index = build_index(model, cfg, threads=threads, data_path=data_path)
     return ModelFolder(model=model, cfg=cfg, items=items, index=index, metrics=metrics, head=head,
                        phrases=phrases, data_path=str(data_path), table_parts=parts, _scratch=scratch)
 
