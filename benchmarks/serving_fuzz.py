@@ -1,12 +1,18 @@
-"""Fuzz both ways of serving a registered model with generated and hostile requests, and check that they survive.
+"""Fuzz the ways of serving a registered model with generated and hostile requests, and check that they survive.
 
     MLFLOW_TRACKING_URI=sqlite:////tmp/fuzz/home/mlflow.db \\
     python benchmarks/serving_fuzz.py --server both --requests 10000 --seed 0 --model-uri models:/eimf-ml-1m/1 \\
         --output docs/benchmarks/serving_fuzz.json
 
-- Ray Serve (the app of :mod:`eimf.serving.ray_serve`, on a Ray started here): schemathesis generates positive and
-  negative requests from the app's own ``/openapi.json`` and checks each answer against it (a documented status, the
-  documented content type and body schema).
+``--server``: ``ray``, ``mlflow``, ``both`` (those two), ``eimf-serve`` or ``all`` (the three).
+
+- Ray Serve (the app of :mod:`eimf.serving.ray_serve`, deployed with ``serve.run`` on a Ray started here, so clients
+  reach it through Ray's proxy): schemathesis generates positive and negative requests from the app's own
+  ``/openapi.json`` and checks each answer against it (a documented status, the documented content type and body
+  schema).
+- ``eimf serve`` itself (a subprocess with a Ray of its own): with one replica its port is the replica's own HTTP
+  server (Ray Serve's direct ingress), not the proxy, so the same schemathesis requests and hostile cases reach the
+  server that faces clients in production.
 - ``mlflow models serve``: hypothesis generates requests (valid and hostile field values) in every input format the
   scoring server accepts: ``dataframe_split``, ``dataframe_records``, ``inputs`` (rows and columns), ``instances``
   and CSV.
@@ -21,12 +27,14 @@ whether a fixed correct request is answered identically (ids and scores) before 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -101,6 +109,8 @@ class Tally:
             self.log_offset = f.tell()
         if "Traceback" not in new:
             return None, False
+        # Ray prints its workers' lines on the driver behind "(ServeReplica:eimf:Recommend pid=123) "
+        new = re.sub(r"(?m)^\([\w:.-]+ pid=\d+(, ip=[\d.]+)?\) ", "", new)
         block = new[new.rindex("Traceback"):]
         last = [line for line in block.splitlines() if re.match(r"^[\w.]+(Error|Exception|Exit)\b", line)]
         return (last[0][:120] if last else None), "/eimf/" in block
@@ -422,10 +432,11 @@ def slow_and_abandoned(host: str, port: int, path: str, body: bytes, tally: Tall
 
 
 # ------------------------------------------------------------------------------------------------ processes
-def ray_serving_pids(app_name: str = "eimf") -> Dict[str, int]:
-    """The Serve replica and proxy actors of this Ray (descendants of this process, which started it)."""
+def ray_serving_pids(app_name: str = "eimf", root: Optional[int] = None) -> Dict[str, int]:
+    """The Serve replica and proxy actors of the Ray started by ``root`` (default: this process): its
+    descendants."""
     out = {}
-    for p in psutil.Process().children(recursive=True):
+    for p in psutil.Process(root).children(recursive=True):
         try:
             title = " ".join(p.cmdline())
         except psutil.Error:
@@ -488,7 +499,7 @@ def fuzz_server(server: str, base: str, path: str, good: dict, known_ids: Sequen
     slow_and_abandoned(host, int(port), path, good_request.body, tally, url)
     assert answer() == before_answer, "a correct request changed its answer during the slow/abandoned sockets"
     left = max(0, n - tally.sent)
-    if server == "ray":
+    if server != "mlflow":  # Ray Serve's app, through the proxy or on the replica's own server
         fuzz_openapi(base, path, left, seed_value, tally)
     else:
         fuzz_mlflow_generated(url, known_ids, left, seed_value, tally)
@@ -546,6 +557,53 @@ def fuzz_ray(model_uri: str, tracking_uri: Optional[str], port: int, known_ids: 
         serve.shutdown()
 
 
+def start_eimf_serve(model_uri: str, tracking_uri: Optional[str], port: int, log: Path) -> subprocess.Popen:
+    """``eimf serve`` as a user starts it: a Ray of its own (no ``RAY_ADDRESS``), in a process group of its own so
+    that SIGINT can go to the whole group, as a terminal's Ctrl-C sends it."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return subprocess.Popen([sys.executable, "-m", "eimf.cli", "serve", model_uri, "--port", str(port)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGINT, grace_s: float = 60) -> Optional[int]:
+    """Send ``sig`` to ``proc``'s process group and wait for it; SIGKILL the group if it has not exited within
+    ``grace_s``. Its exit status (None if it had to be killed)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            return proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+    with contextlib.suppress(ProcessLookupError):  # whatever of its group outlived it
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode
+
+
+def fuzz_eimf_serve(model_uri: str, tracking_uri: Optional[str], port: int, known_ids: Sequence[str], n: int,
+                    seed_value: int, log: Path) -> dict:
+    """Start ``eimf serve`` on ``port`` (the replica's own HTTP server), fuzz it as :func:`fuzz_ray` fuzzes the
+    app behind the proxy, and stop it with Ctrl-C (SIGINT to its group). The processes compared before and after
+    are its Serve replica and proxy (descendants of the command); ``exit_status``: the command's, after SIGINT."""
+    from eimf.serving.ray_serve import ROUTE
+
+    proc = start_eimf_serve(model_uri, tracking_uri, port, log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=600)
+        good = {"history": list(known_ids[:20]), "k": 10, "exclude_seen": False}
+        result = fuzz_server("eimf-serve", f"http://127.0.0.1:{port}", ROUTE, good, known_ids, n, seed_value,
+                             lambda: ray_serving_pids(root=proc.pid), ray_answer, lambda body: body, log)
+    finally:
+        status = stop_group(proc)
+    result.update(exit_status=status, log=str(log))
+    return result
+
+
 def start_mlflow_serve(model_uri: str, tracking_uri: Optional[str], port: int, log: Path) -> subprocess.Popen:
     # mlflow starts uvicorn by name: the venv's bin must be on PATH, as in an activated venv
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -589,6 +647,8 @@ def problems(result: dict) -> List[str]:
     """What breaks the requirements: 5xx other than 503 (for MLflow: other than its documented causes), crashed
     or restarted processes, RSS off by more than 10 %, a changed answer."""
     out = []
+    if result.get("exit_status", 0) != 0:
+        out.append(f"exit status after SIGINT: {result['exit_status']} (None: killed after 60 s)")
     undocumented = [c for c, entry in result["causes_5xx"].items()
                     if result["server"] != "mlflow" or not mlflow_cause(c, entry)]
     if undocumented:
@@ -602,6 +662,10 @@ def problems(result: dict) -> List[str]:
     return out
 
 
+SERVER_NAMES = {"ray": "Ray Serve through its proxy (`serve.run`)", "mlflow": "`mlflow models serve`",
+                "eimf-serve": "`eimf serve` (the replica's own server)"}
+
+
 def markdown(results: List[dict], top_reasons: int = 8) -> str:
     lines = ["| server | requests | 2xx | 4xx by reason | 5xx | 503 | dropped | crashed or restarted | "
              "RSS start / after warm-up -> end (MB) | same answer after |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -612,7 +676,7 @@ def markdown(results: List[dict], top_reasons: int = 8) -> str:
             reasons += (f"<br>{sum(n for _, n in ranked[top_reasons:])} × {len(ranked) - top_reasons} other reasons"
                         " (the JSON lists them)")
         causes = "<br>".join(f"{v['count']} × `{c.replace('|', '/')}`" for c, v in r["causes_5xx"].items())
-        name = "Ray Serve (`eimf serve`)" if r["server"] == "ray" else "`mlflow models serve`"
+        name = SERVER_NAMES.get(r["server"], r["server"])
         lines.append(f"| {name} | {r['sent']} | {r['2xx']} | {reasons} | {r['5xx']}{'<br>' + causes if causes else ''}"
                      f" | {r['503']} | {sum(r['dropped'].values())} | {len(r['crashed_or_restarted']) // 2} | "
                      f"{r['rss_mb_start']} / {r['rss_mb_before']} -> {r['rss_mb_after']} | "
@@ -628,7 +692,8 @@ def known_ids_of(model_uri: str) -> List[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--server", choices=("ray", "mlflow", "both"), default="both")
+    p.add_argument("--server", choices=("ray", "mlflow", "both", "eimf-serve", "all"), default="both",
+                   help="both: ray and mlflow; all: those and eimf-serve")
     p.add_argument("--requests", type=int, default=10_000, help="per server")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-uri", help="required unless --table-from")
@@ -646,12 +711,17 @@ def main(argv=None) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     known = known_ids_of(args.model_uri)
     results = []
-    if args.server in ("mlflow", "both"):
+    if args.server in ("mlflow", "both", "all"):
         log = Path(tempfile.mkdtemp(prefix="serving-fuzz-")) / "mlflow-serve.log"
         print(f"mlflow models serve logs to {log}", flush=True)
         results.append(fuzz_mlflow(args.model_uri, args.tracking_uri, args.port or free_port(), known,
                                    args.requests, args.seed, log))
-    if args.server in ("ray", "both"):
+    if args.server in ("eimf-serve", "all"):
+        log = Path(tempfile.mkdtemp(prefix="serving-fuzz-")) / "eimf-serve.log"
+        print(f"eimf serve logs to {log}", flush=True)
+        results.append(fuzz_eimf_serve(args.model_uri, args.tracking_uri, args.port or free_port(), known,
+                                       args.requests, args.seed, log))
+    if args.server in ("ray", "both", "all"):
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -320,6 +320,24 @@ def test_fuzzing_ray_serve_gives_no_5xx_and_leaves_it_serving(registered, free_p
     _assert_survived(result)
 
 
+def test_fuzzing_eimf_serve_on_its_replicas_own_server_gives_no_5xx(registered, free_port, tmp_path):
+    """The same fuzzing against `eimf serve` itself: with one replica its port is the replica's own HTTP server
+    (Ray Serve's direct ingress), which the proxy no longer shields from slow, abandoned, huge or malformed
+    requests. Then Ctrl-C (SIGINT to its group) must still stop it cleanly."""
+    uri, ref, server, _ = registered
+    log = tmp_path / "eimf-serve.log"
+    port = free_port()
+    result = serving_fuzz.fuzz_eimf_serve(uri, server, port, _known_ids(ref), FUZZ_REQUESTS, FUZZ_SEED, log)
+    assert f"at http://127.0.0.1:{port}/recommend" in log.read_text() and "Ray's proxy at" in log.read_text(), \
+        "the fuzzed port is not the replica's own server"
+    assert set(result["pids_before"]) == {"ServeReplica:eimf:Recommend", "ProxyActor"}, result["pids_before"]
+    assert result["5xx"] == 0 and result["503"] == 0, result["causes_5xx"]
+    assert not result["dropped"], result["dropped"]
+    assert not result["check_failures"], result["check_examples"]
+    _assert_survived(result)
+    assert result["exit_status"] == 0, log.read_text()[-3000:]
+
+
 def test_fuzzing_mlflow_models_serve_gives_only_mlflows_own_5xx(registered, free_port, tmp_path):
     """hypothesis bodies in every input format plus the hostile cases. The only 5xx allowed are the MLflow-side
     causes listed in serving_fuzz.MLFLOW_CAUSES (docs/serving.md, "Faults that are MLflow's own"), and each must
