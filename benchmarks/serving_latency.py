@@ -108,15 +108,17 @@ def ray_serve(args, bodies) -> dict:
     import ray
     from ray import serve
 
-    from eimf.serving.ray_serve import app
+    from eimf.serving.ray_serve import app, direct_ingress_on, give_the_replica_the_port
 
     port = free_port()
     for pair in args.ray_env:  # Ray Serve's own switches are read from the environment of its processes
         key, _, value = pair.partition("=")
         os.environ[key] = value
+    # as eimf serve does: with direct ingress the clients' port is the replica's own server, the proxy is elsewhere
+    proxy_port = give_the_replica_the_port("127.0.0.1", port) if direct_ingress_on() else port
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
         serve.run(app({"model_uri": args.model_uri, "max_batch_size": args.max_batch_size,
                        "batch_wait_timeout_s": args.batch_wait_timeout_s, "threads": args.threads}),
                   name="eimf", route_prefix="/")

@@ -3,8 +3,8 @@ clients for ``--duration`` seconds each (Locust, headless, no think time, 1 s pa
 benchmarks/serving_locustfile.py).
 
 Servers (``--servers``):
-- ``ray``: ``eimf serve`` (the Ray Serve app on a Ray of its own; one replica, batches of up to 64, at most 64
-  requests in work and 64 waiting, 503 past them);
+- ``ray``: ``eimf serve`` (the Ray Serve app on a Ray of its own; one replica answering on its own HTTP server,
+  batches of up to 64, at most 64 requests admitted, 503 past them; ``--serve-args`` changes them);
 - ``mlflow``: ``mlflow models serve --workers 1``; ``mlflow2``: ``--workers 2``;
 - ``mlflow2-limited``: ``--workers 2`` with ``UVICORN_LIMIT_CONCURRENCY=32`` (uvicorn answers 503 past 32
   connections per worker: MLflow has no option of its own for it).
@@ -14,7 +14,10 @@ and the resident memory of the serving processes at the end (the replica and pro
 server's process tree for MLflow). For Ray Serve also the replica's own time of the accepted requests (p50 / p99
 from its access log): the part of their latency spent inside the app, batch queue included; the rest is the
 socket, the HTTP parsing and the client. Each request is one real test user (the last 50 of their history, k = 50).
-The clients run on the same cores as the server: the figures include their cost.
+The clients run on the same cores as the server unless ``--pin-clients CPU`` gives them a core of their own (the
+server's processes then get the others): the figures include their cost, and each row gives the CPU seconds
+the clients spent (``client_cpu_s``). ``eimf serve``'s port is its replica's own HTTP server (direct ingress);
+``RAY_SERVE_ENABLE_DIRECT_INGRESS=0`` in the environment measures the path through Ray's proxy instead.
 
     python benchmarks/serving_load.py --model-uri models:/eimf-ml-1m/1 --histories <prepared ml-1m>/test.parquet \\
         --output docs/benchmarks/serving_load.json
@@ -25,6 +28,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import shlex
 import signal
 import subprocess
@@ -32,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -45,7 +50,19 @@ HERE = Path(__file__).resolve().parent
 SERVERS = ("ray", "mlflow", "mlflow2", "mlflow2-limited")
 
 
-def start(server: str, model_uri: str, port: int, log: Path, serve_args=()) -> subprocess.Popen:
+def cpus_apart(pin: Optional[int]) -> Tuple[Optional[set], Optional[set]]:
+    """(the server's CPUs, the clients' CPUs) for ``--pin-clients``: the clients on core ``pin``, the server on the
+    rest; (None, None) when unpinned."""
+    if pin is None:
+        return None, None
+    every = os.sched_getaffinity(0)
+    if pin not in every or len(every) < 2:
+        raise SystemExit(f"--pin-clients {pin}: this process may run on CPUs {sorted(every)}; need {pin} and another")
+    return every - {pin}, {pin}
+
+
+def start(server: str, model_uri: str, port: int, log: Path, serve_args=(), cpus: Optional[set] = None
+          ) -> subprocess.Popen:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     if server == "ray":
         env.pop("RAY_ADDRESS", None)
@@ -56,7 +73,10 @@ def start(server: str, model_uri: str, port: int, log: Path, serve_args=()) -> s
             env["UVICORN_LIMIT_CONCURRENCY"] = "32"
         cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
                "--host", "127.0.0.1", "--port", str(port), "--workers", workers]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # Affinity is inherited: Ray's processes (raylet, proxy, replica) stay on the server's CPUs.
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=pin)
     if server == "ray":
         wait(f"http://127.0.0.1:{port}/health", ok=200)
     else:
@@ -64,27 +84,35 @@ def start(server: str, model_uri: str, port: int, log: Path, serve_args=()) -> s
     return proc
 
 
-def serving_rss_mb(server: str, proc: subprocess.Popen) -> float:
-    """Resident memory of the processes that serve: Ray Serve's replica and proxy; MLflow's whole tree."""
+def serving_rss_mb(server: str, proc: subprocess.Popen) -> Dict[str, float]:
+    """Resident memory (MB) of the processes that serve, by role: Ray Serve's ``replica`` and ``proxy`` actors;
+    MLflow's whole tree as ``server``. ``total`` sums them."""
     procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    total = 0
+    by_role: Dict[str, float] = {}
     for p in procs:
         try:
-            if server == "ray" and not any(n in " ".join(p.cmdline()) for n in ("ServeReplica", "ProxyActor")):
-                continue
-            total += p.memory_info().rss
+            cmd = " ".join(p.cmdline())
+            role = "server" if server != "ray" else \
+                "replica" if "ServeReplica" in cmd else "proxy" if "ProxyActor" in cmd else None
+            if role:
+                by_role[role] = by_role.get(role, 0.0) + p.memory_info().rss / 2**20
         except psutil.NoSuchProcess:
             continue
-    return total / 2**20
+    return {**by_role, "total": sum(by_role.values())}
 
 
-def run_locust(url: str, clients: int, duration: int, bodies: Path, path: str, out: Path) -> dict:
+def run_locust(url: str, clients: int, duration: int, bodies: Path, path: str, out: Path,
+               cpus: Optional[set] = None) -> dict:
     prefix = out / f"c{clients}"
     env = {**os.environ, "EIMF_LOAD_BODIES": str(bodies), "EIMF_LOAD_PATH": path}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-m", "locust", "-f", str(HERE / "serving_locustfile.py"), "--headless",
                     "-u", str(clients), "-r", str(clients), "-t", f"{duration}s", "--host", url,
                     "--csv", str(prefix), "--only-summary", "--stop-timeout", "10", "--loglevel", "ERROR"],
-                   env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=duration + 120)
+                   env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=duration + 120,
+                   preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # Locust is the only child waited for in between
+    client_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(open(f"{prefix}_stats.csv"))}
     every = rows[("POST", "recommend")]
     ok = rows.get(("STATUS", "200"))
@@ -96,7 +124,7 @@ def run_locust(url: str, clients: int, duration: int, bodies: Path, path: str, o
             "ok": accepted, "ok_p50_ms": float(ok["50%"]) if ok else float("nan"),
             "ok_p99_ms": float(ok["99%"]) if ok else float("nan"),
             "ok_p999_ms": float(ok["99.9%"]) if ok else float("nan"),
-            "shed_503": shed, "errors": n - accepted - shed}
+            "shed_503": shed, "errors": n - accepted - shed, "client_cpu_s": client_cpu_s}
 
 
 def main() -> None:
@@ -107,8 +135,11 @@ def main() -> None:
     p.add_argument("--clients", nargs="+", type=int, default=[1, 8, 64, 256])
     p.add_argument("--duration", type=int, default=60, help="seconds per level")
     p.add_argument("--serve-args", default="", help='more arguments to eimf serve, e.g. --serve-args="--max-queued 1"')
+    p.add_argument("--pin-clients", type=int, default=None, metavar="CPU",
+                   help="run the clients on this CPU and the server on the others (default: both on every CPU)")
     p.add_argument("--output")
     args = p.parse_args()
+    server_cpus, client_cpus = cpus_apart(args.pin_clients)
     test = pd.read_parquet(args.histories)
     items = pd.read_parquet(Path(args.histories).with_name("items.parquet"))
     raw = items.sort_values("item")["raw_id"].astype(str).to_numpy()
@@ -122,17 +153,22 @@ def main() -> None:
             body_file = tmp / f"{server}.json"
             body_file.write_text(json.dumps(wrapped))
             port = free_port()
-            proc = start(server, args.model_uri, port, tmp / f"{server}.log", shlex.split(args.serve_args))
+            proc = start(server, args.model_uri, port, tmp / f"{server}.log", shlex.split(args.serve_args),
+                         server_cpus)
             try:
-                rss_start = serving_rss_mb(server, proc)
-                run_locust(f"http://127.0.0.1:{port}", 4, 5, body_file, path, tmp)  # warm-up, not reported
+                rss_at_start = serving_rss_mb(server, proc)
+                rss_start = rss_at_start.pop("total")
                 # eimf serve's own Ray is the newest session (nothing else may run Ray beside this benchmark)
                 session = Path("/tmp/ray/session_latest").resolve() if server == "ray" else None
+                run_locust(f"http://127.0.0.1:{port}", 4, 5, body_file, path, tmp, client_cpus)  # warm-up, not reported
                 for clients in args.clients:
                     seen = len(replica_ms(session)) if session else 0
                     row = {"server": server, **run_locust(f"http://127.0.0.1:{port}", clients, args.duration,
-                                                          body_file, path, tmp),
-                           "rss_start_mb": rss_start, "rss_end_mb": serving_rss_mb(server, proc)}
+                                                          body_file, path, tmp, client_cpus),
+                           "rss_start_mb": rss_start, "rss_start_mb_by_process": rss_at_start}
+                    rss = serving_rss_mb(server, proc)
+                    row.update(rss_end_mb=rss["total"], rss_end_mb_by_process={k: v for k, v in rss.items()
+                                                                               if k != "total"})
                     if session:
                         time.sleep(2)  # the access log is written in buffered batches
                         own = np.asarray(replica_ms(session)[seen:])
@@ -151,13 +187,14 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
     print("| server | clients | requests | req/s | p50 ms | p99 ms | p99.9 ms | accepted p99 ms | in the replica: "
-          "accepted p50 / p99 ms | 503 | other errors | RSS MB start / end |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|")
+          "accepted p50 / p99 ms | 503 | other errors | clients' CPU (cores) | RSS MB start / end |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|")
     for r in rows:
         inside = f"{r['replica_ok_p50_ms']:.0f} / {r['replica_ok_p99_ms']:.0f}" if "replica_ok_p99_ms" in r else "-"
         print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['rps']:.0f} | {r['p50_ms']:.0f} | "
               f"{r['p99_ms']:.0f} | {r['p999_ms']:.0f} | {r['ok_p99_ms']:.0f} | {inside} | {r['shed_503']} | "
-              f"{r['errors']} | {r['rss_start_mb']:.0f} / {r['rss_end_mb']:.0f} |")
+              f"{r['errors']} | {r['client_cpu_s'] / args.duration:.2f} | "
+              f"{r['rss_start_mb']:.0f} / {r['rss_end_mb']:.0f} |")
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "date": time.strftime("%Y-%m-%d"),
                                                  "rows": rows}, indent=1))

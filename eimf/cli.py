@@ -147,7 +147,7 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from eimf.serving.ray_serve import openapi_document, serve_until_stopped
+    from eimf.serving.ray_serve import PortInUseError, openapi_document, serve_until_stopped
 
     if args.openapi:
         print(json.dumps(openapi_document(), indent=1))
@@ -156,8 +156,12 @@ def cmd_serve(args) -> int:
         raise UserError("eimf serve needs a model (a model folder or an MLflow model URI), or --openapi")
     limits = {k: v for k, v in (("max_in_flight", args.max_in_flight), ("max_ongoing_requests", args.max_ongoing),
                                 ("max_queued_requests", args.max_queued)) if v is not None}
-    serve_until_stopped(args.model, host=args.host, port=args.port, num_replicas=args.replicas,
-                        max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000, **limits)
+    try:
+        serve_until_stopped(args.model, host=args.host, port=args.port, num_replicas=args.replicas,
+                            max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                            **limits)
+    except PortInUseError as e:
+        raise UserError(str(e)) from e
     return 0
 
 
@@ -207,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--replicas", type=int, default=1)
     sv.add_argument("--max-batch-size", type=int, default=64)
     sv.add_argument("--batch-wait-ms", type=float, default=0.0, help="how long a batch waits to fill")
-    sv.add_argument("--max-in-flight", type=int, help="requests a replica holds; past them, 503 at once (default 128)")
+    sv.add_argument("--max-in-flight", type=int, help="requests a replica holds; past them, 503 at once (default 64)")
     sv.add_argument("--max-ongoing", type=int, help="Ray Serve's max_ongoing_requests per replica (default 256)")
     sv.add_argument("--max-queued", type=int, help="Ray Serve's max_queued_requests (default 64)")
     sv.add_argument("--openapi", action="store_true", help="print the API's OpenAPI document and exit")

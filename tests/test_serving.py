@@ -2,6 +2,7 @@
 contract of the Recommender (raw ids in and out, interest attribution and labels, clear errors)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +285,34 @@ def test_the_app_refuses_past_its_in_flight_limit_with_503_before_reading_the_bo
         assert InFlightLimit.in_flight == 0
     finally:
         InFlightLimit.limit = before
+
+
+def test_eimf_serve_gives_its_port_to_the_replica_and_refuses_a_taken_one(monkeypatch):
+    """With direct ingress, the port clients were told becomes Ray's whole port range for replicas' servers (so a
+    restarted replica takes it again, with no quarantine), the proxy gets another free port, and a taken port is a
+    clear error before Ray starts."""
+    import socket
+
+    from eimf.serving import ray_serve
+
+    for key in ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
+                "RAY_SERVE_PORT_QUARANTINE_S", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
+        monkeypatch.delenv(key, raising=False)
+    assert not ray_serve.direct_ingress_on()
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    assert ray_serve.direct_ingress_on()
+    monkeypatch.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
+    assert not ray_serve.direct_ingress_on()
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        held.listen()
+        with pytest.raises(ray_serve.PortInUseError, match=str(taken)):
+            ray_serve.give_the_replica_the_port("127.0.0.1", taken)
+    port = taken  # free again
+    proxy = ray_serve.give_the_replica_the_port("127.0.0.1", port)
+    assert proxy != port
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == str(port)
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == str(port + 1)  # Ray's range is [min, max)
+    assert os.environ["RAY_SERVE_PORT_QUARANTINE_S"] == "0"  # monkeypatch puts the environment back after

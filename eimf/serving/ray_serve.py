@@ -2,24 +2,26 @@
 (FastAPI, so the contract of :mod:`eimf.serving.schema` is published at ``/openapi.json``), and concurrent requests
 batched into one forward pass and one index search.
 
-    eimf serve models:/eimf-ml-1m/1                      # starts Ray, serves on :8000, Ctrl-C stops it all
+    eimf serve models:/eimf-ml-1m/1           # starts Ray; :8000 is the replica's own server; Ctrl-C stops it all
     serve run eimf.serving.ray_serve:app model_uri=models:/eimf-ml-1m/1        # on a running Ray cluster
     curl -s -X POST http://127.0.0.1:8000/recommend -H 'Content-Type: application/json' \\
          -d '{"history": ["1193", "661", "914"], "k": 5}'
 
 Routes: ``POST /recommend`` (one user), ``GET /health``, ``GET /openapi.json``, ``GET /docs``. Every error answer is
 :class:`~eimf.serving.schema.ErrorResponse` ``{"error": {"field", "reason"}}``: 400 for a body that is not JSON,
-413 for a body over 1 MiB (refused before it is read), 415 for a body not sent as JSON, 422 for JSON that breaks the contract or names
-no known item, 404/405 for a wrong route or method. Past ``max_ongoing_requests`` + ``max_queued_requests`` in
-flight, Ray Serve answers 503 at once instead of queueing without bound. A request is validated on its own before
-it joins a batch, so a bad request never fails the others.
+413 for a body over 1 MiB (refused before it is read), 415 for a body not sent as JSON, 422 for JSON that breaks the
+contract or names no known item, 404/405 for a wrong route or method. Past ``max_in_flight`` requests in a replica
+(and past Ray's ``max_ongoing_requests`` + ``max_queued_requests``), 503 at once instead of a queue without bound.
+A request is validated on its own before it joins a batch, so a bad request never fails the others.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from typing import List
@@ -44,7 +46,9 @@ log = logging.getLogger(__name__)
 #: Larger bodies get 413 unread: a 10,000-id history is about 100 KB.
 MAX_BODY_BYTES = 1 << 20
 #: Requests one replica holds (waiting for a batch or in one); past it, the app answers 503 at once (InFlightLimit).
-MAX_IN_FLIGHT = 128
+#: 64 kept the accepted p99 at 256 clients within 15 % of its value at 64 (150 against 130 ms); 128 doubled it
+#: (docs/serving.md, Load).
+MAX_IN_FLIGHT = 64
 #: Ray Serve's own limits, above the app's so that its queue stays empty: past both, Ray answers 503 too.
 MAX_ONGOING = 256
 MAX_QUEUED = 64
@@ -207,21 +211,72 @@ def openapi_document() -> dict:
     return json.loads(json.dumps(api.openapi()))
 
 
+class PortInUseError(RuntimeError):
+    """``eimf serve``'s port is taken by another process."""
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def direct_ingress_on() -> bool:
+    """Whether Ray Serve gives ingress replicas HTTP servers of their own, as its processes will read it from the
+    environment (RAY_SERVE_THROUGHPUT_OPTIMIZED turns it on unless RAY_SERVE_ENABLE_DIRECT_INGRESS=0)."""
+    explicit = os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS")
+    if explicit is not None:
+        return explicit == "1"
+    return os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
+
+
+def give_the_replica_the_port(host: str, port: int) -> int:
+    """For a Ray about to start on this machine, with direct ingress and one replica: its replica's own HTTP server
+    will listen on ``port``; returns a free port for Ray's proxy (``serve.start``'s ``http_options``)."""
+    if not _port_is_free(host, port):
+        raise PortInUseError(f"{host}:{port} is in use: choose another --port")
+    # Ray's port range for the replicas' servers ([min, max)), read by its controller at start: exactly this port. A
+    # released port is held back from new replicas for HAProxy's sake by default; without HAProxy a replica that Ray
+    # restarts must take the same port again at once.
+    os.environ.update(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
+                      RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 1), RAY_SERVE_PORT_QUARANTINE_S="0")
+    return _free_port(host)
+
+
 def serve_until_stopped(model_uri: str, host: str = "127.0.0.1", port: int = 8000, **app_args) -> None:
     """``eimf serve``: deploy the app on the Ray cluster in ``RAY_ADDRESS``, else on a Ray started here for it, and
     serve until SIGINT or SIGTERM. Then a Ray started here is shut down whole (the Serve controller, proxy and
-    replicas with it, so no actor outlives the command); on a cluster only this application is deleted."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    replicas with it, so no actor outlives the command); on a cluster only this application is deleted.
+
+    On a Ray started here with one replica, ``port`` is the replica's own HTTP server (Ray Serve's direct
+    ingress) and Ray's proxy listens on another port: on 2 cores the proxy hop cost 4x the throughput and set the
+    tail past saturation (docs/serving.md, Load). With several replicas, or on a cluster, clients reach
+    ``port`` through the proxy, which spreads them over the replicas."""
     own_ray = not os.environ.get("RAY_ADDRESS")
+    proxy_port = int(port)
     if own_ray:
         for key, value in LOW_LATENCY_ENV.items():
             os.environ.setdefault(key, value)
+        if int(app_args.get("num_replicas", 1)) == 1 and direct_ingress_on():
+            proxy_port = give_the_replica_the_port(host, int(port))
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     init_ray(own=True)
     try:
-        serve.start(http_options={"host": host, "port": int(port)})
+        serve.start(http_options={"host": host, "port": proxy_port})
         serve.run(app({"model_uri": model_uri, **app_args}), name=APP_NAME, route_prefix="/", blocking=False)
-        print(f"eimf serve: {model_uri} at http://{host}:{port}{ROUTE} (contract: /openapi.json); "
+        via = "" if proxy_port == int(port) else f"; Ray's proxy at http://{host}:{proxy_port}"
+        print(f"eimf serve: {model_uri} at http://{host}:{port}{ROUTE} (contract: /openapi.json{via}); "
               "Ctrl-C stops it", flush=True)
         while not stop.wait(0.2):  # a short wait: signal handlers run between waits
             pass
