@@ -44,6 +44,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from serving_fuzz import ray_serving_pids, rss_mb  # noqa: E402
 from serving_latency import free_port, replica_ms, wait  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -85,20 +86,12 @@ def start(server: str, model_uri: str, port: int, log: Path, serve_args=(), cpus
 
 
 def serving_rss_mb(server: str, proc: subprocess.Popen) -> Dict[str, float]:
-    """Resident memory (MB) of the processes that serve, by role: Ray Serve's ``replica`` and ``proxy`` actors;
-    MLflow's whole tree as ``server``. ``total`` sums them."""
-    procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    by_role: Dict[str, float] = {}
-    for p in procs:
-        try:
-            cmd = " ".join(p.cmdline())
-            role = "server" if server != "ray" else \
-                "replica" if "ServeReplica" in cmd else "proxy" if "ProxyActor" in cmd else None
-            if role:
-                by_role[role] = by_role.get(role, 0.0) + p.memory_info().rss / 2**20
-        except psutil.NoSuchProcess:
-            continue
-    return {**by_role, "total": sum(by_role.values())}
+    """Resident memory (MB) of the processes that serve, by role: Ray Serve's ``replica`` and ``proxy`` actors
+    (serving_fuzz finds them among the command's descendants); MLflow's whole tree as ``server``."""
+    if server == "ray":
+        return {"proxy" if name == "ProxyActor" else "replica": rss_mb([pid])
+                for name, pid in ray_serving_pids(root=proc.pid).items()}
+    return {"server": rss_mb([proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)])}
 
 
 def run_locust(url: str, clients: int, duration: int, bodies: Path, path: str, out: Path,
@@ -157,7 +150,6 @@ def main() -> None:
                          server_cpus)
             try:
                 rss_at_start = serving_rss_mb(server, proc)
-                rss_start = rss_at_start.pop("total")
                 # eimf serve's own Ray is the newest session (nothing else may run Ray beside this benchmark)
                 session = Path("/tmp/ray/session_latest").resolve() if server == "ray" else None
                 run_locust(f"http://127.0.0.1:{port}", 4, 5, body_file, path, tmp, client_cpus)  # warm-up, not reported
@@ -165,10 +157,9 @@ def main() -> None:
                     seen = len(replica_ms(session)) if session else 0
                     row = {"server": server, **run_locust(f"http://127.0.0.1:{port}", clients, args.duration,
                                                           body_file, path, tmp, client_cpus),
-                           "rss_start_mb": rss_start, "rss_start_mb_by_process": rss_at_start}
+                           "rss_start_mb": sum(rss_at_start.values()), "rss_start_mb_by_process": rss_at_start}
                     rss = serving_rss_mb(server, proc)
-                    row.update(rss_end_mb=rss["total"], rss_end_mb_by_process={k: v for k, v in rss.items()
-                                                                               if k != "total"})
+                    row.update(rss_end_mb=sum(rss.values()), rss_end_mb_by_process=rss)
                     if session:
                         time.sleep(2)  # the access log is written in buffered batches
                         own = np.asarray(replica_ms(session)[seen:])
