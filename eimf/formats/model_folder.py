@@ -17,6 +17,9 @@ A model folder is everything serving needs, with no reference back to the data o
 ``index.faiss``    the retrieval index over item rows 1..N, built once at export (faiss's own format)
 ``eimf_head.pt``   EIMF models only: the head (P, g), for interest labels; never used to rank
 ``phrases.parquet`` EIMF models only: the annotated interest phrases (``name``, ``description``, ``vector``)
+``text_map.npz``   models of items with text: the ridge map from an item's text embedding to its row
+                   (``weight``, ``bias``; its encoder and fit in ``folder.json``'s ``text_map``), which gives new
+                   items their rows (eimf.models.text_map)
 =================  ===========================================================================================
 
 Here the contents are plain values (state dicts, frames, arrays): :class:`FolderParts` to write, :class:`LocalFolder`
@@ -50,6 +53,7 @@ ITEMS = "items.parquet"
 INDEX = "index.faiss"
 HEAD = "eimf_head.pt"
 PHRASES = "phrases.parquet"
+TEXT_MAP = "text_map.npz"
 ITEM_COLUMNS = ("item", "raw_id", "text", "count")
 TABLE_PART = "item_table.{:05d}-of-{:05d}.npy"
 
@@ -80,6 +84,9 @@ class FolderParts:
     data_path: Optional[str] = None
     #: local ``.npy`` row blocks of the item table in id order (a sharded export), or None
     table_parts: Optional[List[str]] = None
+    #: the text map as plain values (eimf.models.text_map.TextMap.to_arrays: ``weight``, ``bias``, ``encoder``,
+    #: ``fit``), or None
+    text_map: Optional[dict] = None
 
 
 def write(path: str, parts: FolderParts) -> str:
@@ -110,12 +117,18 @@ def write(path: str, parts: FolderParts) -> str:
         if parts.phrases is not None:
             parts.phrases.loc[:, ["name", "description", "vector"]].to_parquet(out / PHRASES, index=False)
             files.append(PHRASES)
+        if parts.text_map is not None:
+            np.savez(out / TEXT_MAP, weight=np.asarray(parts.text_map["weight"], dtype=np.float32),
+                     bias=np.asarray(parts.text_map["bias"], dtype=np.float32))
+            files.append(TEXT_MAP)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "backbone": cfg.model.backbone,
             "dataset": cfg.data.dataset, "n_items": len(parts.items), "dim": int(cfg.model.dim),
             "num_interests": int(cfg.model.num_interests), "maxlen": int(cfg.model.maxlen),
             "index": parts.index_spec, "files": files + [MANIFEST], "data_path": parts.data_path,
         }
+        if parts.text_map is not None:
+            manifest["text_map"] = {"encoder": parts.text_map["encoder"], "fit": parts.text_map.get("fit") or {}}
         if table is not None:
             manifest["item_table"] = table
         else:
@@ -209,6 +222,13 @@ class LocalFolder:
 
     def phrases(self) -> Optional[pd.DataFrame]:
         return pd.read_parquet(self.local / PHRASES) if self.has(PHRASES) else None
+
+    def text_map(self) -> Optional[dict]:
+        """The text map as plain values (:attr:`FolderParts.text_map`), or None where the folder has none."""
+        if not self.has(TEXT_MAP):
+            return None
+        with np.load(self.local / TEXT_MAP) as arrays:
+            return {"weight": arrays["weight"], "bias": arrays["bias"], **self.manifest["text_map"]}
 
 
 @contextlib.contextmanager

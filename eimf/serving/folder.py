@@ -23,6 +23,7 @@ from eimf.formats import model_folder as fmt
 from eimf.formats.model_folder import ModelFolderError  # noqa: F401  (callers catch it from here)
 from eimf.formats.prepared import read_split
 from eimf.models import build_model
+from eimf.models.text_map import TextMap
 from eimf.modules.alignment import EIMFHead
 from eimf.serving.explain import PhraseTable
 
@@ -44,6 +45,8 @@ class ModelFolder:
     #: Local ``.npy`` row blocks of the item table, in id order (a sharded export): then ``model`` is the dense
     #: part only and the table never sits whole in this process. None: the table is in ``model``.
     table_parts: Optional[List[str]] = None
+    #: the map from an item's text embedding to its row, for new items (eimf.models.text_map); None: no texts
+    text_map: Optional[TextMap] = None
     _scratch: Optional[object] = field(default=None, repr=False)  # owns table_parts' temporary folder
 
     @property
@@ -60,7 +63,8 @@ class ModelFolder:
             state=self.model.state_dict(), cfg=self.cfg, items=self.items, save_index=self.index.save,
             index_spec=self.index.record(), metrics=self.metrics,
             head_state=None if self.head is None else self.head.state_dict(), phrases=phrases,
-            data_path=self.data_path, table_parts=self.table_parts))
+            data_path=self.data_path, table_parts=self.table_parts,
+            text_map=None if self.text_map is None else self.text_map.to_arrays()))
 
     @staticmethod
     def read_manifest(path: str) -> dict:
@@ -90,8 +94,10 @@ class ModelFolder:
                 list(p["name"]), list(p["description"].fillna("")),
                 np.stack([np.asarray(v, dtype=np.float32) for v in p["vector"]]))
             metrics = folder.metrics()
+            text_map = folder.text_map()
         return cls(model=model, cfg=cfg, items=items, index=item_index, metrics=metrics, head=head,
-                   phrases=phrases, data_path=folder.manifest.get("data_path"))
+                   phrases=phrases, data_path=folder.manifest.get("data_path"),
+                   text_map=None if text_map is None else TextMap.from_arrays(text_map))
 
 
 def build_index(model, cfg: Config, threads: Optional[int] = None, data_path: Optional[str] = None,
