@@ -119,7 +119,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    import pandas as pd
 
     from eimf.config import load_config
     from eimf.data.inputs import data_dir
