@@ -282,3 +282,51 @@ def test_prepare_real_ml100k(tmp_path, ray_session):
     assert (c["train_users"], c["valid_users"], c["test_users"]) == (754, 94, 95)
     assert p.items["text"].str.contains(r" \| ").mean() > 0.99
     assert sum(len(s) for s in p.train["items"]) == c["train_interactions"]
+
+
+# ------------------------------------------------------------------------------------------ training window
+def test_window_keeps_in_window_rows_and_replays_a_seeded_share():
+    from eimf.data.ingest import Window, replay_draw
+
+    n = 20_000
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"user": rng.integers(0, 500, n).astype(str), "item": rng.integers(0, 900, n).astype(str),
+                          "ts": rng.integers(0, 100, n), "row": np.arange(n), "line": np.arange(2, n + 2)})
+    kept, drops = Window(since=50, until=90, replay=0.25, seed=1).apply("log.csv", table)
+    ts = table["ts"].to_numpy()
+    old = ts < 50
+    assert drops["after_window"] == int((ts >= 90).sum()) and drops.examples["after_window"][0].startswith("log.csv:")
+    replayed = int(old.sum()) - drops["before_window"]
+    assert abs(replayed / old.sum() - 0.25) < 0.02
+    assert len(kept) == int(((ts >= 50) & (ts < 90)).sum()) + replayed and kept["ts"].max() < 90
+    # the draw depends on the row and the seed only: as float or int times, in any order, in any process
+    d = replay_draw(table["user"], table["item"], ts, 1)
+    np.testing.assert_array_equal(d[::-1], replay_draw(table["user"][::-1], table["item"][::-1],
+                                                       ts[::-1].astype(float), 1))
+    assert not np.array_equal(d, replay_draw(table["user"], table["item"], ts, 2))
+    assert Window.of(DataConfig()) is None
+
+
+def test_window_needs_a_time_column_and_sane_bounds(tmp_path):
+    from eimf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.since/data.until need a time column"):
+        DataConfig(dataset="custom", time_col=None, since=5)
+    with pytest.raises(ConfigError, match="data.until must be after data.since"):
+        DataConfig(since=5, until=5)
+    with pytest.raises(ConfigError, match="data.replay=0.5 replays interactions before data.since"):
+        DataConfig(until=5, replay=0.5)
+    with pytest.raises(ConfigError, match="data.replay must be in"):
+        DataConfig(since=5, replay=1.5)
+    # a sequence file has a time column name by default, but no clock: refused when the inputs resolve
+    log = tmp_path / "seq.txt"
+    log.write_text("1 5 6 7\n2 5 6\n")
+    cfg = DataConfig(dataset="custom", interactions=str(log), format="sequences", since=3)
+    with pytest.raises(ConfigError, match="has no time column to cut a window on"):
+        resolve_inputs(cfg)
+    # and a window that leaves nothing is said as such
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,timestamp\n1,1,1\n1,2,2\n")
+    with pytest.raises(DataError, match="no valid interactions.*before_window"):
+        prepare(DataConfig(dataset="custom", interactions=str(csv), min_count=1, since=10,
+                           output_dir=str(tmp_path / "out")), engine="local")

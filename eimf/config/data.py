@@ -53,6 +53,15 @@ class DataConfig(Section):
     split_ratios: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     #: Valid/test users: share of the sequence that is history; the rest is ground truth.
     history_fraction: float = 0.8
+    #: The training window, on the time column's own scale (unix seconds for the built-in datasets): only
+    #: interactions with ``since <= time < until`` are read (None: unbounded), applied as the files are parsed,
+    #: before k-core and split (eimf.data.ingest.Window). Needs a time column.
+    since: Optional[float] = None
+    until: Optional[float] = None
+    #: With ``since``: the share of the interactions before it that are kept too (replayed), each drawn by a
+    #: hash of (user, item, time) and ``replay_seed``, so the sample is the same on both engines and every read.
+    replay: float = 0.0
+    replay_seed: int = 0
     #: Where preprocessed datasets are written (local or ``s3://``); None: <EIMF_HOME>/data.
     output_dir: Optional[str] = operational()
     #: Where preparation runs: ``ray`` (tasks over user and item buckets; no process holds the whole log),
@@ -74,3 +83,12 @@ class DataConfig(Section):
         if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6:
             raise ConfigError(f"data.split_ratios must be 3 non-negative numbers summing to 1, got {r}")
         check_share("data.history_fraction", self.history_fraction, low_open=True)
+        check_share("data.replay", self.replay)
+        windowed = self.since is not None or self.until is not None
+        if windowed and not self.time_col:
+            raise ConfigError(f"data.since/data.until need a time column: data.time_col is {self.time_col!r} "
+                              f"(without one the log has no clock to cut)")
+        if self.since is not None and self.until is not None and self.until <= self.since:
+            raise ConfigError(f"data.until must be after data.since, got since={self.since}, until={self.until}")
+        if self.replay > 0 and self.since is None:
+            raise ConfigError(f"data.replay={self.replay} replays interactions before data.since, which is not set")

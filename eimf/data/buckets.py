@@ -109,9 +109,10 @@ def count_lines(stage: Stage, display: str, start: int, end: int) -> int:
 
 
 def read_file(stage: Stage, display: str, role: str, spec, index: int, piece_no: int = 0, piece=None,
-              line_offset: int = 0) -> dict:
+              line_offset: int = 0, window=None) -> dict:
     """Parse one file, or one block of it (``piece``, see :func:`plan_pieces`), and write its rows to the
-    buckets; returns the parse result without rows."""
+    buckets; returns the parse result without rows. ``window``: the training window
+    (:class:`eimf.data.ingest.Window`)."""
     if piece is None:
         raw = fs.read_bytes(display)
     elif piece[0] == "text":
@@ -125,7 +126,7 @@ def read_file(stage: Stage, display: str, role: str, spec, index: int, piece_no:
             with filesystem.open_input_file(inner) as f:
                 df = read_parquet_columns(display, f, interaction_columns(spec), row_groups=groups)
             return parse_parquet_frame(display, df, spec, line_offset)
-    out, table = parse_file_table(display, raw, role, spec, line_offset)
+    out, table = parse_file_table(display, raw, role, spec, line_offset, window)
     if table is not None:
         if role == ROLE_INTERACTIONS:
             table["row"] = table["row"].to_numpy(np.int64) | (np.int64(piece_no) << np.int64(32))  # file order

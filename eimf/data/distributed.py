@@ -44,7 +44,8 @@ from eimf import fs
 from eimf.data.buckets import (POS_SHIFT, IdParts, Stage, catalogue_bucket, combine_pieces, count_lines, get_table,
                                item_final, item_ids_for_users, item_pass, merge_batch, plan_pieces, read_file, traced,
                                user_final, user_pass, user_split)
-from eimf.data.ingest import ROLE_CATALOGUE, ROLE_INTERACTIONS, ReadSummary, duplicate_item_error, summarize
+from eimf.data.ingest import (ROLE_CATALOGUE, ROLE_INTERACTIONS, ReadSummary, Window, duplicate_item_error,
+                              summarize)
 from eimf.data.parsers import MAX_EXAMPLES
 from eimf.data.transforms import empty_kcore_error, not_in_catalogue_error, split_codes
 from eimf.formats.prepared import SPLITS, TableWriter, list_type
@@ -182,14 +183,15 @@ def prepare_bucketed(cfg, inputs, out: str, *, rows: Optional[int] = None) -> Bu
              if piece is not None and piece[0] == "text" and c + 1 < len(plan)]
     newlines = dict(zip([(j, c) for j, c, _ in texts],
                         run(count_lines, [(inputs.interaction_files[j], piece[1], piece[2]) for j, c, piece in texts])))
-    jobs = []  # (path, role, spec, file index, block index, block, line offset)
+    window = Window.of(cfg)  # applied by each read task to its rows, as the local engine does
+    jobs = []  # (path, role, spec, file index, block index, block, line offset, window)
     for j, (p, plan) in enumerate(zip(inputs.interaction_files, plans)):
         before = 0
         for c, piece in enumerate(plan):
             offset = 0
             if piece is not None and piece[0] == "text" and c:
                 offset = before - (1 if piece[3] else 0)  # the header put in front is the parser's line 1
-            jobs.append((p, ROLE_INTERACTIONS, spec, j, c, piece, offset))
+            jobs.append((p, ROLE_INTERACTIONS, spec, j, c, piece, offset, window))
             before += newlines.get((j, c), 0)
     n_pieces = len(jobs)
     jobs += [(p, ROLE_CATALOGUE, cat_spec, j) for j, p in enumerate(cat_files)]

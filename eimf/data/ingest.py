@@ -5,6 +5,10 @@ the parser of its family in :mod:`eimf.data.datasets`, :func:`parse_catalogue`),
 it never raises for bad data, the error travels back as text and :func:`summarize` raises the first one in file
 order. The Ray engine (:mod:`eimf.data.distributed`) runs it in one task per file and keeps the rows in buckets;
 :func:`ingest` runs it here and returns one table, for the local engine.
+
+A training window (``data.since`` / ``data.until`` / ``data.replay``, :class:`Window`) is applied here too, to each
+parsed file or block, so both engines see the same rows: interactions outside it are counted as dropped
+(``before_window``, ``after_window``), a replayed share of those before it is kept.
 """
 from __future__ import annotations
 
@@ -78,11 +82,63 @@ def _from_ipc(payload: bytes) -> pd.DataFrame:
     return pa.ipc.open_stream(payload).read_all().to_pandas()
 
 
-def parse_file_table(display_path: str, raw, role: str, spec, line_offset: int = 0) -> tuple:
+#: Drop reasons of the training window (:class:`Window`): not bad rows, so logged without a warning.
+WINDOW_REASONS = ("before_window", "after_window")
+
+
+@dataclass(frozen=True)
+class Window:
+    """The training window of ``data.since`` / ``data.until`` (``since <= time < until``, either open) and the
+    replayed share ``replay`` of the interactions before ``since``. A row is replayed when a hash of its (user,
+    item, time) and ``seed`` falls under ``replay``: the same rows whatever the engine, the blocks or the order."""
+
+    since: Optional[float] = None
+    until: Optional[float] = None
+    replay: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def of(cls, cfg) -> Optional["Window"]:
+        """The window of a ``DataConfig``, or None when it sets none."""
+        if getattr(cfg, "since", None) is None and getattr(cfg, "until", None) is None:
+            return None
+        return cls(cfg.since, cfg.until, float(cfg.replay), int(cfg.replay_seed))
+
+    def apply(self, path: str, table: pd.DataFrame) -> tuple:
+        """``(rows kept, Drops)`` of a parsed interaction table (``ts`` the time)."""
+        ts = table["ts"].to_numpy().astype(np.float64)  # a block may parse as int64 where the whole file is float
+        before = ts < self.since if self.since is not None else np.zeros(len(ts), dtype=bool)
+        after = ts >= self.until if self.until is not None else np.zeros(len(ts), dtype=bool)
+        if self.replay > 0 and before.any():
+            idx = np.flatnonzero(before)
+            drawn = replay_draw(table["user"].to_numpy()[idx], table["item"].to_numpy()[idx], ts[idx], self.seed)
+            before[idx[drawn < self.replay]] = False
+        drops = Drops()
+        lines = table["line"].to_numpy()
+        for reason, mask in (("before_window", before), ("after_window", after)):
+            drops.add(reason, int(mask.sum()), [f"{path}:{int(x)}" for x in lines[mask][:MAX_EXAMPLES]])
+        keep = ~(before | after)
+        return (table if keep.all() else table.loc[keep].reset_index(drop=True)), drops
+
+
+def replay_draw(users, items, ts: np.ndarray, seed: int) -> np.ndarray:
+    """A number in [0, 1) per row from (user, item, time) and ``seed``: pandas' keyed SipHash of the ids and a mix
+    of the time's float64, so every process and engine draws the same."""
+    key = f"{int(seed) & 0xFFFFFFFFFFFF:016x}"
+    h = pd.util.hash_array(np.asarray(users, dtype=object), hash_key=key, categorize=False)
+    h = (h * np.uint64(0x9E3779B97F4A7C15)) ^ pd.util.hash_array(np.asarray(items, dtype=object), hash_key=key,
+                                                                  categorize=False)
+    h = (h * np.uint64(0xBF58476D1CE4E5B9)) ^ pd.util.hash_array(np.asarray(ts, dtype=np.float64))
+    return (h >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
+
+
+def parse_file_table(display_path: str, raw, role: str, spec, line_offset: int = 0,
+                     window: Optional[Window] = None) -> tuple:
     """Parse one file -> (result dict without payload, table or None); never raises for bad data (the error
     travels back as text, so that the first bad file in file order is the one reported). ``raw``: the file's
     bytes, or a callable that parses (a block of a file read another way, e.g. Parquet row groups);
-    ``line_offset``: for a block of a text file, see :func:`eimf.data.parsers.parse_interactions`."""
+    ``line_offset``: for a block of a text file, see :func:`eimf.data.parsers.parse_interactions`; ``window``:
+    the training window, applied to an interaction file's rows (:class:`Window`)."""
     out = {"path": display_path, "role": role, "payload": b"", "rows_in": 0, "rows_kept": 0, "drops": {},
            "blank_lines": 0, "empty_sequences": 0, "has_time": False, "error": "", "error_kind": ""}
     try:
@@ -98,14 +154,21 @@ def parse_file_table(display_path: str, raw, role: str, spec, line_offset: int =
     except DataError as e:
         out.update(error=str(e), error_kind="data")
         return out, None
+    if window is not None and role == ROLE_INTERACTIONS:
+        if not res.has_time:
+            out.update(error=f"{display_path}: data.since/data.until need a time column, and this file has none "
+                             f"(format {spec.format}, time column {spec.time_col!r})", error_kind="data")
+            return out, None
+        res.table, cut = window.apply(display_path, res.table)
+        res.drops.merge(cut)
     out.update(rows_in=res.rows_in, rows_kept=len(res.table), drops=res.drops.to_dict(),
                blank_lines=res.blank_lines, empty_sequences=res.empty_sequences, has_time=res.has_time)
     return out, res.table
 
 
-def parse_file(display_path: str, raw: bytes, role: str, spec) -> dict:
+def parse_file(display_path: str, raw: bytes, role: str, spec, window: Optional[Window] = None) -> dict:
     """:func:`parse_file_table` with the table as Arrow IPC bytes in ``payload``."""
-    out, table = parse_file_table(display_path, raw, role, spec)
+    out, table = parse_file_table(display_path, raw, role, spec, window=window)
     if table is not None:
         out["payload"] = _to_ipc(table)
     return out
@@ -147,7 +210,10 @@ def summarize(ordered: List[dict], spec: InteractionSpec, interaction_files: Seq
             log.warning("skipping %s (on_bad_rows=drop)", r["error"])
             continue
         d = Drops.from_dict(r["drops"])
-        if d:
+        windowed = {k: d[k] for k in WINDOW_REASONS if d.get(k)}
+        if windowed:
+            log.info("%s: %s of %d rows outside the training window", r["path"], windowed, r["rows_in"])
+        if sum(d.values()) > sum(windowed.values()):
             log.warning("%s: dropped %d of %d rows: %s (e.g. %s)", r["path"], sum(d.values()), r["rows_in"],
                         dict(d), "; ".join(x for v in d.examples.values() for x in v[:1]))
         if r["role"] == ROLE_INTERACTIONS:
@@ -170,13 +236,14 @@ def duplicate_item_error(path: str, line: int, item_col: str, item: str) -> Data
                      f"catalogue file (duplicate_item)")
 
 
-def _parse_all_local(jobs: List[tuple]) -> List[dict]:
-    return [parse_file(display, fs.read_bytes(display), role, spec) for display, role, spec in jobs]
+def _parse_all_local(jobs: List[tuple], window: Optional[Window] = None) -> List[dict]:
+    return [parse_file(display, fs.read_bytes(display), role, spec, window) for display, role, spec in jobs]
 
 
 def ingest(interaction_files: Sequence[str], spec: InteractionSpec, catalogue_files: Sequence[str] = (),
-           catalogue_spec: Optional[CatalogueSpec] = None) -> Ingested:
-    """Parse and validate all files in this process, into one table (the local engine).
+           catalogue_spec: Optional[CatalogueSpec] = None, window: Optional[Window] = None) -> Ingested:
+    """Parse and validate all files in this process, into one table (the local engine); ``window``: the training
+    window (:class:`Window`).
 
     Raises :class:`DataError` on the first bad row in ``error`` mode, for an empty file in ``error`` mode
     (empty files are listed and skipped in ``drop`` mode), and when no interaction is left at all.
@@ -187,7 +254,7 @@ def ingest(interaction_files: Sequence[str], spec: InteractionSpec, catalogue_fi
         raise DataError("no interaction files to read")
     jobs = [(p, ROLE_INTERACTIONS, spec) for p in interaction_files] + \
            [(p, ROLE_CATALOGUE, catalogue_spec) for p in catalogue_files]
-    ordered = _parse_all_local(jobs)
+    ordered = _parse_all_local(jobs, window)
 
     summary = summarize(ordered, spec, interaction_files)
     inter_parts, cat_parts = [], []

@@ -12,6 +12,7 @@ import os
 from typing import List, Optional, Tuple
 
 from eimf import fs
+from eimf.config import ConfigError
 from eimf.data.datasets import DATASETS, DatasetNotFoundError, Inputs
 from eimf.data.datasets.custom import custom_inputs
 from eimf.data.download import DATA_DIR_ENV, DownloadError, download
@@ -69,7 +70,18 @@ def _first_present(names: Tuple[str, ...], present: set) -> Optional[str]:
 
 
 def resolve_inputs(cfg) -> Inputs:
-    """The files and parser settings for ``cfg`` (a ``DataConfig``)."""
+    """The files and parser settings for ``cfg`` (a ``DataConfig``); a training window (``data.since`` /
+    ``data.until``) on a log without a time column is a :class:`ConfigError`."""
+    inputs = _resolve_inputs(cfg)
+    if getattr(cfg, "since", None) is not None or getattr(cfg, "until", None) is not None:
+        spec = inputs.interaction_spec
+        if not spec.time_col or spec.format == "sequences":
+            raise ConfigError(f"data.since/data.until: dataset {inputs.dataset!r} (source {inputs.source!r}) has no "
+                              f"time column to cut a window on ({spec.format} log, time column {spec.time_col!r})")
+    return inputs
+
+
+def _resolve_inputs(cfg) -> Inputs:
     if cfg.on_bad_rows not in ("drop", "error"):
         raise DataError(f"data.on_bad_rows must be drop or error, got {cfg.on_bad_rows!r}")
     if cfg.dataset == "custom":

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 import eimf.data.ingest as ingest_mod  # called through the module, so that a test can swap ingest_mod.ingest
 from eimf import fs
-from eimf.data.ingest import ReadSummary
+from eimf.data.ingest import ReadSummary, Window
 from eimf.data.transforms import (cut_sequences, empty_kcore_error, item_texts, kcore, not_in_catalogue_error,
                                   raw_order_key, reindex_by_frequency, repeats, split_codes)
 from eimf.formats.prepared import write_table
@@ -135,7 +135,7 @@ def prepare_local(cfg, inputs, out: str) -> Tuple[ReadSummary, Built, Dict[str, 
     timing: Dict[str, float] = {}
     t = time.perf_counter()
     ing = ingest_mod.ingest(inputs.interaction_files, inputs.interaction_spec, inputs.catalogue_files,
-                            inputs.catalogue_spec)
+                            inputs.catalogue_spec, window=Window.of(cfg))
     timing["read"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     built = build(ing, cfg, inputs.interaction_spec.numeric_ids)

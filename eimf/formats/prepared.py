@@ -46,7 +46,8 @@ SPLITS = ("train", "valid", "test")
 #: Every table of a prepared folder, in the order the engines write them.
 TABLES = SPLITS + ("items", "users")
 #: DataConfig fields that change the output (besides the inputs and parser settings).
-OUTPUT_FIELDS = ("on_bad_rows", "dedupe", "min_count", "split", "split_seed", "split_ratios", "history_fraction")
+OUTPUT_FIELDS = ("on_bad_rows", "dedupe", "min_count", "split", "split_seed", "split_ratios", "history_fraction",
+                 "since", "until", "replay", "replay_seed")
 #: Rows per Parquet row group of the prepared tables. Both engines cut the same groups, whatever the chunks they
 #: hand over, so they write the same bytes; a writer holds one group (8,192 users' sequences, a few MB).
 ROW_GROUP_ROWS = 8_192
