@@ -27,7 +27,7 @@ import numpy as np
 from eimf.cli import exits_2_on_user_error
 
 log = logging.getLogger("cold_start")
-CONTROLS = ("random", "text_pca", "category_pop", "oracle")
+CONTROLS = ("random", "text_pca", "category_pop", "oracle", "eimf_text_map")
 
 
 def _categories(dataset: str, data_dir: str, items):
@@ -58,6 +58,28 @@ def _train(cfg, data_path: str, name: str, work: Path, seed: int) -> str:
     return train(cfg, data_path=data_path).export_dir
 
 
+def _train_eimf(cfg, data_path: str, warmup_export: str, name: str, work: Path, seed: int) -> str:
+    """EIMF on ``data_path``: the metadata annotator's interests for the typical users that ``warmup_export``
+    picks, then the multi-task training (as the pipeline's annotate and train stages); reused when present."""
+    import dataclasses
+
+    from eimf.config import apply_overrides
+    from eimf.steps import annotate
+    from eimf.steps.train import eimf_train_config
+
+    export = work / "runs" / name / "export"
+    if (export / "folder.json").exists():
+        return str(export)
+    ann_dir = work / "annotations" / name
+    if not (ann_dir / "annotations.parquet").exists():
+        annotate.run(apply_overrides(cfg, ["semantic.annotator=metadata"]), {"model_dir": warmup_export},
+                     out_dir=str(ann_dir), run_name=f"{name}-annotate")
+    train_cfg, _ = eimf_train_config(cfg.train)
+    cfg = dataclasses.replace(cfg, train=train_cfg, eimf=dataclasses.replace(
+        cfg.eimf, enabled=True, annotations=str(ann_dir / "annotations.parquet")))
+    return _train(cfg, data_path, name, work, seed)
+
+
 def _interest_fn(model, to_model_ids=None):
     import torch
 
@@ -77,7 +99,8 @@ def report_tables(arms: dict) -> list:
     paired bootstrap of text_map against each other method, and what the cold items cost the warm targets."""
     from eimf.evaluation.compare import paired_bootstrap
 
-    methods = [m for m in ("text_map", "text_pca", "random", "category_pop", "oracle") if any(k[0] == m for k in arms)]
+    methods = [m for m in ("text_map", "eimf_text_map", "text_pca", "random", "category_pop", "oracle")
+               if any(k[0] == m for k in arms)]
     head = " | ".join(f"{v} {k.replace('recall', 'R').replace('ndcg', 'N')}" for v, k in COLUMNS)
     lines = [f"| method | {head} |", "|---|" + "---:|" * len(COLUMNS)]
     for m in methods:
@@ -112,6 +135,9 @@ def main(argv=None) -> int:
     p.add_argument("--log-share", type=float, default=0.3, help="time rule: the last share of the log's interactions")
     p.add_argument("--from-year", type=int, default=2000, help="year rule: items released in or after this year")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--eimf", action="store_true",
+                   help="also train EIMF on the warm data (metadata annotator, the warm model as its warm-up) and "
+                        "score the text map of its table (method eimf_text_map)")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="whose next interactions are scored")
     p.add_argument("--work", default="/tmp/eimf-cold-start")
     p.add_argument("--out", default="docs/cold_start")
@@ -175,6 +201,16 @@ def main(argv=None) -> int:
             warm_counts = dict(zip(warm_items.tolist(), counts.tolist()))
             order, fit = cs.category_popularity(categories, items, warm_counts, cold)
             record("category_pop", seed, cs.fixed_ranking_views(order, frame, cold), fit)
+        if args.eimf:
+            export = _train_eimf(cfg, warm.path, warm_export, f"cs-{tag}-eimf-s{seed}", work, seed)
+            eimf_folder = ModelFolder.load(export, index=False)
+            rows_e = eimf_folder.model.item_embeddings().detach().float().numpy()[warm.warm_id[warm_items]]
+            table = np.zeros((len(items) + 1, rows_e.shape[1]), dtype=np.float32)
+            table[warm_items] = rows_e
+            table[cold], fit = cs.cold_rows("text_map", rows_e, text, warm_items, cold, counts, cfg.semantic.encoder,
+                                            seed=seed)
+            record("eimf_text_map", seed, cs.score_views(_interest_fn(eimf_folder.model, warm.warm_id), table, frame,
+                                                         cold, cfg.model.maxlen), fit)
         oracle = ModelFolder.load(_train(cfg, full, f"cs-{tag}-oracle-s{seed}", work, seed), index=False)
         table = oracle.model.item_embeddings().detach().float().numpy()
         record("oracle", seed, cs.score_views(_interest_fn(oracle.model), table, frame, cold, cfg.model.maxlen))
