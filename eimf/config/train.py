@@ -152,6 +152,10 @@ class TrainConfig(Section):
     storage_path: Optional[str] = operational()
     #: Same name again resumes the run instead of starting over; None: generated.
     run_name: Optional[str] = operational()
+    #: ``auto``: the export fits the text map (new items from their text, ``eimf items add``) when the items have
+    #: text and ``semantic.encoder`` is installed; ``never``: no map. Operational: it adds a file beside the trained
+    #: weights and changes neither them nor the metrics, so trained stages stay valid.
+    text_map: Literal["auto", "never"] = operational("auto")
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -142,12 +142,12 @@ def check_interests(model, cfg: Config, data_path: str, table_parts: Optional[Li
     with torch.no_grad():
         if table_parts:
             ids = torch.unique(torch.cat([torch.zeros(1, dtype=torch.int64), hist_t.reshape(-1)]))
-            model.item_emb.set(ids, torch.from_numpy(_rows_of(table_parts, ids.numpy())))
+            model.item_emb.set(ids, torch.from_numpy(table_rows(table_parts, ids.numpy())))
         out = model.interests(hist_t, torch.from_numpy(np.asarray(mask)))
     return out.detach().float().cpu().numpy()
 
 
-def _rows_of(parts: List[str], ids: np.ndarray) -> np.ndarray:
+def table_rows(parts: List[str], ids: np.ndarray) -> np.ndarray:
     """Rows of global ids ``ids`` (sorted) from ``.npy`` row blocks in id order, row 0 first."""
     out, start = [], 0
     for p in parts:

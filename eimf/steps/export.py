@@ -1,8 +1,9 @@
 """Step ``export``, and the export of a training run: model folders made and logged to MLflow.
 
 * :func:`export_checkpoint`: a training checkpoint's best model -> a model folder (:mod:`eimf.formats.model_folder`):
-  weights, config, the raw-id map and item texts, the retrieval index (built once, here), and the EIMF head with
-  its phrase table. It serves without Ray, an LLM, or the prepared data. The train step calls it.
+  weights, config, the raw-id map and item texts, the retrieval index (built once, here), the EIMF head with
+  its phrase table, and the text map that gives new items their rows (:func:`fit_folder_text_map`). It serves
+  without Ray, an LLM, or the prepared data. The train step calls it.
 * :func:`log_run_artifacts`: a training run's dataset manifest, item embeddings and learning curve to its MLflow
   run, and the model folder once (:func:`log_model_folder`): inside the pyfunc model with ``tracking.log_model``
   (registered as :func:`registered_model_name`), else as the ``model/`` artifacts.
@@ -30,10 +31,12 @@ from eimf.formats.annotations import read_annotations
 from eimf.formats.model_folder import ModelFolderError
 from eimf.formats.prepared import read_split
 from eimf.models import build_model
+from eimf.models.text_init import item_text_embeddings
+from eimf.models.text_map import TextMap, fit_text_map, table_blocks
 from eimf.plots import learning_curve
 from eimf.serving.explain import PhraseTable
 from eimf.serving.folder import (ModelFolder, backbone_from_file, build_index, check_interests,
-                                 head_from_state, needs_check)
+                                 head_from_state, needs_check, table_rows)
 from eimf.serving.pyfunc import log_recommender
 from eimf.steps import StepOutput, mlflow_run, numbers
 
@@ -44,7 +47,8 @@ log = logging.getLogger(__name__)
 def from_checkpoint(checkpoint_dir: Path, cfg: Config, data_path: str, weights: str = ckpt.BEST_MODEL,
                     head_file: Optional[str] = ckpt.BEST_HEAD, threads: Optional[int] = None) -> ModelFolder:
     """A model folder from a training checkpoint (its best weights and head), the prepared data's item table,
-    and, for an EIMF model, the phrase table of its annotations. The retrieval index is built here, once."""
+    and, for an EIMF model, the phrase table of its annotations. The retrieval index is built here, once, and the
+    text map fitted (:func:`fit_folder_text_map`)."""
     checkpoint_dir = Path(checkpoint_dir)
     items = read_split(data_path, "items")
     items = items.sort_values("item").reset_index(drop=True)
@@ -82,10 +86,37 @@ def from_checkpoint(checkpoint_dir: Path, cfg: Config, data_path: str, weights: 
         check = check_interests(model, cfg, data_path, table_parts=parts) if needs_check(cfg, len(items)) else None
         index = ItemIndex.from_blocks(blocks, len(items), int(cfg.model.dim), cfg.retrieval, threads,
                                       check_queries=check)
+        text_map = fit_folder_text_map(cfg, data_path, items, lambda ids: table_rows(parts, ids))
     else:
         index = build_index(model, cfg, threads=threads, data_path=data_path)
+        table = model.item_embeddings().detach().float().cpu().numpy()
+        text_map = fit_folder_text_map(cfg, data_path, items, lambda ids: table[ids])
     return ModelFolder(model=model, cfg=cfg, items=items, index=index, metrics=metrics, head=head,
-                       phrases=phrases, data_path=str(data_path), table_parts=parts, _scratch=scratch)
+                       phrases=phrases, data_path=str(data_path), table_parts=parts, text_map=text_map,
+                       _scratch=scratch)
+
+
+def fit_folder_text_map(cfg: Config, data_path: str, items, rows_of) -> Optional[TextMap]:
+    """The text map of a trained table (eimf.models.text_map), fitted on the items with text, weighted by their
+    training ``count``; ``rows_of(ids)``: the trained rows of sorted ids. None with ``train.text_map=never``, and
+    None with a warning when it cannot be fitted (no texts, no encoder): the map is an extra, export goes on."""
+    if cfg.train.text_map == "never":
+        return None
+    if not items["text"].str.strip().astype(bool).any():
+        log.warning("model folder: no text map: no item has text (data.text_cols), so new items need retraining")
+        return None
+    counts = np.zeros(len(items) + 1, dtype=np.int64)
+    counts[items["item"].to_numpy()] = items["count"].to_numpy()
+    try:
+        texts = np.load(item_text_embeddings(data_path, cfg.semantic.encoder), mmap_mode="r")
+        text_map = fit_text_map(table_blocks(texts, rows_of, counts), cfg.semantic.encoder)
+    except Exception as e:  # noqa: BLE001 - any failure (encoder missing, too few texts): the folder goes without
+        log.warning("model folder: no text map (%s: %s), so new items need retraining", type(e).__name__, e)
+        return None
+    log.info("model folder: text map fitted on %d items: held-out cosine %.3f (%d items), alpha %g, encoder %s",
+             text_map.fit["items"], text_map.fit["heldout_cosine"], text_map.fit["heldout_items"],
+             text_map.fit["alpha"], text_map.encoder)
+    return text_map
 
 
 def _table_parts(shards: List[Path], n_items: int, out: Path) -> List[str]:
