@@ -6,6 +6,10 @@ exported to ``<storage>/<run_name>/export`` (eimf.steps.export) and logged with 
 ``inputs["annotations"]`` the run is EIMF training on them (``train.input`` becomes ``memory``: the Ray Data cut
 carries no semantic vectors), without it the backbone alone. The Ray Train run (and its checkpoints) is
 ``<out_dir>/<run_name>``, so the same name resumes.
+
+With ``pipeline.from_model`` the run starts from that model (eimf.training.warm_start): the training run's tags say
+the source as configured and as read (``warm_start.source``, ``warm_start.source_resolved``), its metrics the rows
+carried (``warm_start/rows_matched``, ``warm_start/rows_text_map``, ``warm_start/rows_random``, ...).
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
+import ray
+
 from eimf import fs, tracking
 from eimf.config import Config
 from eimf.data.preprocess import prepare
@@ -24,7 +30,9 @@ from eimf.formats.prepared import read_manifest
 from eimf.ray_init import init_ray
 from eimf.steps import StepOutput, numbers
 from eimf.steps.export import export_checkpoint, log_run_artifacts
+from eimf.steps.registry import local_model_folder, resolve_source
 from eimf.training.runner import fit, run_name_of, storage_of
+from eimf.training.warm_start import WarmStart, plan_warm_start
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +63,12 @@ def train(cfg: Config, data_path: Optional[str] = None, tags: Optional[Dict[str,
     run_tags = {"eimf": "on" if cfg.eimf.enabled else "off", "dataset_fingerprint": fingerprint, **(tags or {})}
     run_id = tracking.start_run(cfg, run_name, tags=run_tags)
     uri = tracking.tracking_uri(cfg)
+    warm = None
     try:
-        result = fit(cfg, data_path, run_name, run_id, uri)
+        if cfg.pipeline.from_model:
+            warm = warm_start_plan(cfg, data_path, uri)
+            log_warm_start(uri, run_id, warm)
+        result = fit(cfg, data_path, run_name, run_id, uri, warm_start=warm)
     except Exception:
         tracking.end_run(uri, run_id, status="FAILED")
         raise
@@ -64,10 +76,31 @@ def train(cfg: Config, data_path: Optional[str] = None, tags: Optional[Dict[str,
     with result.checkpoint.as_directory() as folder:
         export_checkpoint(Path(folder), export_dir, cfg, data_path)
         metrics = json.loads((Path(folder) / ckpt.METRICS).read_text())
+    if warm is not None:
+        metrics.update({f"warm_start/{k}": v for k, v in warm.counts.items()})
     model_uri = log_run_artifacts(uri, run_id, export_dir, data_path, cfg)
     tracking.end_run(uri, run_id)
     return TrainResult(run_name=run_name, metrics=metrics, export_dir=export_dir, storage_path=storage,
                        mlflow_run_id=run_id, model_uri=model_uri)
+
+
+def warm_start_plan(cfg: Config, data_path: str, uri: str) -> WarmStart:
+    """``pipeline.from_model`` read against the prepared data (eimf.training.warm_start): an alias resolved to its
+    version (a pipeline passes the version it planned with), a registered version's folder downloaded, the arrays
+    put in Ray's object store for the workers."""
+    pinned = resolve_source(cfg.pipeline.from_model, uri)
+    with local_model_folder(pinned["uri"], uri) as folder:
+        return plan_warm_start(folder, cfg, data_path, cfg.pipeline.from_model, pinned["uri"], put=ray.put)
+
+
+def log_warm_start(uri: str, run_id: Optional[str], warm: WarmStart) -> None:
+    """What the warm start carried, in the training run: the source (as configured and as read) and the rows."""
+    if not run_id:
+        return
+    tracking.set_tags(uri, run_id, {"warm_start.source": warm.source, "warm_start.source_resolved": warm.resolved,
+                                    "warm_start.eimf_head": "not carried (starts anew)",
+                                    **({"warm_start.note": warm.note} if warm.note else {})})
+    tracking.log_metrics(uri, run_id, {f"warm_start/{k}": v for k, v in warm.counts.items()}, step=0)
 
 
 def eimf_train_config(train_cfg):
@@ -94,7 +127,7 @@ def run(cfg, inputs: dict, out_dir: Optional[str] = None, tags: Optional[dict] =
     eimf_cfg = dataclasses.replace(cfg.eimf, enabled=bool(annotations), annotations=annotations or None)
     res = train(dataclasses.replace(cfg, train=train_cfg, eimf=eimf_cfg), data_path=inputs["data_path"], tags=tags)
     keep = {k: res.metrics[k] for k in KEYS if k in res.metrics}
-    keep.update({k: v for k, v in res.metrics.items() if k.startswith(("best_valid/", "test/"))})
+    keep.update({k: v for k, v in res.metrics.items() if k.startswith(("best_valid/", "test/", "warm_start/"))})
     info["train_run_name"] = res.run_name
     return StepOutput({"model_dir": res.export_dir, "run_dir": fs.join(res.storage_path, res.run_name)},
                       numbers(keep), res.mlflow_run_id, info)

@@ -24,6 +24,7 @@ from eimf.config import Config, ConfigError, eimf_home, to_dict
 from eimf.data.parsers import DataError
 from eimf.data.sampling import cut_examples
 from eimf.models.text_init import item_text_embeddings, text_init_table
+from eimf.training.warm_start import WarmStart
 from eimf.training.worker import train_worker
 
 log = logging.getLogger(__name__)
@@ -142,10 +143,11 @@ def _item_tables(cfg: Config, data_path: str):
 
 
 def fit(cfg: Config, data_path: str, run_name: Optional[str] = None, mlflow_run_id: Optional[str] = None,
-        mlflow_uri: Optional[str] = None) -> FitResult:
+        mlflow_uri: Optional[str] = None, warm_start: Optional[WarmStart] = None) -> FitResult:
     """Train with Ray Train on the prepared data at ``data_path`` as Ray Train run ``run_name`` (default
     :func:`run_name_of`); the workers log to MLflow run ``mlflow_run_id`` (opened and closed by the caller). A loss
-    of hosts that ends the run is named in the error."""
+    of hosts that ends the run is named in the error. ``warm_start``: start from an earlier model
+    (eimf.training.warm_start; its arrays put in the object store, where each worker fetches what it fills)."""
     run_name, storage = run_name or run_name_of(cfg), storage_of(cfg)
     item_init, item_text = _item_tables(cfg, data_path)
     trainer = TorchTrainer(
@@ -153,6 +155,7 @@ def fit(cfg: Config, data_path: str, run_name: Optional[str] = None, mlflow_run_
         train_loop_config={
             "config": to_dict(cfg), "data_path": data_path,
             "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri, "item_init": item_init, "item_text": item_text,
+            "warm_start": warm_start,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.scaling.use_gpu else "gloo"),
         datasets={"train": _cut_dataset(data_path, cfg)},

@@ -44,6 +44,7 @@ from eimf.training.loop import (
     seed_everything,
 )
 from eimf.training.multitask import EIMFTrainer, build_eimf, eimf_batches
+from eimf.training.warm_start import apply_warm_start
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,9 @@ def _build(cfg: Config, loop_config: dict, n_items: int, micro_batch: int, devic
         model, loss_fn, step_runner, lr = build_components(cfg, n_items, micro_batch)
     if loop_config.get("item_init") is not None:  # model.item_init=text; a resume overwrites it from the checkpoint
         load_item_init(step_runner.model, ray.get(loop_config["item_init"]))
+    if loop_config.get("warm_start") is not None:  # pipeline.from_model: over the init, under a resume's checkpoint
+        written = apply_warm_start(step_runner.model, loop_config["warm_start"], fetch=_fetch)
+        log.info("warm start: %d item rows from %s in this worker", written, loop_config["warm_start"].resolved)
     if not sharded:
         model.to(device)
     loss_fn.to(device)
@@ -159,6 +163,11 @@ def _build(cfg: Config, loop_config: dict, n_items: int, micro_batch: int, devic
         if loop_config.get("item_text") is not None:  # eimf.experimental.lambda_item > 0
             step_runner.head.set_item_text(ray.get(loop_config["item_text"]))
     return model, loss_fn, step_runner, lr, semantics
+
+
+def _fetch(value):
+    """An array handed over in the object store, or as it is."""
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 def _resume(step_runner, is_chief: bool):
