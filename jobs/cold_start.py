@@ -27,7 +27,7 @@ import numpy as np
 from eimf.cli import exits_2_on_user_error
 
 log = logging.getLogger("cold_start")
-CONTROLS = ("random", "text_pca", "category_pop", "oracle", "eimf_text_map")
+CONTROLS = ("text_map_raw", "random", "text_pca", "category_pop", "oracle", "eimf_text_map")
 
 
 def _categories(dataset: str, data_dir: str, items):
@@ -99,7 +99,7 @@ def report_tables(arms: dict) -> list:
     paired bootstrap of text_map against each other method, and what the cold items cost the warm targets."""
     from eimf.evaluation.compare import paired_bootstrap
 
-    methods = [m for m in ("text_map", "eimf_text_map", "text_pca", "random", "category_pop", "oracle")
+    methods = [m for m in ("text_map", "text_map_raw", "eimf_text_map", "text_pca", "random", "category_pop", "oracle")
                if any(k[0] == m for k in arms)]
     head = " | ".join(f"{v} {k.replace('recall', 'R').replace('ndcg', 'N')}" for v, k in COLUMNS)
     lines = [f"| method | {head} |", "|---|" + "---:|" * len(COLUMNS)]

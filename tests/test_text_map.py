@@ -24,7 +24,9 @@ def test_the_map_recovers_a_planted_linear_map_and_scores_held_out_items():
     assert m.fit["heldout_cosine"] > 0.99
     fresh = np.random.default_rng(9).normal(size=(5, x.shape[1])).astype(np.float32)
     fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)  # unit rows, as the encoder's
-    np.testing.assert_allclose(m.apply(fresh), fresh @ w + 0.3, atol=0.05)
+    np.testing.assert_allclose(m.apply(fresh, norm_percentile=None), fresh @ w + 0.3, atol=0.05)
+    median = m.fit["row_norms"]["50"]  # by default, rows keep the map's direction at the median trained norm
+    np.testing.assert_allclose(np.linalg.norm(m.apply(fresh), axis=1), median, rtol=1e-5)
 
 
 def test_the_penalty_grows_when_the_rows_are_noise():
@@ -52,3 +54,13 @@ def test_the_map_round_trips_through_its_arrays():
     back = TextMap.from_arrays(m.to_arrays())
     np.testing.assert_array_equal(back.apply(x[1:5]), m.apply(x[1:5]))
     assert back.encoder == "enc" and back.fit == m.fit
+
+
+def test_rows_can_be_stretched_to_a_percentile_of_the_trained_norms():
+    x, y, _, counts = _planted(n=800)
+    m = fit_text_map(table_blocks(x, lambda ids: y[ids], counts), "enc")
+    target = np.percentile(np.linalg.norm(y[1:], axis=1), 75)
+    assert m.fit["row_norms"]["75"] == pytest.approx(target, rel=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(m.apply(x[1:4], norm_percentile=75), axis=1), target, rtol=1e-5)
+    with pytest.raises(ValueError, match="percentile"):
+        m.apply(x[1:4], norm_percentile=60)

@@ -46,7 +46,7 @@ from eimf.models.text_map import fit_text_map, table_blocks
 log = logging.getLogger(__name__)
 
 #: How a method fills the cold items' rows (:func:`cold_rows`); ``oracle`` is a model trained with them instead.
-ROW_METHODS = ("random", "text_pca", "text_map")
+ROW_METHODS = ("random", "text_pca", "text_map_raw", "text_map")
 VIEWS = ("cold", "whole", "whole_cold", "whole_warm", "warm_only")
 TOPK = (20, 50)
 _YEAR = re.compile(r"\((\d{4})\)")
@@ -201,7 +201,9 @@ def cold_rows(method: str, warm_rows: np.ndarray, text: np.ndarray, warm_items: 
     * ``random``: Gaussian rows with the spread of the trained rows (each dimension's mean and std);
     * ``text_pca``: the text embedding used directly: its top principal directions (fitted on the warm items'
       texts) scaled to the trained rows' spread; no map is learned from the rows;
-    * ``text_map``: the ridge map fitted on the warm items (eimf.models.text_map).
+    * ``text_map``: the ridge map fitted on the warm items (eimf.models.text_map), its rows stretched to the
+      median trained norm (the map's default); ``text_map_raw``: as mapped; ``text_map_p75``: stretched to the 75th
+      percentile of the trained norms (any of text_map.NORM_PERCENTILES).
     """
     d = warm_rows.shape[1]
     mean, std = warm_rows.mean(axis=0), warm_rows.std(axis=0)
@@ -216,14 +218,17 @@ def cold_rows(method: str, warm_rows: np.ndarray, text: np.ndarray, warm_items: 
         proj = (x - centre) @ vt[:d].T
         scale = float(np.linalg.norm(warm_rows - mean, axis=1).mean() / max(np.linalg.norm(proj, axis=1).mean(), 1e-12))
         return ((text[cold] - centre) @ vt[:d].T * scale + mean).astype(np.float32), {"scale": scale}
-    if method == "text_map":
+    if method.startswith("text_map"):
         row_of = np.zeros(len(text), dtype=np.int64)
         row_of[warm_items] = np.arange(len(warm_items))
         count_of = np.zeros(len(text), dtype=np.int64)
         count_of[warm_items] = warm_counts
         m = fit_text_map(table_blocks(text, lambda ids: warm_rows[row_of[ids]], count_of,
                                       ids=warm_items[has_text]), encoder, seed=seed)
-        return m.apply(text[cold]), m.fit
+        if method == "text_map":
+            return m.apply(text[cold]), m.fit
+        percentile = None if method == "text_map_raw" else int(method[len("text_map_p"):])
+        return m.apply(text[cold], norm_percentile=percentile), m.fit
     raise ValueError(f"cold start: row method {method!r}, expected one of {ROW_METHODS}")
 
 

@@ -24,7 +24,15 @@ log = logging.getLogger(__name__)
 
 #: Ridge penalties tried, relative to the mean diagonal of the weighted ``X^T X`` (so they mean the same at any
 #: catalogue size); the one with the best held-out cosine is kept.
-ALPHAS = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+ALPHAS = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+#: Percentiles of the trained rows' norms kept in ``fit["row_norms"]``: a mapped row is the conditional mean of
+#: the rows, so it is short; :meth:`TextMap.apply` can stretch it to one of them (a new item's reach).
+NORM_PERCENTILES = (10, 25, 50, 75, 90)
+#: The stretch new items get by default: the median trained norm. Chosen on Beauty's VALID users (docs/cold_start.md):
+#: the same ranking of the new items among themselves at any percentile, and the best whole-catalogue recall;
+#: higher percentiles reach the new items more often at a cost to the warm targets.
+DEFAULT_NORM_PERCENTILE = 50
+_FIT = "fit"  # apply()'s default: the stretch recorded in the fit
 WEIGHTINGS = ("log_count", "uniform")
 
 
@@ -48,13 +56,23 @@ class TextMap:
     def dim(self) -> int:
         return int(self.weight.shape[1])
 
-    def apply(self, text_embeddings: np.ndarray) -> np.ndarray:
-        """Rows ``[M, dim]`` float32 for ``[M, D_text]`` text embeddings."""
+    def apply(self, text_embeddings: np.ndarray, norm_percentile=_FIT) -> np.ndarray:
+        """Rows ``[M, dim]`` float32 for ``[M, D_text]`` text embeddings. ``norm_percentile`` (one of
+        :data:`NORM_PERCENTILES`): each row stretched to that percentile of the trained rows' norms; None: as
+        mapped (short: the conditional mean); default: the fit's ``norm_percentile``."""
+        if norm_percentile == _FIT:
+            norm_percentile = self.fit.get("norm_percentile")
         x = np.asarray(text_embeddings, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.text_dim:
             raise ValueError(f"text map: embeddings of shape {x.shape}, expected [M, {self.text_dim}] "
                              f"(from the encoder {self.encoder!r})")
-        return (x @ self.weight + self.bias).astype(np.float32)
+        rows = x @ self.weight + self.bias
+        if norm_percentile is not None:
+            norms = self.fit.get("row_norms", {})
+            if str(norm_percentile) not in norms:
+                raise ValueError(f"text map: no {norm_percentile}th percentile of the row norms (has {sorted(norms)})")
+            rows *= float(norms[str(norm_percentile)]) / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        return rows.astype(np.float32)
 
     def to_arrays(self) -> dict:
         """The map as plain arrays and a JSON-able dict (eimf.formats.model_folder stores them)."""
@@ -71,10 +89,14 @@ Blocks = Callable[[], Iterable[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 
 
 def fit_text_map(blocks: Blocks, encoder: str, alphas: Sequence[float] = ALPHAS, weighting: str = "log_count",
-                 heldout: float = 0.1, seed: int = 0) -> TextMap:
+                 heldout: float = 0.1, seed: int = 0,
+                 norm_percentile: Optional[int] = DEFAULT_NORM_PERCENTILE) -> TextMap:
     """Fit the ridge map from ``blocks`` (called three times; see :data:`Blocks`): a first pass gathers the
     normal equations of the fit items and, for each alpha, a second scores the held-out items (a fixed-seed
-    ``heldout`` share of the items, by id); the kept alpha is then refitted on every item. Memory: ``D x D``."""
+    ``heldout`` share of the items, by id); the kept alpha is then refitted on every item. ``norm_percentile``:
+    the stretch :meth:`TextMap.apply` gives by default (None: none). Memory: ``D x D`` and one norm per item."""
+    if norm_percentile is not None and norm_percentile not in NORM_PERCENTILES:
+        raise ValueError(f"text map: norm_percentile {norm_percentile}, expected one of {NORM_PERCENTILES} or None")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"text map: weighting {weighting!r}, expected one of {WEIGHTINGS}")
 
@@ -121,11 +143,14 @@ def fit_text_map(blocks: Blocks, encoder: str, alphas: Sequence[float] = ALPHAS,
         weight, bias = solve(fit_eq, alpha)
         scores[float(alpha)] = _heldout_cosine(blocks, is_heldout, weight, bias)
     n_heldout = scores[float(alphas[0])][1]
+    norms = np.concatenate([np.linalg.norm(np.asarray(y, dtype=np.float64), axis=1) for _, _, y, _ in blocks()])
     best = max(scores, key=lambda a: scores[a][0]) if n_heldout else float(alphas[len(alphas) // 2])
     weight, bias = solve(normal_equations(lambda ids: np.ones(len(ids), dtype=bool)), best)
     fit = {"alpha": best, "weighting": weighting, "items": int(fit_eq[5]) + int(n_heldout),
            "heldout_items": int(n_heldout), "heldout_cosine": float(scores[best][0]),
-           "heldout_cosine_by_alpha": {str(a): float(s[0]) for a, s in scores.items()}}
+           "heldout_cosine_by_alpha": {str(a): float(s[0]) for a, s in scores.items()},
+           "norm_percentile": norm_percentile,
+           "row_norms": {str(p): float(v) for p, v in zip(NORM_PERCENTILES, np.percentile(norms, NORM_PERCENTILES))}}
     log.info("text map: ridge alpha %g (of %s) on %d items, held-out cosine %.3f", best, list(alphas),
              fit["items"], fit["heldout_cosine"])
     return TextMap(weight.astype(np.float32), bias.astype(np.float32), encoder, fit)
