@@ -5,6 +5,7 @@
     eimf data download ml-1m --data-dir ~/datasets
     eimf data list
     eimf evaluate .eimf/runs/<run>/export
+    eimf items add models:/eimf-ml-1m@champion --items new_items.csv
     eimf annotate --model-dir .eimf/runs/<run>/export semantic.annotator=vllm semantic.budget=64
     eimf ui
 
@@ -165,6 +166,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_items(args) -> int:
+    from eimf.serving.new_items import add_items
+
+    added = add_items(args.model, args.items, out=args.out, id_column=args.id_column, text_column=args.text_column,
+                      tracking_uri=args.tracking_uri)
+    print(f"added {added.added} item(s) as ids {added.first_item}..{added.n_items} from their text "
+          f"(retrieval index: {added.index})")
+    if added.model_uri:
+        print(f"new model version: {added.model_uri}")
+        if args.out:
+            print(f"model folder: {added.folder}")
+    else:
+        print(f"new model folder: {added.folder}")
+    return 0
+
+
 def cmd_ui(args) -> int:
     from eimf.tracking import default_tracking_uri
 
@@ -249,6 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(pr)
     d.set_defaults(fn=cmd_data)
 
+    it = sub.add_parser("items", help="items of a trained model: add new ones from their text, no retraining")
+    isub = it.add_subparsers(dest="items_cmd", required=True)
+    ia = isub.add_parser("add", help="give new items rows from their text (the model's text map) and a place in its "
+                         "index; writes a new model folder, or registers a new version of an MLflow model")
+    ia.add_argument("model", help="model folder (local or s3://) or MLflow model URI (models:/eimf-ml-1m/3, "
+                    "models:/eimf-ml-1m@champion)")
+    ia.add_argument("--items", required=True, help="CSV file of the new items: a raw id and a text per row")
+    ia.add_argument("--id-column", default="item_id", help="the CSV's raw id column (default item_id)")
+    ia.add_argument("--text-column", default="text", help="the CSV's text column (default text)")
+    ia.add_argument("--out", help="write the new model folder here (local or s3://; default: a temporary folder)")
+    ia.add_argument("--tracking-uri", help="MLflow store of a models:/ URI (default: $MLFLOW_TRACKING_URI, else "
+                    "eimf's own)")
+    ia.set_defaults(fn=cmd_items)
+
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the project's store")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--backend-store-uri")
@@ -264,10 +295,12 @@ def user_errors() -> tuple:
     from eimf.data.download import DownloadError
 
     from eimf.serving.folder import ModelFolderError
+    from eimf.serving.new_items import NewItemsError
     from eimf.serving.schema import RequestError
 
     # ModelNotFoundError is a FileNotFoundError; ConfigError names the setting and what it accepts
-    errors = [UserError, ConfigError, DownloadError, FileNotFoundError, ModelFolderError, RequestError]
+    errors = [UserError, ConfigError, DownloadError, FileNotFoundError, ModelFolderError, RequestError,
+              NewItemsError]
     try:
         from mlflow.exceptions import MlflowException  # e.g. a models:/ URI that is not registered
 

@@ -296,20 +296,8 @@ class ItemIndex:
         fallback). Memory: the index and one block."""
         self = cls.__new__(cls)
         self.threads = set_faiss_threads(threads)
-
-        def train_rows():
-            pick = _train_sample_ids(n_items, train_size)
-            sample, start = [], 0
-            for block in blocks():
-                lo, hi = np.searchsorted(pick, [start, start + len(block)])
-                sample.append(np.asarray(block, dtype=np.float32)[pick[lo:hi] - start])
-                start += len(block)
-            return np.concatenate(sample)
-
-        def max_sq_norm():  # one more pass: the lift needs the largest norm before any row goes in
-            return max(_max_sq_norm(np.asarray(b, dtype=np.float32)) for b in blocks())
-
-        self._build(retrieval.index, n_items, int(dim), train_rows, blocks, max_sq_norm,
+        self._build(retrieval.index, n_items, int(dim), lambda: _sample_of_blocks(blocks, n_items, train_size),
+                    blocks, lambda: _max_sq_norm_of_blocks(blocks),
                     (retrieval.nprobe, retrieval.ef_search, retrieval.refine_k), check_queries)
         return self
 
@@ -430,6 +418,36 @@ class ItemIndex:
         extra = np.sqrt(np.maximum(self.mips_m2 - np.einsum("nd,nd->n", x, x), 0.0))
         return np.ascontiguousarray(np.hstack([x, extra[:, None].astype(np.float32)]))
 
+    def add(self, rows: np.ndarray, blocks: Optional[Callable[[], Iterable[np.ndarray]]] = None) -> str:
+        """Append ``rows`` ``[M, d]`` as items ``N + 1 .. N + M`` (new items: ``eimf items add``); returns what was
+        done: ``"added"``, or ``"rebuilt"``. A trained index (IVF, PQ) files them under its cells as they are. The
+        MIPS lift cannot take a row longer than its bound ``M``: every stored row's lift depends on it, so the index
+        is then rebuilt, same spec and search parameters, over ``blocks()`` (the rows of ids ``1 .. N + M`` in
+        order, these included; required then), with the new bound."""
+        x = np.ascontiguousarray(rows, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"new item rows must be [M, {self.dim}], got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("new item rows hold NaN or infinite values")
+        if len(x) == 0:
+            return "added"
+        if self.mips_m2 is None or _max_sq_norm(x) <= self.mips_m2:
+            self.index.add(self._lift(x))
+            self.n_items = int(self.index.ntotal)
+            return "added"
+        if blocks is None:
+            raise ValueError(f"a new row of squared norm {_max_sq_norm(x):.4g} exceeds the MIPS bound "
+                             f"{self.mips_m2:.4g} of index {self.spec!r}: rebuilding it needs every row (blocks)")
+        n = self.n_items + len(x)
+        log.info("retrieval index %s: a new row exceeds the MIPS norm bound (%.4g > %.4g): rebuilt over %d items",
+                 self.spec, _max_sq_norm(x), self.mips_m2, n)
+        auto_check = self.auto_check
+        self._build(self.spec, n, self.dim, lambda: _sample_of_blocks(blocks, n, 500_000), blocks,
+                    lambda: _max_sq_norm_of_blocks(blocks),
+                    (self.params.get("nprobe"), self.params.get("efSearch"), self.params.get("k_factor_rf")), None)
+        self.auto_check = auto_check  # the spec was chosen, and checked, over the catalogue before the new items
+        return "rebuilt"
+
     def set_params(self, nprobe: Optional[int] = None, ef_search: Optional[int] = None,
                    refine_k: Optional[int] = None) -> dict:
         """Change search parameters in place (those this index has); returns all that are set."""
@@ -542,6 +560,22 @@ def split_mips(spec: str) -> Tuple[bool, str]:
 
 def _max_sq_norm(rows: np.ndarray) -> float:
     return float(np.einsum("nd,nd->n", rows, rows).max(initial=0.0))
+
+
+def _max_sq_norm_of_blocks(blocks) -> float:
+    """The largest squared row norm over ``blocks()``: one more pass, as the lift needs it before any row goes in."""
+    return max(_max_sq_norm(np.asarray(b, dtype=np.float32)) for b in blocks())
+
+
+def _sample_of_blocks(blocks, n: int, train_size: int) -> np.ndarray:
+    """The training sample of :func:`_train_sample_ids` gathered from ``blocks()`` (rows of ids 1..n in order)."""
+    pick = _train_sample_ids(n, train_size)
+    sample, start = [], 0
+    for block in blocks():
+        lo, hi = np.searchsorted(pick, [start, start + len(block)])
+        sample.append(np.asarray(block, dtype=np.float32)[pick[lo:hi] - start])
+        start += len(block)
+    return np.concatenate(sample)
 
 
 def _stored_sq_norm(index) -> float:

@@ -22,6 +22,11 @@ A model folder is everything serving needs, with no reference back to the data o
                    items their rows (eimf.models.text_map)
 =================  ===========================================================================================
 
+Items added after training (``eimf items add``, eimf.serving.new_items) have rows from the text map, not from
+training: ``folder.json``'s ``added_items`` lists each addition (``first_item``, ``items``, ``source``, ``utc``), so
+that what was trained and what was mapped stays known. Files beside the listed ones (the pipeline's
+``evaluation.json``, ``pipeline.json``) are kept by such an addition (``FolderParts.extra_files``).
+
 Here the contents are plain values (state dicts, frames, arrays): :class:`FolderParts` to write, :class:`LocalFolder`
 to read. The objects built from them (the backbone, the faiss index, the head) are eimf.serving.folder's.
 Paths are local or ``s3://``.
@@ -34,7 +39,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import pandas as pd
@@ -87,6 +92,10 @@ class FolderParts:
     #: the text map as plain values (eimf.models.text_map.TextMap.to_arrays: ``weight``, ``bias``, ``encoder``,
     #: ``fit``), or None
     text_map: Optional[dict] = None
+    #: the items added after training, one record per addition (``folder.json``'s ``added_items``), or None
+    added_items: Optional[List[dict]] = None
+    #: files copied beside the listed ones, not required by readers: ``{name: local path}``
+    extra_files: Optional[Dict[str, str]] = None
 
 
 def write(path: str, parts: FolderParts) -> str:
@@ -129,6 +138,14 @@ def write(path: str, parts: FolderParts) -> str:
         }
         if parts.text_map is not None:
             manifest["text_map"] = {"encoder": parts.text_map["encoder"], "fit": parts.text_map.get("fit") or {}}
+        if parts.added_items:
+            manifest["added_items"] = list(parts.added_items)
+        extras = []
+        for name, src in (parts.extra_files or {}).items():
+            if name in files or name == MANIFEST or Path(name).name != name:
+                raise ValueError(f"model folder: extra file {name!r} is a folder file or not a plain name")
+            shutil.copyfile(src, out / name)
+            extras.append(name)
         if table is not None:
             manifest["item_table"] = table
         else:
@@ -140,7 +157,7 @@ def write(path: str, parts: FolderParts) -> str:
             dest = Path(path)
             dest.mkdir(parents=True, exist_ok=True)
             (dest / MANIFEST).unlink(missing_ok=True)
-            for name in files + [MANIFEST]:
+            for name in files + extras + [MANIFEST]:
                 shutil.copyfile(out / name, dest / name)
     return path
 
@@ -198,17 +215,34 @@ class LocalFolder:
     def metrics(self) -> dict:
         return json.loads((self.local / METRICS).read_text())
 
-    def state(self) -> dict:
+    def state(self, whole_table: bool = True) -> dict:
         """The backbone's state dict with its whole item table (assembled from the row blocks of a sharded
-        export), checked against the catalogue size."""
+        export), checked against the catalogue size. ``whole_table=False``: as stored, without the table where
+        row blocks hold it (:meth:`table_parts`)."""
         weights = self.local / WEIGHTS
         state = torch.load(weights, map_location="cpu")
-        parts = [self.local / p for p in self.manifest.get("item_table", {}).get("parts", [])]
+        parts = self.table_parts()
+        if parts and not whole_table:
+            return state
         if parts:
             blocks = [np.load(p, mmap_mode="r") for p in parts]
             state["item_emb.weight"] = torch.from_numpy(np.concatenate(blocks))
         check_table_rows(state, self.n_items, weights)
         return state
+
+    def table_parts(self) -> List[Path]:
+        """The ``.npy`` row blocks of a sharded export's item table, in id order (row 0 first); [] otherwise."""
+        return [self.local / p for p in self.manifest.get("item_table", {}).get("parts", [])]
+
+    def extra_files(self) -> Dict[str, str]:
+        """Files beside the listed ones (the pipeline's ``evaluation.json``, ``pipeline.json``): ``{name: path}``."""
+        listed = set(self.manifest["files"])
+        return {p.name: str(p) for p in sorted(self.local.iterdir()) if p.is_file() and p.name not in listed}
+
+    @property
+    def added_items(self) -> List[dict]:
+        """The items added after training, one record per addition (:attr:`FolderParts.added_items`)."""
+        return list(self.manifest.get("added_items") or [])
 
     def items(self) -> pd.DataFrame:
         items = pd.read_parquet(self.local / ITEMS)

@@ -47,6 +47,8 @@ class ModelFolder:
     table_parts: Optional[List[str]] = None
     #: the map from an item's text embedding to its row, for new items (eimf.models.text_map); None: no texts
     text_map: Optional[TextMap] = None
+    #: the items added after training, with rows from the text map (eimf.formats.model_folder's ``added_items``)
+    added_items: List[dict] = field(default_factory=list)
     _scratch: Optional[object] = field(default=None, repr=False)  # owns table_parts' temporary folder
 
     @property
@@ -64,7 +66,7 @@ class ModelFolder:
             index_spec=self.index.record(), metrics=self.metrics,
             head_state=None if self.head is None else self.head.state_dict(), phrases=phrases,
             data_path=self.data_path, table_parts=self.table_parts,
-            text_map=None if self.text_map is None else self.text_map.to_arrays()))
+            text_map=None if self.text_map is None else self.text_map.to_arrays(), added_items=self.added_items))
 
     @staticmethod
     def read_manifest(path: str) -> dict:
@@ -78,15 +80,7 @@ class ModelFolder:
             cfg = folder.config()
             model = backbone_from_state(cfg, folder.state(), folder.n_items)
             items = folder.items()
-            item_index = None
-            if index:
-                spec = folder.index_spec
-                item_index = ItemIndex.load(folder.index_file, spec["spec"], nprobe=spec.get("nprobe"),
-                                            ef_search=spec.get("efSearch"), refine_k=spec.get("k_factor_rf"),
-                                            threads=threads, auto_check=spec.get("auto_check"))
-                if item_index.n_items != folder.n_items:
-                    raise ModelFolderError(f"{folder.index_file}: {item_index.n_items} items, the model has "
-                                           f"{folder.n_items}")
+            item_index = load_index(folder, threads) if index else None
             head_state = folder.head_state()
             head = None if head_state is None else head_from_state(cfg, head_state)
             p = folder.phrases()
@@ -97,7 +91,18 @@ class ModelFolder:
             text_map = folder.text_map()
         return cls(model=model, cfg=cfg, items=items, index=item_index, metrics=metrics, head=head,
                    phrases=phrases, data_path=folder.manifest.get("data_path"),
-                   text_map=None if text_map is None else TextMap.from_arrays(text_map))
+                   text_map=None if text_map is None else TextMap.from_arrays(text_map),
+                   added_items=folder.added_items)
+
+
+def load_index(folder: fmt.LocalFolder, threads: Optional[int] = None) -> ItemIndex:
+    """The folder's retrieval index with the search parameters it records, checked against the catalogue size."""
+    spec = folder.index_spec
+    index = ItemIndex.load(folder.index_file, spec["spec"], nprobe=spec.get("nprobe"), ef_search=spec.get("efSearch"),
+                           refine_k=spec.get("k_factor_rf"), threads=threads, auto_check=spec.get("auto_check"))
+    if index.n_items != folder.n_items:
+        raise ModelFolderError(f"{folder.index_file}: {index.n_items} items, the model has {folder.n_items}")
+    return index
 
 
 def build_index(model, cfg: Config, threads: Optional[int] = None, data_path: Optional[str] = None,
