@@ -4,6 +4,8 @@ evaluation -> export, one config for every stage (eimf/pipeline/__init__.py says
     python jobs/pipeline.py                                        # laptop: local Ray, SQLite MLflow under .eimf/
     python jobs/pipeline.py --config cluster/laptop.yaml pipeline.run_name=my-run data.dataset=ml-100k
     python jobs/pipeline.py --plan pipeline.run_name=my-run         # what would run or be skipped, and why
+    python jobs/pipeline.py pipeline.from_model=models:/eimf-ml-1m@champion data.since=1700000000 data.replay=0.1
+                                                                    # retrain from the served model on a new window
     ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml \\
         -- python jobs/pipeline.py --config cluster/gpu.yaml pipeline.run_name=ml1m-qwen
 
@@ -66,6 +68,8 @@ def main(argv=None) -> int:
         if args.plan:
             for p in pipeline.plan():
                 print(f"{p.name:<9} {'skip' if p.skip else 'run ':<4} {p.fingerprint[:12]}  {p.reason}  ({p.dir})")
+                if "from_model" in p.config:  # the warm start's source, an alias pinned to its version
+                    print(f"{'':<9} warm start from {p.config['from_model']['uri']}")
             return 0
         results = pipeline.run()
     except (PipelineError, *user_errors()) as e:  # load_config's errors too: one line naming the setting

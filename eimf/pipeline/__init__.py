@@ -10,6 +10,11 @@ reads. The default one (:func:`eimf_stages`, ``jobs/pipeline.py``):
     train     EIMF training with the annotations                          (eimf/steps/train.py)
     evaluate  the trained model on ``pipeline.eval_splits``, MostPopular   (eimf/steps/evaluate.py)
     export    the final model folder ``<run>/export/model``                (eimf/steps/export.py)
+    promote   the registry's gate: the new version against the ``champion``
+              alias on the newest holdout -> ``champion`` or ``challenger`` (eimf/steps/promote.py)
+
+``promote`` runs where the model is registered (:func:`promotes`). With ``pipeline.from_model`` every training stage
+warm-starts from that model (eimf.training.warm_start), its source pinned in the plan (an alias to its version).
 
 :func:`backbone_stages` trains the backbone alone; a grid's ``coverage`` variant adds a second annotation set and
 a ``merge`` of the two.
@@ -58,6 +63,7 @@ import eimf.steps.evaluate
 import eimf.steps.export
 import eimf.steps.merge
 import eimf.steps.prepare
+import eimf.steps.promote
 import eimf.steps.train  # noqa: F401  (steps.<name>.run below, looked up at call time)
 from eimf import fs, ray_init, steps, tracking
 from eimf.config import Config, eimf_home
@@ -65,14 +71,15 @@ from eimf.data.inputs import ensure_dataset
 from eimf.pipeline.manifests import (MANIFEST, StagePlan, StageResult, now_utc, read_manifest, run_planned, skip_reason,
                                      write_manifest, write_view)
 from eimf.pipeline.stages import (PIPELINE_VERSION, STAGES, STEPS, PipelineError, Stage, annotation_config,
-                                  backbone_stages, data_fingerprint, eimf_stages, final_stages, fingerprint,
+                                  backbone_stages, data_fingerprint, eimf_stages, final_stages, fingerprint, promotes,
                                   stage_config, step_config, training_config, warmup_config)
 from eimf.steps import StepOutput
 
 log = logging.getLogger(__name__)
 
-#: Steps whose folder is the run's, not the shared store's (the final model carries the run's lineage).
-PER_RUN_STEPS = ("export",)
+#: Steps whose folder is the run's, not the shared store's (the final model carries the run's lineage, the gate
+#: decides on the registry as the run finds it).
+PER_RUN_STEPS = ("export", "promote")
 #: Steps that need Ray (evaluate, merge and export do not).
 RAY_STEPS = ("prepare", "train", "annotate")
 STORE = "stages"
@@ -80,7 +87,8 @@ SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 #: Metrics shown in the one-line summary of a stage.
 SUMMARY_KEYS = ("users_out", "items_out", "best_valid/recall@50", "test/recall@50", "resumes", "selected",
-                "prompts", "cache_hits", "valid_share", "test/ndcg@50", "test/mostpop/recall@50")
+                "prompts", "cache_hits", "valid_share", "test/ndcg@50", "test/mostpop/recall@50",
+                "warm_start/rows_matched", "warm_start/rows_text_map", "promote/promoted", "promote/difference")
 
 
 def _fmt(v: Any) -> str:
@@ -204,6 +212,10 @@ class Pipeline:
             return steps.prepare.run(c, {"data_fingerprint": sp.config["data_fingerprint"]}, sp.dir, tags, name)
         if st.step == "train":  # training stages only log their models: the export stage registers the final one
             c = dataclasses.replace(c, tracking=dataclasses.replace(c.tracking, registered_model=""))
+            if "from_model" in sp.config:  # the version the plan pinned, not wherever the alias points by now
+                pinned = sp.config["from_model"]["uri"]
+                tags = {**tags, "warm_start.requested": c.pipeline.from_model}
+                c = dataclasses.replace(c, pipeline=dataclasses.replace(c.pipeline, from_model=pinned))
             inputs = {"data_path": up["data_path"], **{k: up[k] for k in ("annotations",) if k in up}}
             return steps.train.run(c, inputs, sp.dir, tags, name)
         if st.step == "annotate":  # the annotation cache lives in the stage folder unless semantic.cache_dir is set
@@ -216,6 +228,11 @@ class Pipeline:
         if st.step == "evaluate":
             return steps.evaluate.run(c, {"model_dir": up["model_dir"]}, sp.dir, tags, name,
                                       splits=tuple(c.pipeline.eval_splits))
+        if st.step == "promote":  # the version the export registered is in its manifest's info
+            export = next(u for u in st.inputs if self._plans[u].step == "export")
+            info = (read_manifest(self._plans[export].dir) or {}).get("info") or {}
+            return steps.promote.run(c, {"model_uri": info.get("model_uri"), "model_dir": up["model_dir"],
+                                         "data_path": up["data_path"]}, sp.dir, tags, name)
         return steps.export.run(c, {"model_dir": up["model_dir"], "metrics": up["metrics"]}, sp.dir, tags, name,
                                 lineage=self.lineage(list(self._plans.values())))
 
@@ -233,6 +250,11 @@ class Pipeline:
     def step(self, st: Stage) -> Dict[str, str]:
         """Run (or skip) one stage (:meth:`call`); its outputs."""
         sp = self._plans[st.name]
+        if sp.skip and st.step == "promote" and any(r.status == "ran" and self._plans[r.stage].step == "export"
+                                                    for r in self.results if r.stage in st.inputs):
+            # the export registered another version: that one has no alias yet
+            sp = self._plans[st.name] = dataclasses.replace(sp, skip=False, reason="the export registered a new "
+                                                                                   "version")
         i, n = [s.name for s in self.stages].index(st.name) + 1, len(self.stages)
         if sp.skip:
             log.info("[pipeline %s] stage %d/%d %s: skipped (%s; fingerprint %s)", self.run_name, i, n, st.name,
@@ -298,12 +320,17 @@ class Pipeline:
             if table_rows:
                 c.log_table(run_id, {k: [r[k] for r in table_rows] for k in table_rows[0]}, "pipeline_summary.json")
             c.log_text(run_id, md, "pipeline_summary.md")
-            if results and results[-1].stage == "export" and results[-1].status != "failed":
-                c.set_tag(run_id, "pipeline.model_dir", results[-1].outputs.get("model_dir", ""))
+            export = next((r for r in results if r.stage == "export" and r.status != "failed"), None)
+            if export is not None:
+                c.set_tag(run_id, "pipeline.model_dir", export.outputs.get("model_dir", ""))
+            gate = next((r for r in results if r.stage == "promote" and r.status != "failed"), None)
+            if gate is not None and "promote/promoted" in gate.metrics:
+                c.set_tag(run_id, "pipeline.promotion",
+                          "champion" if gate.metrics["promote/promoted"] else "challenger")
             tracking.end_run(self.uri, run_id, status="FAILED" if failed is not None else "FINISHED")
 
 
 __all__ = ["MANIFEST", "PIPELINE_VERSION", "STAGES", "STEPS", "Pipeline", "PipelineError", "Stage", "StageFailed",
            "StagePlan", "StageResult", "annotation_config", "backbone_stages", "data_fingerprint", "eimf_stages",
-           "final_stages", "fingerprint", "read_manifest", "run_planned", "skip_reason", "stage_config",
+           "final_stages", "fingerprint", "promotes", "read_manifest", "run_planned", "skip_reason", "stage_config",
            "step_config", "training_config", "warmup_config", "write_manifest", "write_view"]

@@ -13,15 +13,19 @@ from eimf.data.inputs import resolve_inputs
 from eimf.formats.prepared import fingerprint as prepared_fingerprint
 from eimf.formats.prepared import input_infos
 from eimf.semantic.prompts import PROMPT_VERSION
+from eimf.steps.promote import promote_split, promote_topk
+from eimf.steps.registry import resolve_source
 from eimf.steps.train import eimf_train_config
+from eimf.tracking import tracking_uri
 
 #: Bump when a stage's outputs change for the same config and inputs: every fingerprint changes with it.
 #: 2: stage folders keyed by fingerprint (the step, not the stage's name, is hashed).
 PIPELINE_VERSION = 2
-#: The default pipeline's stages (:func:`eimf_stages`).
-STAGES = ("prepare", "warmup", "annotate", "train", "evaluate", "export")
-#: What a stage can run: the steps, and ``merge`` (two annotation sets into one).
-STEPS = ("prepare", "train", "annotate", "merge", "evaluate", "export")
+#: The default pipeline's stages (:func:`eimf_stages`); ``promote`` only where the model is registered
+#: (:func:`promotes`).
+STAGES = ("prepare", "warmup", "annotate", "train", "evaluate", "export", "promote")
+#: What a stage can run: the steps, ``merge`` (two annotation sets into one) and ``promote`` (the registry's gate).
+STEPS = ("prepare", "train", "annotate", "merge", "evaluate", "export", "promote")
 
 #: A pipeline setting that cannot work (kept as a name: the config's own checks raise the same class).
 PipelineError = ConfigError
@@ -46,8 +50,19 @@ def warmup_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=p.warmup_steps, seed=seed))
 
 
+def promotes(cfg: Config) -> bool:
+    """Whether the pipeline ends with the promotion gate: ``pipeline.promote`` and a registered model (tracking on,
+    ``tracking.log_model``, a registered name: a grid's cells register nothing)."""
+    t = cfg.tracking
+    return bool(cfg.pipeline.promote and t.enabled and t.log_model and t.registered_model != "")
+
+
 def final_stages(cfg: Config) -> List[Stage]:
-    return [Stage("evaluate", "evaluate", cfg, ("train",)), Stage("export", "export", cfg, ("train", "evaluate"))]
+    """evaluate, export, and the promotion gate where :func:`promotes`."""
+    stages = [Stage("evaluate", "evaluate", cfg, ("train",)), Stage("export", "export", cfg, ("train", "evaluate"))]
+    if promotes(cfg):
+        stages.append(Stage("promote", "promote", cfg, ("prepare", "export")))
+    return stages
 
 
 def eimf_stages(cfg: Config, warmup: Optional[Config] = None, annotate: Optional[Config] = None,
@@ -64,7 +79,7 @@ def eimf_stages(cfg: Config, warmup: Optional[Config] = None, annotate: Optional
 
 
 def backbone_stages(cfg: Config) -> List[Stage]:
-    """The backbone alone: prepare, train without annotations, evaluate, export."""
+    """The backbone alone: prepare, train without annotations, evaluate, export (and promote)."""
     return [Stage("prepare", "prepare", cfg), Stage("train", "train", cfg, ("prepare",)), *final_stages(cfg)]
 
 
@@ -85,7 +100,9 @@ def _without(d: dict, keys) -> dict:
 
 
 def training_config(cfg: Config, max_steps: Optional[int] = None, eimf: bool = False) -> dict:
-    """The config subset a training run's output depends on (operational fields left out)."""
+    """The config subset a training run's output depends on (operational fields left out); with
+    ``pipeline.from_model``, the warm start's source pinned (an alias resolved to its version now, a folder by its
+    manifest's hash: eimf.steps.registry.resolve_source), so a moved alias is another fingerprint."""
     d = to_dict(cfg)
     train = without_operational(eimf_train_config(cfg.train)[0] if eimf else cfg.train)
     if max_steps is not None:
@@ -94,7 +111,17 @@ def training_config(cfg: Config, max_steps: Optional[int] = None, eimf: bool = F
            "retrieval": d["retrieval"], "train": train}
     if eimf:
         out["eimf"] = _without(d["eimf"], ("enabled", "annotations"))
+    if cfg.pipeline.from_model:
+        out["from_model"] = resolve_source(cfg.pipeline.from_model, tracking_uri(cfg))
     return out
+
+
+def promote_config(cfg: Config) -> dict:
+    """The promotion gate's settings (the champion it meets is the registry's at run time, not hashed)."""
+    p = cfg.pipeline
+    return {"metric": p.promote_metric, "margin": p.promote_margin, "split": promote_split(cfg),
+            "topk": list(promote_topk(cfg)), "exclude_history": cfg.eval.exclude_history,
+            "registered_model": cfg.tracking.registered_model}
 
 
 def annotation_config(cfg: Config) -> Tuple[dict, dict]:
@@ -118,6 +145,8 @@ def step_config(step: str, cfg: Config, data_fp: Optional[str] = None, eimf: boo
         return {"splits": list(cfg.pipeline.eval_splits), "retrieval": to_dict(cfg)["retrieval"]}, {}
     if step == "export":
         return {"log_model": cfg.tracking.log_model, "registered_model": cfg.tracking.registered_model}, {}
+    if step == "promote":
+        return promote_config(cfg), {}
     raise PipelineError(f"unknown pipeline step {step!r} (steps: {', '.join(STEPS)})")
 
 

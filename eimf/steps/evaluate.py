@@ -14,6 +14,7 @@ import contextlib
 import io
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -24,6 +25,7 @@ from eimf.evaluation.retrieval import ItemIndex
 from eimf.formats.prepared import load_prepared
 from eimf.serving.folder import ModelFolder, ModelFolderError
 from eimf.steps import StepOutput, mlflow_run, numbers
+from eimf.training.warm_start import match_items
 
 
 def run(cfg, inputs: dict, out_dir: str, tags: Optional[dict] = None, run_name: str = "evaluate",
@@ -95,3 +97,48 @@ def evaluate_splits(model_dir: str, splits: Sequence[str] = ("valid", "test"), w
         if with_baseline:
             out.update({f"{split}/mostpop/{k}": v for k, v in most_popular(data.train, split_df, topk=topk).items()})
     return out
+
+
+def score_on_data(model_dir: str, data_path: str, split: str, topk: Sequence[int], exclude_history: bool = False,
+                  batch_size: Optional[int] = None) -> Dict[str, float]:
+    """A model folder scored on ``split`` of the prepared data at ``data_path``, which may be another preparation
+    than the one it was trained on (the promotion gate scores the served champion on the newest holdout): items are
+    matched by raw id. A history keeps the items the model knows (a user left with none gets a zero query); a truth
+    item it does not know still counts, and it cannot retrieve it. The same code scores the model of this very
+    data (every item known), so two models compared are scored alike. Exact metrics (an approximate folder index
+    gets an exact one beside it, as in :func:`evaluate_splits`), plus ``unknown_truth_share`` (truth items the
+    model does not know) and ``users_without_history``."""
+    folder = ModelFolder.load(model_dir)
+    data = load_prepared(data_path)
+    items = data.items.sort_values("item")
+    to_model = match_items(items["raw_id"].astype(str).to_numpy(), folder.items["raw_id"].astype(str).to_numpy())
+    n_model = folder.n_items
+    split_df = getattr(data, split)
+    histories, truths, empty, unknown, total = [], [], 0, 0, 0
+    for h, t in zip(split_df["history"], split_df["truth"]):
+        mh = to_model[np.asarray(h, dtype=np.int64)]
+        histories.append(mh[mh > 0])
+        empty += int(not (mh > 0).any())
+        t = np.asarray(t, dtype=np.int64)
+        mt = to_model[t]
+        unknown, total = unknown + int((mt == 0).sum()), total + len(t)
+        truths.append(np.where(mt > 0, mt, n_model + t))  # unknown: distinct ids past the catalogue, never retrieved
+    mapped = pd.DataFrame({"user": split_df["user"].to_numpy(), "history": histories, "truth": truths})
+    cfg, model = folder.cfg, folder.model
+
+    def interest_fn(hist, mask):
+        out = np.zeros((len(hist), cfg.model.num_interests, cfg.model.dim), dtype=np.float32)
+        some = mask.any(dim=1)
+        if bool(some.any()):
+            with torch.no_grad():
+                out[some.numpy()] = model.interests(hist[some], mask[some]).float().numpy()
+        return out
+
+    exact = None
+    if not folder.index.exact:
+        exact = ItemIndex(model.item_embeddings().detach().float().cpu().numpy(), index="Flat")
+    got = evaluate(interest_fn, None, mapped, topk=tuple(topk), batch_size=batch_size or cfg.eval.batch_size,
+                   maxlen=cfg.model.maxlen, exclude_history=exclude_history, index=folder.index, exact_index=exact)
+    got["unknown_truth_share"] = unknown / max(1, total)
+    got["users_without_history"] = float(empty)
+    return got

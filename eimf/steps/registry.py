@@ -78,14 +78,23 @@ def resolve_source(source: str, tracking_uri: str, where: str = "pipeline.from_m
 def local_model_folder(source: str, tracking_uri: str) -> Iterator[str]:
     """A model folder for ``source``: the folder itself (local or ``s3://``), or a registered version's folder (the
     pyfunc model's ``model_folder`` artifact) downloaded to a temporary folder, removed on exit."""
-    if parse_model_uri(source) is None:
+    parsed = parse_model_uri(source)
+    if parsed is None:
         yield str(source)
         return
     import mlflow.artifacts  # the download client; mlflow is imported by eimf.tracking already
 
+    name, version, alias = parsed
+    client = tracking.client(tracking_uri)
+    if alias:
+        version = client.get_model_version_by_alias(name, alias).version
+    # where the version's files are, asked of this registry: MLflow's own models:/ download asks the process-wide
+    # registry URI instead
+    where = client.get_model_version_download_uri(name, str(version))
+    if where.startswith("models:/"):  # a logged model (MLflow 3): its artifact location
+        where = client.get_logged_model(where[len("models:/"):].strip("/")).artifact_location
     with tempfile.TemporaryDirectory(prefix="eimf-source-model-") as tmp:
-        got = mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=tmp, tracking_uri=tracking_uri,
-                                                  registry_uri=tracking_uri)
+        got = mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=tmp, tracking_uri=tracking_uri)
         found = [root for root, _, files in os.walk(got) if MANIFEST in files]
         if not found:
             raise ConfigError(f"{source}: the registered model holds no eimf model folder ({MANIFEST})")
