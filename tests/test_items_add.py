@@ -162,6 +162,17 @@ def test_export_without_a_map_when_it_is_off_or_cannot_be_fitted(prepared, tmp_p
     assert "no text map" in caplog.text and "no-such-encoder" in caplog.text
 
 
+def test_a_large_catalogue_fits_the_map_on_a_sample(prepared, tmp_path, monkeypatch):
+    """Above TEXT_MAP_MAX_ITEMS items with text, a fixed-seed sample is encoded and fitted on (not every title)."""
+    from eimf.steps import export
+
+    monkeypatch.setattr(export, "TEXT_MAP_MAX_ITEMS", 120)
+    cfg = _cfg(prepared)
+    folder = export.from_checkpoint(_checkpoint(prepared, cfg, tmp_path / "ckpt"), cfg, str(prepared[0].path),
+                                    head_file=None)
+    assert folder.text_map.fit["items"] == 120 and folder.text_map.fit["heldout_cosine"] > 0.8
+
+
 # ------------------------------------------------------------------------------------------- the index
 @pytest.mark.parametrize("spec, nprobe", [("Flat", None), ("MIPS,Flat", None), ("MIPS,IVF4,Flat", 4),
                                           ("IVF4,Flat", 4)])

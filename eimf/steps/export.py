@@ -34,6 +34,7 @@ from eimf.models import build_model
 from eimf.models.text_init import item_text_embeddings
 from eimf.models.text_map import TextMap, fit_text_map, table_blocks
 from eimf.plots import learning_curve
+from eimf.semantic.encoder import SemanticEncoder
 from eimf.serving.explain import PhraseTable
 from eimf.serving.folder import (ModelFolder, backbone_from_file, build_index, check_interests,
                                  head_from_state, needs_check, table_rows)
@@ -96,20 +97,38 @@ def from_checkpoint(checkpoint_dir: Path, cfg: Config, data_path: str, weights: 
                        _scratch=scratch)
 
 
+#: ``train.text_map=auto`` fits on at most this many items with text: all of them up to here (their embeddings
+#: cached as model.item_init=text caches them), else a fixed-seed sample. Encoding is the cost (MiniLM on 2 CPU cores:
+#: a few hundred titles a second unloaded), and a 384 x 384 ridge needs far fewer than a million-item catalogue.
+TEXT_MAP_MAX_ITEMS = 20_000
+
+
 def fit_folder_text_map(cfg: Config, data_path: str, items, rows_of) -> Optional[TextMap]:
-    """The text map of a trained table (eimf.models.text_map), fitted on the items with text, weighted by their
-    training ``count``; ``rows_of(ids)``: the trained rows of sorted ids. None with ``train.text_map=never``, and
-    None with a warning when it cannot be fitted (no texts, no encoder): the map is an extra, export goes on."""
+    """The text map of a trained table (eimf.models.text_map), fitted on the items with text (at most
+    :data:`TEXT_MAP_MAX_ITEMS`), weighted by their training ``count``; ``rows_of(ids)``: the trained rows of sorted
+    ids. None with ``train.text_map=never``, and None with a warning when it cannot be fitted (no texts, no
+    encoder): the map is an extra, export goes on."""
     if cfg.train.text_map == "never":
         return None
-    if not items["text"].str.strip().astype(bool).any():
+    has_text = items["text"].str.strip().astype(bool).to_numpy()
+    if not has_text.any():
         log.warning("model folder: no text map: no item has text (data.text_cols), so new items need retraining")
         return None
     counts = np.zeros(len(items) + 1, dtype=np.int64)
     counts[items["item"].to_numpy()] = items["count"].to_numpy()
     try:
-        texts = np.load(item_text_embeddings(data_path, cfg.semantic.encoder), mmap_mode="r")
-        text_map = fit_text_map(table_blocks(texts, rows_of, counts), cfg.semantic.encoder)
+        if has_text.sum() <= TEXT_MAP_MAX_ITEMS:
+            texts = np.load(item_text_embeddings(data_path, cfg.semantic.encoder), mmap_mode="r")
+            blocks = table_blocks(texts, rows_of, counts)
+        else:
+            ids = np.sort(np.random.default_rng(0).choice(items["item"].to_numpy()[has_text], TEXT_MAP_MAX_ITEMS,
+                                                          replace=False))
+            log.info("model folder: the text map is fitted on a sample of %d of the %d items with text",
+                     len(ids), int(has_text.sum()))
+            by_id = items.set_index("item")["text"]
+            texts = _SampleEmbeddings(ids, SemanticEncoder(cfg.semantic.encoder).encode(list(by_id.loc[ids])))
+            blocks = table_blocks(texts, rows_of, counts, ids=ids)
+        text_map = fit_text_map(blocks, cfg.semantic.encoder)
     except Exception as e:  # noqa: BLE001 - any failure (encoder missing, too few texts): the folder goes without
         log.warning("model folder: no text map (%s: %s), so new items need retraining", type(e).__name__, e)
         return None
@@ -117,6 +136,16 @@ def fit_folder_text_map(cfg: Config, data_path: str, items, rows_of) -> Optional
              text_map.fit["items"], text_map.fit["heldout_cosine"], text_map.fit["heldout_items"],
              text_map.fit["alpha"], text_map.encoder)
     return text_map
+
+
+class _SampleEmbeddings:
+    """The text embeddings of a sample of items, indexed by item id as the whole ``[N + 1, D]`` table would be."""
+
+    def __init__(self, ids: np.ndarray, embeddings: np.ndarray):
+        self.ids, self.embeddings = ids, embeddings
+
+    def __getitem__(self, ids) -> np.ndarray:
+        return self.embeddings[np.searchsorted(self.ids, np.asarray(ids))]
 
 
 def _table_parts(shards: List[Path], n_items: int, out: Path) -> List[str]:
