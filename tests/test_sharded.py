@@ -188,7 +188,7 @@ def test_two_sharded_workers_on_a_million_item_catalogue(tmp_path, ray_session, 
         f"data.output_dir={tmp_path / 'prepared'}", "data.min_count=1", "model.dim=16", "train.max_steps=60",
         "train.eval_every=60", "eval.max_valid_users=500", "train.log_every=30", "train.scaling.num_workers=2",
         "train.strategy=sharded", "train.run_name=million", f"train.storage_path={tmp_path / 'runs'}",
-        "tracking.enabled=false"])
+        "tracking.enabled=false", "train.text_map=never"])  # the map's sharded fit is tests/test_items_add.py's
     data = prepare(cfg.data, engine="local")
     assert data.n_items > 600_000
     result = train(cfg, data_path=str(data.path))
