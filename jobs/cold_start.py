@@ -99,8 +99,8 @@ def report_tables(arms: dict) -> list:
     paired bootstrap of text_map against each other method, and what the cold items cost the warm targets."""
     from eimf.evaluation.compare import paired_bootstrap
 
-    methods = [m for m in ("text_map", "text_map_raw", "eimf_text_map", "text_pca", "random", "category_pop", "oracle")
-               if any(k[0] == m for k in arms)]
+    order = ("text_map", "text_map_raw", "eimf_text_map", "text_pca", "random", "category_pop", "oracle")
+    methods = sorted({k[0] for k in arms}, key=lambda m: (order.index(m) if m in order else 1.5, m))
     head = " | ".join(f"{v} {k.replace('recall', 'R').replace('ndcg', 'N')}" for v, k in COLUMNS)
     lines = [f"| method | {head} |", "|---|" + "---:|" * len(COLUMNS)]
     for m in methods:
@@ -138,6 +138,10 @@ def main(argv=None) -> int:
     p.add_argument("--eimf", action="store_true",
                    help="also train EIMF on the warm data (metadata annotator, the warm model as its warm-up) and "
                         "score the text map of its table (method eimf_text_map)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="row methods to score (default: eimf.experiments.cold_start.ROW_METHODS); also text_map_p<NN>, "
+                        "the map's rows stretched to another percentile of the trained norms")
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracle (a second training per seed)")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="whose next interactions are scored")
     p.add_argument("--work", default="/tmp/eimf-cold-start")
     p.add_argument("--out", default="docs/cold_start")
@@ -191,7 +195,7 @@ def main(argv=None) -> int:
         warm_rows = model_rows[warm.warm_id[warm_items]]
         counts = folder.items.set_index("item")["count"].to_numpy()[warm.warm_id[warm_items] - 1]
         fn = _interest_fn(folder.model, warm.warm_id)
-        for method in cs.ROW_METHODS:
+        for method in args.methods or cs.ROW_METHODS:
             table = np.zeros((len(items) + 1, model_rows.shape[1]), dtype=np.float32)
             table[warm_items] = warm_rows
             table[cold], fit = cs.cold_rows(method, warm_rows, text, warm_items, cold, counts,
@@ -211,9 +215,10 @@ def main(argv=None) -> int:
                                             seed=seed)
             record("eimf_text_map", seed, cs.score_views(_interest_fn(eimf_folder.model, warm.warm_id), table, frame,
                                                          cold, cfg.model.maxlen), fit)
-        oracle = ModelFolder.load(_train(cfg, full, f"cs-{tag}-oracle-s{seed}", work, seed), index=False)
-        table = oracle.model.item_embeddings().detach().float().numpy()
-        record("oracle", seed, cs.score_views(_interest_fn(oracle.model), table, frame, cold, cfg.model.maxlen))
+        if not args.no_oracle:
+            oracle = ModelFolder.load(_train(cfg, full, f"cs-{tag}-oracle-s{seed}", work, seed), index=False)
+            table = oracle.model.item_embeddings().detach().float().numpy()
+            record("oracle", seed, cs.score_views(_interest_fn(oracle.model), table, frame, cold, cfg.model.maxlen))
         with open(out / f"{tag}.jsonl", "w") as f:  # rewritten after each seed: a cut run keeps what it had
             f.writelines(json.dumps(r, default=float) + "\n" for r in rows)
 
