@@ -4,6 +4,7 @@ model becomes ``champion``, a worse one (1 training step) ``challenger``, a bett
 the pieces: the decision rule, the settings, the plan's pinned source (a moved alias is a new fingerprint)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -92,8 +93,6 @@ def test_promotion_gate_in_both_directions_against_a_registry(tmp_path, ray_sess
     def gate(run: str) -> dict:
         return json.loads((tmp_path / "pipelines" / run / "promote" / "decision.json").read_text())
 
-    import json
-
     client = tracking.client(mlflow_server)
     # 1. the first registered model: champion, there being none
     pipeline("first", old, "train.max_steps=80", "train.eval_every=40").run()
@@ -113,7 +112,8 @@ def test_promotion_gate_in_both_directions_against_a_registry(tmp_path, ray_sess
     assert m["promote/new/recall_at_50"] == pytest.approx(d["new"])
     assert m["promote/champion/recall_at_50"] == pytest.approx(d["champion"])
     assert m["promote/difference"] == pytest.approx(d["new"] - d["champion"])
-    assert run.data.tags["promote.decision"] == "challenger" and run.data.tags["promote.champion"] == f"models:/{name}/1"
+    assert run.data.tags["promote.decision"] == "challenger"
+    assert run.data.tags["promote.champion"] == f"models:/{name}/1"
     assert client.get_model_version(name, "2").tags["eimf.promotion"] == "challenger"
 
     # 3. a newer log with new items, warm-started from the champion and trained longer: better, so champion. The

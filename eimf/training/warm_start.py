@@ -70,9 +70,6 @@ class WarmStart:
     #: why new items got no mapped rows, or ""
     note: str = ""
 
-    def summary(self) -> Dict[str, int]:
-        return dict(self.counts)
-
 
 def _fail(where: str, msg: str) -> ConfigError:
     return ConfigError(f"pipeline.from_model={where}: {msg}")
