@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     from eimf.models.text_init import item_text_embeddings
     from eimf.serving.folder import ModelFolder
 
-    cfg = load_config(overrides=[f"data.dataset={args.dataset}", "tracking.registered_model=",
+    # the models of an experiment are logged, not registered: they would otherwise become versions of eimf-<dataset>
+    cfg = load_config(overrides=[f"data.dataset={args.dataset}", "tracking.registered_model=''",
                                  *args.overrides])
     work, out = Path(args.work), Path(args.out)
     (out / "per_user").mkdir(parents=True, exist_ok=True)

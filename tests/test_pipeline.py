@@ -59,16 +59,17 @@ def test_fingerprints_change_with_their_stage_config_and_everything_downstream(t
         return [s for s in STAGES if now[s] != base[s]]
 
     assert changed("data.min_count=10") == list(STAGES)
-    assert changed("pipeline.warmup_steps=200") == ["warmup", "annotate", "train", "evaluate", "export"]
-    assert changed("model.dim=32") == ["warmup", "annotate", "train", "evaluate", "export"]
-    assert changed("semantic.budget=20") == ["annotate", "train", "evaluate", "export"]
-    assert changed("semantic.annotator=vllm") == ["annotate", "train", "evaluate", "export"]
-    assert changed("eimf.lambda_sp=0.5") == ["train", "evaluate", "export"]
-    assert changed("train.max_steps=7") == ["train", "evaluate", "export"]  # the warm-up has its own steps
-    assert changed("pipeline.eval_splits=[test]") == ["evaluate", "export"]
+    assert changed("pipeline.warmup_steps=200") == ["warmup", "annotate", "train", "evaluate", "export", "promote"]
+    assert changed("model.dim=32") == ["warmup", "annotate", "train", "evaluate", "export", "promote"]
+    assert changed("semantic.budget=20") == ["annotate", "train", "evaluate", "export", "promote"]
+    assert changed("semantic.annotator=vllm") == ["annotate", "train", "evaluate", "export", "promote"]
+    assert changed("eimf.lambda_sp=0.5") == ["train", "evaluate", "export", "promote"]
+    assert changed("train.max_steps=7") == ["train", "evaluate", "export", "promote"]  # the warm-up has its own steps
+    assert changed("pipeline.eval_splits=[test]") == ["evaluate", "export", "promote"]
     # the index ranks the validation that picks the best model, and the evaluation
-    assert changed("retrieval.index=HNSW32") == ["warmup", "annotate", "train", "evaluate", "export"]
-    assert changed("tracking.registered_model=mine") == ["export"]
+    assert changed("retrieval.index=HNSW32") == ["warmup", "annotate", "train", "evaluate", "export", "promote"]
+    assert changed("tracking.registered_model=mine") == ["export", "promote"]
+    assert changed("pipeline.promote_margin=0.01") == ["promote"]
     # where things go and how fast they run: no stage changes
     assert changed("semantic.cache_dir=/elsewhere", "semantic.chunk_size=7", "semantic.vllm.concurrency=3",
                    "train.log_every=5", "train.failure.max_failures=9", "train.storage_path=/x",
@@ -107,10 +108,12 @@ def test_stage_names_and_layout(tiny_dataset, tmp_path):
     p = Pipeline(_cfg(tiny_dataset, tmp_path))
     assert p.root == str(tmp_path / "pipelines" / "unit")
     plans = p.plan()
-    # stage folders are keyed by step and fingerprint in the store beside the runs; export stays the run's own
+    # stage folders are keyed by step and fingerprint in the store beside the runs; export and the promotion gate
+    # stay the run's own
     steps = ("prepare", "train", "annotate", "train", "evaluate")
     assert [sp.dir for sp in plans] == [str(tmp_path / "pipelines" / "stages" / s / sp.fingerprint[:16])
-                                        for s, sp in zip(steps, plans)] + [str(tmp_path / "pipelines" / "unit" / "export")]
+                                        for s, sp in zip(steps, plans)] + [
+        str(tmp_path / "pipelines" / "unit" / s) for s in ("export", "promote")]
     assert [sp.view for sp in plans] == [str(tmp_path / "pipelines" / "unit" / s) for s in STAGES]
     # the training stages' Ray Train run name carries the fingerprint: a changed config never resumes another's
     assert p.stage_run_name("train", plans[3].fingerprint) == f"unit-train-{plans[3].fingerprint[:8]}"
@@ -151,7 +154,7 @@ def test_run_calls_the_steps_in_order_with_their_inputs_and_skips_them_on_rerun(
     results = Pipeline(cfg).run()
     root = tmp_path / "pipelines" / "unit"
     where = {sp.name: Path(sp.dir) for sp in Pipeline(cfg).plan()}  # each stage's folder (the store's)
-    assert [r.status for r in results] == ["ran"] * len(STAGES)
+    assert [r.status for r in results] == ["ran"] * (len(STAGES) - 1)  # tracking off: nothing registered, no gate
     assert [c[0] for c in calls] == ["prepare", "train", "annotate", "train", "evaluate", "export"]
     prep, warm, ann, train, ev, exp = calls
     assert prep[3] == str(where["prepare"]) and prep[2] == {"data_fingerprint": "fixed"}  # taken once, by the plan
@@ -163,11 +166,11 @@ def test_run_calls_the_steps_in_order_with_their_inputs_and_skips_them_on_rerun(
     assert train[1].train.max_steps == 9 and train[1].tracking.registered_model == ""  # export registers
     assert ev[2] == {"model_dir": str(where["train"] / "export")} and ev[6] == {"splits": ("valid", "test")}
     assert exp[2]["metrics"] == str(where["evaluate"] / "metrics.json") and exp[3] == str(root / "export")
-    assert set(exp[6]["lineage"]["stages"]) == set(STAGES)
+    assert set(exp[6]["lineage"]["stages"]) == set(STAGES) - {"promote"}
     assert all(c[5].startswith("unit-") for c in calls)
     assert (root / "summary.md").exists()
     calls.clear()
-    assert [r.status for r in Pipeline(cfg).run()] == ["skipped"] * len(STAGES) and calls == []
+    assert [r.status for r in Pipeline(cfg).run()] == ["skipped"] * (len(STAGES) - 1) and calls == []
     Pipeline(_cfg(tiny_dataset, tmp_path, "tracking.enabled=false", "pipeline.warmup_steps=7", "train.max_steps=9",
                   "semantic.budget=3")).run()
     assert [c[0] for c in calls] == ["annotate", "train", "evaluate", "export"]
@@ -384,8 +387,8 @@ def test_pipeline_job_with_vllm_annotator_succeeds_and_logs_to_mlflow(vllm_pipel
     assert v["status"] == "SUCCEEDED", v["logs"][-6000:]
     # progress while it runs: a line per stage start and end, then the summary table
     for i, s in enumerate(STAGES, 1):
-        assert f"[pipeline pl-vllm] stage {i}/6 {s}: running" in v["logs"]
-        assert f"[pipeline pl-vllm] stage {i}/6 {s}: done in" in v["logs"]
+        assert f"[pipeline pl-vllm] stage {i}/7 {s}: running" in v["logs"]
+        assert f"[pipeline pl-vllm] stage {i}/7 {s}: done in" in v["logs"]
     assert "pipeline pl-vllm: completed" in v["logs"] and "| stage " in v["logs"]
     root = v["root"]
     m = _manifests(root)
@@ -397,7 +400,8 @@ def test_pipeline_job_with_vllm_annotator_succeeds_and_logs_to_mlflow(vllm_pipel
     assert m["annotate"]["metrics"]["valid_share"] > 0
     # stage folders live in the store beside the runs (keyed by fingerprint); the run folder has their manifests
     assert all(m[s]["dir"] == os.path.join(os.path.dirname(root), "stages", m[s]["step"], m[s]["fingerprint"][:16])
-               for s in STAGES[:-1]) and m["export"]["dir"] == os.path.join(root, "export")
+               for s in STAGES[:-2]) and m["export"]["dir"] == os.path.join(root, "export")
+    assert m["promote"]["dir"] == os.path.join(root, "promote") and m["promote"]["info"]["decision"]["promoted"]
     assert Path(m["annotate"]["info"]["cache_dir"]) == Path(m["annotate"]["dir"], "cache")
     assert glob.glob(os.path.join(m["annotate"]["dir"], "cache", "part-*.parquet"))
     assert m["warmup"]["metrics"]["step"] == 100 and m["train"]["metrics"]["step"] == 100
@@ -413,7 +417,7 @@ def test_pipeline_job_with_vllm_annotator_succeeds_and_logs_to_mlflow(vllm_pipel
     assert {k: v["fingerprint"] for k, v in lineage["stages"].items()} == {s: m[s]["fingerprint"] for s in STAGES}
     assert load_config(final / "config.yaml").eimf.enabled
     summary = _summary(root)
-    assert [summary[s]["status"] for s in STAGES] == ["ran"] * 6
+    assert [summary[s]["status"] for s in STAGES] == ["ran"] * 7
     assert set(json.loads((final / "evaluation.json").read_text())) >= {"valid/recall@50", "test/recall@50",
                                                                          "test/mostpop/recall@50"}
 
@@ -423,7 +427,7 @@ def test_pipeline_job_with_vllm_annotator_succeeds_and_logs_to_mlflow(vllm_pipel
     assert len(parent) == 1 and parent[0]["name"] == "pl-vllm" and parent[0]["status"] == "FINISHED"
     pid = parent[0]["id"]
     children = {r["tags"]["stage"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == pid}
-    assert set(children) == set(STAGES) and len(runs) == 7
+    assert set(children) == set(STAGES) and len(runs) == 8
     for s in STAGES:
         assert children[s]["status"] == "FINISHED" and children[s]["id"] == m[s]["mlflow_run_id"]
         assert children[s]["tags"]["pipeline.fingerprint"] == m[s]["fingerprint"]
@@ -460,11 +464,11 @@ def test_rerun_skips_finished_stages_and_a_changed_setting_reruns_only_downstrea
     assert status == "SUCCEEDED", logs[-5000:]
     print(f"rerun job: {secs:.0f} s")
     summary = _summary(root)
-    assert [summary[s]["status"] for s in STAGES] == ["skipped"] * 6
+    assert [summary[s]["status"] for s in STAGES] == ["skipped"] * 7
     assert _manifests(root) == before  # nothing rewritten
-    assert "stage 3/6 annotate: skipped (unchanged, outputs present" in logs
+    assert "stage 3/7 annotate: skipped (unchanged, outputs present" in logs
     runs = _runs(mlflow_server, "pipeline-vllm")
-    assert len(runs) == 7  # no new child run: the parent is continued
+    assert len(runs) == 8  # no new child run: the parent is continued
 
     # a changed evaluation setting, run as on a laptop (`python jobs/pipeline.py`; these stages need no Ray)
     env = {k: val for k, val in os.environ.items() if k != "RAY_ADDRESS"}
@@ -475,7 +479,7 @@ def test_rerun_skips_finished_stages_and_a_changed_setting_reruns_only_downstrea
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     print(f"laptop rerun with a changed eval setting: {time.time() - t0:.0f} s")
     summary = _summary(root)
-    assert [summary[s]["status"] for s in STAGES] == ["skipped"] * 4 + ["ran"] * 2
+    assert [summary[s]["status"] for s in STAGES] == ["skipped"] * 4 + ["ran"] * 3  # the gate meets v1 again
     after = _manifests(root)
     assert all(after[s] == before[s] for s in STAGES[:4])
     assert after["evaluate"]["fingerprint"] != before["evaluate"]["fingerprint"]
@@ -484,7 +488,7 @@ def test_rerun_skips_finished_stages_and_a_changed_setting_reruns_only_downstrea
     runs = _runs(mlflow_server, "pipeline-vllm")
     parent = next(x for x in runs if x["tags"].get("stage") == "pipeline")
     evals = [x for x in runs if x["tags"].get("stage") == "evaluate"]
-    assert len(runs) == 9 and len(evals) == 2 and all(x["tags"]["mlflow.parentRunId"] == parent["id"] for x in evals)
+    assert len(runs) == 11 and len(evals) == 2 and all(x["tags"]["mlflow.parentRunId"] == parent["id"] for x in evals)
 
 
 @pytest.mark.e2e
@@ -568,9 +572,9 @@ def test_laptop_run_killed_during_training_resumes_from_its_checkpoint(tmp_path)
                            start_new_session=True)
         print(f"resumed run: {time.time() - t1:.0f} s")
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-        assert "stage 4/6 train: running (interrupted (running): resuming" in r.stderr
+        assert "stage 4/7 train: running (interrupted (running): resuming" in r.stderr
         summary = _summary(storage / "pl-kill")
-        assert [summary[s]["status"] for s in STAGES] == ["skipped"] * 3 + ["ran"] * 3
+        assert [summary[s]["status"] for s in STAGES] == ["skipped"] * 3 + ["ran"] * 4
         train = _manifests(storage / "pl-kill", ["train"])["train"]
         assert train["status"] == "completed" and train["attempt"] == 2
         assert train["metrics"]["step"] == 300
