@@ -141,7 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=None,
                    help="row methods to score (default: eimf.experiments.cold_start.ROW_METHODS); also text_map_p<NN>, "
                         "the map's rows stretched to another percentile of the trained norms")
-    p.add_argument("--no-oracle", action="store_true", help="skip the oracle (a second training per seed)")
+    p.add_argument("--oracle-seeds", type=int, nargs="*", default=None,
+                   help="the seeds that also train the oracle (a second training each; default: every seed; none: "
+                        "no oracle); its comparisons pair on these seeds")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="whose next interactions are scored")
     p.add_argument("--work", default="/tmp/eimf-cold-start")
     p.add_argument("--out", default="docs/cold_start")
@@ -216,7 +218,7 @@ def main(argv=None) -> int:
                                             seed=seed)
             record("eimf_text_map", seed, cs.score_views(_interest_fn(eimf_folder.model, warm.warm_id), table, frame,
                                                          cold, cfg.model.maxlen), fit)
-        if not args.no_oracle:
+        if args.oracle_seeds is None or seed in args.oracle_seeds:
             oracle = ModelFolder.load(_train(cfg, full, f"cs-{tag}-oracle-s{seed}", work, seed), index=False)
             table = oracle.model.item_embeddings().detach().float().numpy()
             record("oracle", seed, cs.score_views(_interest_fn(oracle.model), table, frame, cold, cfg.model.maxlen))
