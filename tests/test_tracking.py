@@ -21,16 +21,20 @@ def _start(root, port):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art"),
          "--workers", "1"], stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return proc
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
-        time.sleep(0.3)
-    raise AssertionError("mlflow server did not start")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    return proc
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
+            time.sleep(0.3)
+        raise AssertionError("mlflow server did not start")
+    except BaseException:  # a start that fails or times out (pytest-timeout) must not leave its server running
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
 
 
 def _new_run(uri: str, experiment: str) -> str:
