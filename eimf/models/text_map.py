@@ -92,8 +92,8 @@ def fit_text_map(blocks: Blocks, encoder: str, alphas: Sequence[float] = ALPHAS,
                  heldout: float = 0.1, seed: int = 0,
                  norm_percentile: Optional[int] = DEFAULT_NORM_PERCENTILE) -> TextMap:
     """Fit the ridge map from ``blocks`` (called three times; see :data:`Blocks`): a first pass gathers the
-    normal equations of the fit items and, for each alpha, a second scores the held-out items (a fixed-seed
-    ``heldout`` share of the items, by id); the kept alpha is then refitted on every item. ``norm_percentile``:
+    normal equations of the fit items, a second scores every alpha on the held-out items (a fixed-seed ``heldout``
+    share of the items, by id), and a third refits the kept alpha on every item and reads the rows' norms. ``norm_percentile``:
     the stretch :meth:`TextMap.apply` gives by default (None: none). Memory: ``D x D`` and one norm per item."""
     if norm_percentile is not None and norm_percentile not in NORM_PERCENTILES:
         raise ValueError(f"text map: norm_percentile {norm_percentile}, expected one of {NORM_PERCENTILES} or None")
@@ -103,7 +103,8 @@ def fit_text_map(blocks: Blocks, encoder: str, alphas: Sequence[float] = ALPHAS,
     def is_heldout(ids: np.ndarray) -> np.ndarray:  # a hash of the id, so every pass agrees without a list
         return (np.random.default_rng([seed]).random(1)[0] + ids * 0.6180339887498949) % 1.0 < heldout
 
-    def normal_equations(select):
+    def normal_equations(select, norms: Optional[list] = None):
+        """The weighted sums of the selected items; ``norms``: also collect every selected row's norm."""
         xtx = xty = sx = sy = None
         total = 0.0
         n = 0
@@ -114,6 +115,8 @@ def fit_text_map(blocks: Blocks, encoder: str, alphas: Sequence[float] = ALPHAS,
             x = np.asarray(x, dtype=np.float64)[keep]
             y = np.asarray(y, dtype=np.float64)[keep]
             w = _weights(np.asarray(counts)[keep], weighting)
+            if norms is not None:
+                norms.append(np.linalg.norm(y, axis=1))
             if xtx is None:
                 xtx, xty = np.zeros((x.shape[1],) * 2), np.zeros((x.shape[1], y.shape[1]))
                 sx, sy = np.zeros(x.shape[1]), np.zeros(y.shape[1])
@@ -138,17 +141,14 @@ def fit_text_map(blocks: Blocks, encoder: str, alphas: Sequence[float] = ALPHAS,
     fit_eq = normal_equations(lambda ids: ~is_heldout(ids))
     if fit_eq[0] is None or fit_eq[5] < 2:
         raise ValueError("text map: fewer than 2 items with text and a trained row to fit on")
-    scores = {}
-    for alpha in alphas:
-        weight, bias = solve(fit_eq, alpha)
-        scores[float(alpha)] = _heldout_cosine(blocks, is_heldout, weight, bias)
-    n_heldout = scores[float(alphas[0])][1]
-    norms = np.concatenate([np.linalg.norm(np.asarray(y, dtype=np.float64), axis=1) for _, _, y, _ in blocks()])
-    best = max(scores, key=lambda a: scores[a][0]) if n_heldout else float(alphas[len(alphas) // 2])
-    weight, bias = solve(normal_equations(lambda ids: np.ones(len(ids), dtype=bool)), best)
+    scores, n_heldout = _heldout_cosines(blocks, is_heldout, {float(a): solve(fit_eq, a) for a in alphas})
+    best = max(scores, key=scores.get) if n_heldout else float(alphas[len(alphas) // 2])
+    norms: list = []
+    weight, bias = solve(normal_equations(lambda ids: np.ones(len(ids), dtype=bool), norms), best)
+    norms = np.concatenate(norms)
     fit = {"alpha": best, "weighting": weighting, "items": int(fit_eq[5]) + int(n_heldout),
-           "heldout_items": int(n_heldout), "heldout_cosine": float(scores[best][0]),
-           "heldout_cosine_by_alpha": {str(a): float(s[0]) for a, s in scores.items()},
+           "heldout_items": int(n_heldout), "heldout_cosine": float(scores[best]),
+           "heldout_cosine_by_alpha": {str(a): float(c) for a, c in scores.items()},
            "norm_percentile": norm_percentile,
            "row_norms": {str(p): float(v) for p, v in zip(NORM_PERCENTILES, np.percentile(norms, NORM_PERCENTILES))}}
     log.info("text map: ridge alpha %g (of %s) on %d items, held-out cosine %.3f", best, list(alphas),
@@ -160,22 +160,27 @@ def _weights(counts: np.ndarray, weighting: str) -> np.ndarray:
     return np.log1p(np.maximum(counts.astype(np.float64), 0)) if weighting == "log_count" else np.ones(len(counts))
 
 
-def _heldout_cosine(blocks: Blocks, is_heldout, weight, bias) -> Tuple[float, int]:
-    """The weighted mean cosine between the predicted and the trained rows of the held-out items, and their count."""
-    num = den = 0.0
+def _heldout_cosines(blocks: Blocks, is_heldout, solutions: dict) -> Tuple[dict, int]:
+    """For each ``alpha -> (weight, bias)``, the weighted mean cosine between the predicted and the trained rows of
+    the held-out items, all in one pass; and the number of held-out items."""
+    num = dict.fromkeys(solutions, 0.0)
+    den = 0.0
     n = 0
     for ids, x, y, counts in blocks():
         keep = is_heldout(np.asarray(ids))
         if not keep.any():
             continue
-        pred = np.asarray(x, dtype=np.float64)[keep] @ weight + bias
+        x = np.asarray(x, dtype=np.float64)[keep]
         y = np.asarray(y, dtype=np.float64)[keep]
-        cos = (pred * y).sum(1) / np.maximum(np.linalg.norm(pred, axis=1) * np.linalg.norm(y, axis=1), 1e-12)
+        y_norm = np.linalg.norm(y, axis=1)
         w = _weights(np.asarray(counts)[keep], "log_count")
-        num += float((cos * w).sum())
+        for alpha, (weight, bias) in solutions.items():
+            pred = x @ weight + bias
+            cos = (pred * y).sum(1) / np.maximum(np.linalg.norm(pred, axis=1) * y_norm, 1e-12)
+            num[alpha] += float((cos * w).sum())
         den += float(w.sum())
         n += int(keep.sum())
-    return (num / den if den else float("nan")), n
+    return {a: (v / den if den else float("nan")) for a, v in num.items()}, n
 
 
 def table_blocks(text_embeddings: np.ndarray, rows_of: Callable[[np.ndarray], np.ndarray], counts: np.ndarray,
