@@ -319,7 +319,7 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
                                     f"pipeline.storage_path={tmp_path / 'work'}"]))
     assert [(r.stage, r.status) for r in p.run()] == [(s, "skipped") for s in
                                                       ("prepare", "warmup", "annotate", "train", "evaluate")] + [
-        ("export", "ran")]
+        ("export", "ran"), ("promote", "ran")]
     assert p.result("train").metrics == rows[1]["metrics"]
 
 

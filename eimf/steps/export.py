@@ -31,7 +31,6 @@ from eimf.formats.annotations import read_annotations
 from eimf.formats.model_folder import ModelFolderError
 from eimf.formats.prepared import read_split
 from eimf.models import build_model
-from eimf.models.text_init import item_text_embeddings
 from eimf.models.text_map import TextMap, fit_text_map, table_blocks
 from eimf.plots import learning_curve
 from eimf.semantic.encoder import SemanticEncoder
@@ -87,23 +86,23 @@ def from_checkpoint(checkpoint_dir: Path, cfg: Config, data_path: str, weights: 
         check = check_interests(model, cfg, data_path, table_parts=parts) if needs_check(cfg, len(items)) else None
         index = ItemIndex.from_blocks(blocks, len(items), int(cfg.model.dim), cfg.retrieval, threads,
                                       check_queries=check)
-        text_map = fit_folder_text_map(cfg, data_path, items, lambda ids: table_rows(parts, ids))
+        text_map = fit_folder_text_map(cfg, items, lambda ids: table_rows(parts, ids))
     else:
         index = build_index(model, cfg, threads=threads, data_path=data_path)
         table = model.item_embeddings().detach().float().cpu().numpy()
-        text_map = fit_folder_text_map(cfg, data_path, items, lambda ids: table[ids])
+        text_map = fit_folder_text_map(cfg, items, lambda ids: table[ids])
     return ModelFolder(model=model, cfg=cfg, items=items, index=index, metrics=metrics, head=head,
                        phrases=phrases, data_path=str(data_path), table_parts=parts, text_map=text_map,
                        _scratch=scratch)
 
 
-#: ``train.text_map=auto`` fits on at most this many items with text: all of them up to here (their embeddings
-#: cached as model.item_init=text caches them), else a fixed-seed sample. Encoding is the cost (MiniLM on 2 CPU cores:
-#: a few hundred titles a second unloaded), and a 384 x 384 ridge needs far fewer than a million-item catalogue.
+#: ``train.text_map=auto`` fits on at most this many items with text: all of them up to here, else a fixed-seed
+#: sample. Encoding is the cost (MiniLM on 2 CPU cores: a few hundred titles a second unloaded), and a 384 x 384
+#: ridge needs far fewer than a million-item catalogue.
 TEXT_MAP_MAX_ITEMS = 20_000
 
 
-def fit_folder_text_map(cfg: Config, data_path: str, items, rows_of) -> Optional[TextMap]:
+def fit_folder_text_map(cfg: Config, items, rows_of) -> Optional[TextMap]:
     """The text map of a trained table (eimf.models.text_map), fitted on the items with text (at most
     :data:`TEXT_MAP_MAX_ITEMS`), weighted by their training ``count``; ``rows_of(ids)``: the trained rows of sorted
     ids. None with ``train.text_map=never``, and None with a warning when it cannot be fitted (no texts, no
@@ -117,17 +116,17 @@ def fit_folder_text_map(cfg: Config, data_path: str, items, rows_of) -> Optional
     counts = np.zeros(len(items) + 1, dtype=np.int64)
     counts[items["item"].to_numpy()] = items["count"].to_numpy()
     try:
-        if has_text.sum() <= TEXT_MAP_MAX_ITEMS:
-            texts = np.load(item_text_embeddings(data_path, cfg.semantic.encoder), mmap_mode="r")
-            blocks = table_blocks(texts, rows_of, counts)
-        else:
-            ids = np.sort(np.random.default_rng(0).choice(items["item"].to_numpy()[has_text], TEXT_MAP_MAX_ITEMS,
-                                                          replace=False))
+        ids = items["item"].to_numpy()[has_text]
+        if len(ids) > TEXT_MAP_MAX_ITEMS:
+            ids = np.random.default_rng(0).choice(ids, TEXT_MAP_MAX_ITEMS, replace=False)
             log.info("model folder: the text map is fitted on a sample of %d of the %d items with text",
                      len(ids), int(has_text.sum()))
-            by_id = items.set_index("item")["text"]
-            texts = _SampleEmbeddings(ids, SemanticEncoder(cfg.semantic.encoder).encode(list(by_id.loc[ids])))
-            blocks = table_blocks(texts, rows_of, counts, ids=ids)
+        ids = np.sort(ids)
+        # encoded in memory, not through text_init's cache: that cache is a host's disk, which a cluster's export
+        # must leave alone (at most TEXT_MAP_MAX_ITEMS x 384 floats)
+        by_id = items.set_index("item")["text"]
+        texts = _SampleEmbeddings(ids, SemanticEncoder(cfg.semantic.encoder).encode(list(by_id.loc[ids])))
+        blocks = table_blocks(texts, rows_of, counts, ids=ids)
         text_map = fit_text_map(blocks, cfg.semantic.encoder)
     except Exception as e:  # noqa: BLE001 - any failure (encoder missing, too few texts): the folder goes without
         log.warning("model folder: no text map (%s: %s), so new items need retraining", type(e).__name__, e)
