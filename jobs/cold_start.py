@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from eimf.cli import exits_2_on_user_error
+from eimf.experiments.runs import train_or_reuse
 
 log = logging.getLogger("cold_start")
 CONTROLS = ("text_map_raw", "random", "text_pca", "category_pop", "oracle", "eimf_text_map")
@@ -41,21 +42,6 @@ def _categories(dataset: str, data_dir: str, items):
         with gzip.open(attrs, "rt") as f:
             return {k: [str(a) for a in v] for k, v in json.load(f).items()}
     return None
-
-
-def _train(cfg, data_path: str, name: str, work: Path, seed: int) -> str:
-    """The export folder of a training of ``cfg`` on ``data_path`` (reused when present)."""
-    import dataclasses
-
-    from eimf.steps.train import train
-
-    export = work / "runs" / name / "export"
-    if (export / "folder.json").exists():
-        log.info("%s: reusing %s", name, export)
-        return str(export)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, run_name=name,
-                                                             storage_path=str(work / "runs")))
-    return train(cfg, data_path=data_path).export_dir
 
 
 def _train_eimf(cfg, data_path: str, warmup_export: str, name: str, work: Path, seed: int) -> str:
@@ -77,7 +63,7 @@ def _train_eimf(cfg, data_path: str, warmup_export: str, name: str, work: Path, 
     train_cfg, _ = eimf_train_config(cfg.train)
     cfg = dataclasses.replace(cfg, train=train_cfg, eimf=dataclasses.replace(
         cfg.eimf, enabled=True, annotations=str(ann_dir / "annotations.parquet")))
-    return _train(cfg, data_path, name, work, seed)
+    return train_or_reuse(cfg, data_path, name, work, seed)
 
 
 def _interest_fn(model, to_model_ids=None):
@@ -192,7 +178,7 @@ def main(argv=None) -> int:
                                  for v, df in views.items()}})
 
     for seed in args.seeds:
-        warm_export = _train(cfg, warm.path, f"cs-{tag}-warm-s{seed}", work, seed)
+        warm_export = train_or_reuse(cfg, warm.path, f"cs-{tag}-warm-s{seed}", work, seed)
         folder = ModelFolder.load(warm_export, index=False)
         model_rows = folder.model.item_embeddings().detach().float().numpy()  # [W + 1, d]
         warm_rows = model_rows[warm.warm_id[warm_items]]
@@ -219,7 +205,7 @@ def main(argv=None) -> int:
             record("eimf_text_map", seed, cs.score_views(_interest_fn(eimf_folder.model, warm.warm_id), table, frame,
                                                          cold, cfg.model.maxlen), fit)
         if args.oracle_seeds is None or seed in args.oracle_seeds:
-            oracle = ModelFolder.load(_train(cfg, full, f"cs-{tag}-oracle-s{seed}", work, seed), index=False)
+            oracle = ModelFolder.load(train_or_reuse(cfg, full, f"cs-{tag}-oracle-s{seed}", work, seed), index=False)
             table = oracle.model.item_embeddings().detach().float().numpy()
             record("oracle", seed, cs.score_views(_interest_fn(oracle.model), table, frame, cold, cfg.model.maxlen))
         with open(out / f"{tag}.jsonl", "w") as f:  # rewritten after each seed: a cut run keeps what it had
