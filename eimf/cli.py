@@ -170,7 +170,7 @@ def cmd_items(args) -> int:
     from eimf.serving.new_items import add_items
 
     added = add_items(args.model, args.items, out=args.out, id_column=args.id_column, text_column=args.text_column,
-                      tracking_uri=args.tracking_uri)
+                      tracking_uri=args.tracking_uri, slots=args.slots)
     print(f"added {added.added} item(s) as ids {added.first_item}..{added.n_items} from their text "
           f"(retrieval index: {added.index})")
     if added.model_uri:
@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     ia.add_argument("--id-column", default="item_id", help="the CSV's raw id column (default item_id)")
     ia.add_argument("--text-column", default="text", help="the CSV's text column (default text)")
     ia.add_argument("--out", help="write the new model folder here (local or s3://; default: a temporary folder)")
+    ia.add_argument("--slots", type=int, default=None,
+                    help="places of each answer reserved for the best new items, until a retraining learns them "
+                         "(default: as the model's last addition set, else 0: new items compete on their scores)")
     ia.add_argument("--tracking-uri", help="MLflow store of a models:/ URI (default: $MLFLOW_TRACKING_URI, else "
                     "eimf's own)")
     ia.set_defaults(fn=cmd_items)

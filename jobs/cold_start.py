@@ -28,7 +28,9 @@ from eimf.cli import exits_2_on_user_error
 from eimf.experiments.runs import train_or_reuse
 
 log = logging.getLogger("cold_start")
-CONTROLS = ("text_map_raw", "random", "text_pca", "category_pop", "oracle", "eimf_text_map")
+CONTROLS = ("text_map_raw", "random", "text_pca", "category_pop", "oracle", "eimf_text_map", "textinit_text_map")
+#: Pairs of other arms compared with each other (both on their own text map), where both ran.
+ARM_PAIRS = (("eimf_text_map", "textinit_text_map"),)
 
 
 def _categories(dataset: str, data_dir: str, items):
@@ -85,7 +87,8 @@ def report_tables(arms: dict) -> list:
     paired bootstrap of text_map against each other method, and what the cold items cost the warm targets."""
     from eimf.evaluation.compare import paired_bootstrap
 
-    order = ("text_map", "text_map_raw", "eimf_text_map", "text_pca", "random", "category_pop", "oracle")
+    order = ("text_map", "text_map_raw", "eimf_text_map", "textinit_text_map", "text_pca", "random", "category_pop",
+             "oracle")
     methods = sorted({k[0] for k in arms}, key=lambda m: (order.index(m) if m in order else 1.5, m))
     head = " | ".join(f"{v} {k.replace('recall', 'R').replace('ndcg', 'N')}" for v, k in COLUMNS)
     lines = [f"| method | {head} |", "|---|" + "---:|" * len(COLUMNS)]
@@ -104,6 +107,34 @@ def report_tables(arms: dict) -> list:
             if ("text_map", view) in arms and (other, view) in arms:
                 d = paired_bootstrap(arms[("text_map", view)], arms[(other, view)], metric)
                 lines.append(f"| {view} | {metric} | {other} | {d.describe()} | {d.verdict} |")
+    for a, b in ARM_PAIRS:
+        if (a, "cold") in arms and (b, "cold") in arms:
+            lines += ["", f"Paired per-user bootstrap of {a} minus {b} (95 % CI):", "",
+                      "| view | metric | Δ [95 % CI] | verdict |", "|---|---|---|---|"]
+            for view in ("cold", "whole", "whole_cold", "whole_warm"):
+                d = paired_bootstrap(arms[(a, view)], arms[(b, view)], "recall@50")
+                lines.append(f"| {view} | recall@50 | {d.describe()} | {d.verdict} |")
+    slot_views = sorted({v for m, v in arms if m == "text_map" and v.startswith("whole_s") and v.count("_") == 1},
+                        key=lambda v: int(v[len("whole_s"):]))
+    if slot_views and ("text_map", "whole") in arms:
+        lines += ["", "text_map served with places reserved for the cold items, against no reserve (recall@50; "
+                  "Δ: paired bootstrap against the same rows with no reserve):", "",
+                  "| reserved | whole | Δ whole | cold targets (reach) | warm targets | Δ warm targets |",
+                  "|---:|---:|---|---:|---:|---|"]
+        base = {"": arms[("text_map", "whole")], "_cold": arms[("text_map", "whole_cold")],
+                "_warm": arms[("text_map", "whole_warm")]}
+        def mean(arm):
+            return np.mean([df["recall@50"].mean() for df in arm.values()])
+
+        lines.append(f"| 0 | {mean(base['']):.4f} | — | {mean(base['_cold']):.4f} | {mean(base['_warm']):.4f} "
+                     "| — |")
+        for v in slot_views:
+            whole, warm = arms[("text_map", v)], arms[("text_map", v + "_warm")]
+            d_whole = paired_bootstrap(whole, base[""], "recall@50")
+            d_warm = paired_bootstrap(warm, base["_warm"], "recall@50")
+            lines.append(f"| {v[len('whole_s'):]} | {mean(whole):.4f} | {d_whole.describe()} {d_whole.verdict} | "
+                         f"{mean(arms[('text_map', v + '_cold')]):.4f} | {mean(warm):.4f} | "
+                         f"{d_warm.describe()} {d_warm.verdict} |")
     lines += ["", "What the cold items in the index cost the warm targets (whole_warm minus warm_only, recall@50):", "",
               "| method | Δ [95 % CI] | verdict |", "|---|---|---|"]
     for m in methods:
@@ -124,12 +155,18 @@ def main(argv=None) -> int:
     p.add_argument("--eimf", action="store_true",
                    help="also train EIMF on the warm data (metadata annotator, the warm model as its warm-up) and "
                         "score the text map of its table (method eimf_text_map)")
+    p.add_argument("--text-init", action="store_true",
+                   help="also train the backbone with a text-initialised table (model.item_init=text) on the warm "
+                        "data and score the text map of its table (method textinit_text_map): the control for --eimf")
     p.add_argument("--methods", nargs="+", default=None,
                    help="row methods to score (default: eimf.experiments.cold_start.ROW_METHODS); also text_map_p<NN>, "
                         "the map's rows stretched to another percentile of the trained norms")
     p.add_argument("--oracle-seeds", type=int, nargs="*", default=None,
                    help="the seeds that also train the oracle (a second training each; default: every seed; none: "
                         "no oracle); its comparisons pair on these seeds")
+    p.add_argument("--slots", type=int, nargs="*", default=[],
+                   help="also score text_map served with this many places of each top-50 reserved for the cold items "
+                        "(views whole_s<N>, whole_s<N>_cold, whole_s<N>_warm)")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="whose next interactions are scored")
     p.add_argument("--work", default="/tmp/eimf-cold-start")
     p.add_argument("--out", default="docs/cold_start")
@@ -138,7 +175,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
 
-    from eimf.config import load_config
+    from eimf.config import apply_overrides, load_config
     from eimf.data.inputs import data_dir
     from eimf.data.preprocess import prepare
     from eimf.experiments import cold_start as cs
@@ -189,21 +226,30 @@ def main(argv=None) -> int:
             table[warm_items] = warm_rows
             table[cold], fit = cs.cold_rows(method, warm_rows, text, warm_items, cold, counts,
                                             cfg.semantic.encoder, seed=seed)
-            record(method, seed, cs.score_views(fn, table, frame, cold, cfg.model.maxlen), fit)
+            views = cs.score_views(fn, table, frame, cold, cfg.model.maxlen)
+            if method == "text_map":  # serving with places reserved for the new items
+                for slots in args.slots:
+                    views.update(cs.slot_views(fn, table, frame, cold, cfg.model.maxlen, slots))
+            record(method, seed, views, fit)
         if categories:
             warm_counts = dict(zip(warm_items.tolist(), counts.tolist()))
             order, fit = cs.category_popularity(categories, items, warm_counts, cold)
             record("category_pop", seed, cs.fixed_ranking_views(order, frame, cold), fit)
-        if args.eimf:
-            export = _train_eimf(cfg, warm.path, warm_export, f"cs-{tag}-eimf-s{seed}", work, seed)
-            eimf_folder = ModelFolder.load(export, index=False)
-            rows_e = eimf_folder.model.item_embeddings().detach().float().numpy()[warm.warm_id[warm_items]]
-            table = np.zeros((len(items) + 1, rows_e.shape[1]), dtype=np.float32)
-            table[warm_items] = rows_e
-            table[cold], fit = cs.cold_rows("text_map", rows_e, text, warm_items, cold, counts, cfg.semantic.encoder,
+        def mapped_arm(method, export):  # another warm model's table, its cold rows from its own text map
+            other = ModelFolder.load(export, index=False)
+            rows_o = other.model.item_embeddings().detach().float().numpy()[warm.warm_id[warm_items]]
+            table = np.zeros((len(items) + 1, rows_o.shape[1]), dtype=np.float32)
+            table[warm_items] = rows_o
+            table[cold], fit = cs.cold_rows("text_map", rows_o, text, warm_items, cold, counts, cfg.semantic.encoder,
                                             seed=seed)
-            record("eimf_text_map", seed, cs.score_views(_interest_fn(eimf_folder.model, warm.warm_id), table, frame,
-                                                         cold, cfg.model.maxlen), fit)
+            record(method, seed, cs.score_views(_interest_fn(other.model, warm.warm_id), table, frame, cold,
+                                                cfg.model.maxlen), fit)
+
+        if args.eimf:
+            mapped_arm("eimf_text_map", _train_eimf(cfg, warm.path, warm_export, f"cs-{tag}-eimf-s{seed}", work, seed))
+        if args.text_init:
+            mapped_arm("textinit_text_map", train_or_reuse(apply_overrides(cfg, ["model.item_init=text"]), warm.path,
+                                                           f"cs-{tag}-textinit-s{seed}", work, seed))
         if args.oracle_seeds is None or seed in args.oracle_seeds:
             oracle = ModelFolder.load(train_or_reuse(cfg, full, f"cs-{tag}-oracle-s{seed}", work, seed), index=False)
             table = oracle.model.item_embeddings().detach().float().numpy()

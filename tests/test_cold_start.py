@@ -101,6 +101,27 @@ def test_views_rank_cold_items_by_their_rows_and_count_what_they_cost():
     assert len(views["whole"]) == 2
 
 
+
+def test_reserved_slots_show_cold_items_that_their_scores_keep_out():
+    # item 5 (cold) scores 0.5 for every user, below the four warm items: no top-2 holds it unless a place is kept
+    table = np.zeros((7, 2), dtype=np.float32)
+    table[1:5] = [[1, 0], [0.9, 0], [0.8, 0], [0.7, 0]]
+    table[5], table[6] = [0.5, 0], [-1, 0]
+    frame = pd.DataFrame({"user": [1, 2], "history": [np.array([1]), np.array([2])],
+                          "truth": [np.array([5, 2]), np.array([2])]})
+
+    def interests(hist, mask):
+        return torch.tensor([[[1.0, 0.0]]] * len(hist))
+
+    none = cs.score_views(interests, table, frame, np.array([5, 6]), maxlen=5, topk=(2,))
+    assert none["whole_cold"]["recall@2"].tolist() == [0.0]
+    kept = cs.slot_views(interests, table, frame, np.array([5, 6]), maxlen=5, slots=1, topk=(2,))
+    assert kept["whole_s1_cold"].set_index("user")["recall@2"].to_dict() == {1: 1.0}  # item 5 replaces item 2
+    assert kept["whole_s1_warm"].set_index("user")["recall@2"].to_dict() == {1: 0.0, 2: 0.0}
+    assert kept["whole_s1"].set_index("user")["recall@2"].to_dict() == {1: 0.5, 2: 0.0}
+    same = cs.slot_views(interests, table, frame, np.array([5, 6]), maxlen=5, slots=0, topk=(2,))
+    pd.testing.assert_frame_equal(same["whole_s0"], none["whole"])
+
 def test_category_popularity_orders_the_cold_items_by_their_categories_training_counts():
     items = pd.DataFrame({"item": [1, 2, 3, 4], "raw_id": ["a", "b", "c", "d"]})
     cats = {"a": ["x"], "b": ["y"], "c": ["y"], "d": ["x", "y"]}

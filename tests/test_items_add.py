@@ -250,6 +250,40 @@ def test_items_add_to_a_folder_places_a_new_item_by_its_text(exported, tmp_path)
     assert rank is not None and rank <= 20, rank
 
 
+
+def test_reserved_slots_show_the_best_new_items_the_user_has_not_seen(exported, tmp_path):
+    from eimf.serving.folder import ModelFolder
+    from eimf.serving.new_items import add_items
+    from eimf.serving.recommender import Recommender
+
+    source = ModelFolder.load(str(exported))
+    topics = _topic(source.items["text"])
+    csv = _csv(tmp_path / "new.csv", [(f"new-{t}", f"{t} #9001") for t in dict.fromkeys(topics)])
+    add_items(str(exported), str(csv), out=str(tmp_path / "slots"), slots=2)
+    grown = ModelFolder.load(str(tmp_path / "slots"))
+    assert grown.added_items[-1]["slots"] == 2
+    history = list(source.items["raw_id"].head(6))
+    plain = Recommender(grown, new_item_slots=0).recommend([{"history": history, "k": 5}])[0]
+    rec = Recommender(grown)  # the folder's setting
+    answer = rec.recommend([{"history": history, "k": 5}, {"history": history, "k": 1}])
+    new = [i for i in answer[0]["items"] if i.startswith("new-")]
+    assert len(new) == 2 and len(answer[0]["items"]) == 5
+    assert answer[1]["items"] == [max(new, key=lambda i: answer[0]["scores"][answer[0]["items"].index(i)])]
+    assert answer[0]["scores"] == sorted(answer[0]["scores"], reverse=True)
+    kept = [i for i in plain["items"] if not i.startswith("new-")][:3]
+    assert [i for i in answer[0]["items"] if not i.startswith("new-")] == kept  # the lowest places were given
+    # the best new items by score: the first two new ones in a ranking of the whole catalogue
+    ranked = rec.recommend([{"history": history, "k": grown.n_items - 6}])[0]["items"]
+    assert new == [i for i in ranked if i.startswith("new-")][:2]
+    # a second addition keeps the setting unless it sets another; a negative one is refused before anything is read
+    add_items(str(tmp_path / "slots"), str(_csv(tmp_path / "more.csv", [("newer", "x #1")])),
+              out=str(tmp_path / "more"))
+    assert ModelFolder.load(str(tmp_path / "more")).added_items[-1]["slots"] == 2
+    from eimf.serving.new_items import NewItemsError
+
+    with pytest.raises(NewItemsError, match="slots"):
+        add_items(str(exported), str(tmp_path / "missing.csv"), slots=-1)
+
 def test_a_new_row_past_the_mips_bound_rebuilds_the_folders_index(prepared, tmp_path):
     """A MIPS-lifted index over the planted table; the folder's text map scaled so that the new row is the
     longest: the index is rebuilt, and its answers equal exact search over the grown table."""

@@ -347,3 +347,24 @@ def test_a_model_folder_with_the_lifted_index_reads_back_with_the_same_answers(t
     ids, scores = read.index.search_multi(x, 20)
     ref_ids, ref_scores = brute_force_topn(model.item_embeddings().detach().numpy(), x, 20)
     assert (ids == ref_ids).all() and np.allclose(scores, ref_scores, atol=1e-4)  # all 8 cells probed: exact
+
+
+def test_reserved_slots_give_the_lowest_places_to_the_best_new_items_a_row_lacks():
+    from eimf.evaluation.retrieval import reserve_slots
+
+    is_new = np.zeros(10, dtype=bool)
+    is_new[[7, 8, 9]] = True
+    ids = np.array([[1, 2, 3, 4], [1, 7, 2, 3], [1, 2, 0, 0], [7, 8, 1, 2]])
+    scores = np.array([[9, 8, 7, 6], [9, 8, 7, 6], [9, 8, -np.inf, -np.inf], [9, 8, 7, 6]], dtype=np.float32)
+    new_ids = np.array([[9, 8], [7, 9], [8, 0], [7, 8]])
+    new_scores = np.array([[2, 1], [8, 3], [5, -np.inf], [9, 8]], dtype=np.float32)
+    out, out_s = reserve_slots(ids, scores, new_ids, new_scores, is_new, slots=2)
+    assert out.tolist() == [[1, 2, 9, 8],  # two places given up, the new items in score order after the rest
+                            [1, 7, 2, 9],  # it had one new item: one place given
+                            [1, 2, 8, 0],  # room left: nothing given up; only one new item to show
+                            [7, 8, 1, 2]]  # enough new items already: unchanged
+    assert out_s[0].tolist() == [9, 8, 2, 1] and out_s[1].tolist() == [9, 8, 7, 3]
+    same, _ = reserve_slots(ids, scores, new_ids, new_scores, is_new, slots=0)
+    assert same.tolist() == ids.tolist()
+    wide, _ = reserve_slots(ids, scores, new_ids, new_scores, is_new, slots=9)  # never more than the list
+    assert wide[0].tolist() == [1, 2, 9, 8]

@@ -123,6 +123,43 @@ def merge_candidates(
     return out_ids, out_scores
 
 
+
+def reserve_slots(ids: np.ndarray, scores: np.ndarray, new_ids: np.ndarray, new_scores: np.ndarray,
+                  is_new: np.ndarray, slots: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Top lists ``[B, n]`` in which at least ``slots`` places go to new items, where there are that many.
+
+    ``ids``/``scores``: the whole catalogue's top-``n`` (0-padded, best first); ``new_ids``/``new_scores``: the best
+    new items alone (0-padded, best first, at least ``slots`` columns to fill them all); ``is_new``: ``[N + 1]``
+    bool. A row that holds fewer than ``slots`` new items gives its lowest-scored other items' places to the best
+    new items it lacks; the row is then ordered by score again. New items are ranked by their rows' scores like any
+    other: a text-mapped row rarely scores into a whole-catalogue top list (docs/cold_start.md, "Reach"), so a
+    reserved place is how a new item is shown before it is trained."""
+    ids, scores = np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+    if slots <= 0 or ids.shape[1] == 0:
+        return ids, scores
+    out_ids, out_scores = ids.copy(), scores.copy()
+    n = ids.shape[1]
+    for r in range(len(ids)):
+        row, row_s = ids[r], scores[r]
+        valid = row > 0
+        have = int((is_new[row] & valid).sum())
+        lacking = [(int(i), float(s)) for i, s in zip(new_ids[r], new_scores[r]) if i > 0 and i not in row]
+        take = lacking[:max(0, min(slots, n) - have)]
+        if not take:
+            continue
+        keep = [(int(i), float(s)) for i, s, v in zip(row, row_s, valid) if v]
+        room = n - len(keep)
+        drop = len(take) - room
+        if drop > 0:  # the lowest-scored items that are not new give their places
+            old = [j for j in range(len(keep) - 1, -1, -1) if not is_new[keep[j][0]]][:drop]
+            keep = [x for j, x in enumerate(keep) if j not in set(old)]
+            take = take[:len(take) - max(0, drop - len(old))]
+        merged = sorted(keep + take, key=lambda x: -x[1])[:n]
+        out_ids[r], out_scores[r] = 0, -np.inf
+        out_ids[r, :len(merged)] = [i for i, _ in merged]
+        out_scores[r, :len(merged)] = [s for _, s in merged]
+    return out_ids, out_scores
+
 #: Rows added to a faiss index at a time (bounds the MIPS lift's copy).
 _ADD_BLOCK = 1_000_000
 

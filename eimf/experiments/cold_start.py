@@ -38,7 +38,8 @@ import torch
 from eimf import fs
 from eimf.data.ingest import ingest
 from eimf.data.inputs import resolve_inputs
-from eimf.evaluation.evaluate import evaluate
+from eimf.evaluation.evaluate import evaluate, history_batch
+from eimf.evaluation.retrieval import ItemIndex, brute_force_topn, reserve_slots
 from eimf.evaluation.metrics import MetricAccumulator
 from eimf.formats.prepared import list_array, read_manifest, read_split, write_manifest, write_table
 from eimf.models.text_map import fit_text_map, table_blocks
@@ -262,6 +263,34 @@ def score_views(interest_fn: InterestFn, table: np.ndarray, frame: pd.DataFrame,
     return {"cold": view(cold, cold), "whole": view(everything, everything), "whole_cold": view(everything, cold),
             "whole_warm": view(everything, warm), "warm_only": view(warm, warm)}
 
+
+
+def slot_views(interest_fn: InterestFn, table: np.ndarray, frame: pd.DataFrame, cold: np.ndarray, maxlen: int,
+               slots: int, topk: Sequence[int] = TOPK, batch: int = 1024) -> Dict[str, pd.DataFrame]:
+    """Serving with ``slots`` places of each top list reserved for the cold items (eimf.serving.recommender's
+    ``new_item_slots``): ``whole_s<slots>`` every target, ``whole_s<slots>_cold`` the cold targets (reach),
+    ``whole_s<slots>_warm`` the warm ones (what the reserved places cost them). Exact search, as :func:`score_views`."""
+    n, top = len(table) - 1, max(topk)
+    is_cold = np.zeros(n + 1, dtype=bool)
+    is_cold[cold] = True
+    cold_table = np.concatenate([np.zeros((1, table.shape[1]), np.float32), table[cold]])
+    index = ItemIndex(table)
+    accs = {part: MetricAccumulator(topk, keep_users=True) for part in ("", "_cold", "_warm")}
+    for start in range(0, len(frame), batch):
+        part = frame.iloc[start:start + batch]
+        hist, mask = history_batch(list(part["history"]), maxlen)
+        with torch.no_grad():
+            x = np.asarray(interest_fn(torch.from_numpy(hist), torch.from_numpy(mask)), dtype=np.float32)
+        ids, scores = index.search_multi(x, top)
+        new, new_scores = brute_force_topn(cold_table, x, slots)
+        new = np.where(new > 0, cold[np.maximum(new, 1) - 1], 0)
+        recs, _ = reserve_slots(ids, scores, new, new_scores, is_cold, slots)
+        users = part["user"].to_numpy()
+        truths = [np.asarray(t, dtype=np.int64) for t in part["truth"]]
+        accs[""].add(recs, truths, users=users)
+        accs["_cold"].add(recs, [t[is_cold[t]] for t in truths], users=users)
+        accs["_warm"].add(recs, [t[~is_cold[t]] for t in truths], users=users)
+    return {f"whole_s{slots}{part}": acc.per_user() for part, acc in accs.items()}
 
 def fixed_ranking_views(order: np.ndarray, frame: pd.DataFrame, cold: np.ndarray,
                         topk: Sequence[int] = TOPK) -> Dict[str, pd.DataFrame]:

@@ -129,9 +129,13 @@ def _raise(path, problems: List[str]) -> None:
 
 # ------------------------------------------------------------------------------------------- a folder
 def add_to_folder(source: str, new: pd.DataFrame, out: str, items_file: str = "new items",
-                  id_column: str = ID_COLUMN, threads: Optional[int] = None) -> AddedItems:
+                  id_column: str = ID_COLUMN, threads: Optional[int] = None, slots: Optional[int] = None
+                  ) -> AddedItems:
     """Add the checked items ``new`` (:func:`read_new_items`, from ``items_file``) to the model folder ``source``
-    and write the result to ``out`` (both local or ``s3://``); ``source`` is left as it is."""
+    and write the result to ``out`` (both local or ``s3://``); ``source`` is left as it is. ``slots``: the places
+    of each answer reserved for the added items (eimf.serving.recommender; None: as the last addition set, else 0)."""
+    if slots is not None and slots < 0:
+        raise NewItemsError(f"slots must be 0 or more, got {slots}")
     _check_out(out, source)
     with fmt.open_local(str(source)) as folder:
         mapped = folder.text_map()
@@ -173,8 +177,10 @@ def add_to_folder(source: str, new: pd.DataFrame, out: str, items_file: str = "n
             added = pd.DataFrame({"item": np.arange(n + 1, n + m + 1, dtype=np.int64), "raw_id": new["raw_id"],
                                   "text": new["text"], "count": np.zeros(m, dtype=np.int64)})
             phrases = folder.phrases()
+            earlier = folder.added_items
             record = {"first_item": n + 1, "items": m, "source": str(source), "file": str(items_file),
-                      "index": done,
+                      "index": done, "slots": int(slots if slots is not None else
+                                                  (earlier[-1].get("slots", 0) if earlier else 0)),
                       "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
             fmt.write(str(out), fmt.FolderParts(
                 state=state, cfg=folder.config(), items=pd.concat([items, added], ignore_index=True),
@@ -220,21 +226,23 @@ def _check_out(out: str, source: str) -> None:
 # ------------------------------------------------------------------------------------------- MLflow models
 def add_items(model: str, items_file: str, out: Optional[str] = None, id_column: str = ID_COLUMN,
               text_column: str = TEXT_COLUMN, tracking_uri: Optional[str] = None,
-              threads: Optional[int] = None) -> AddedItems:
+              threads: Optional[int] = None, slots: Optional[int] = None) -> AddedItems:
     """Add the items of ``items_file`` to ``model``: a model folder (local or ``s3://``; the result goes to
     ``out``, default a new temporary folder) or an MLflow model URI (the result is logged as the next version of
     the same registered model, see the module doc; ``out`` keeps a copy of its folder). ``tracking_uri``: the
-    MLflow store (default: ``$MLFLOW_TRACKING_URI``, else eimf's own)."""
+    MLflow store (default: ``$MLFLOW_TRACKING_URI``, else eimf's own). ``slots``: see :func:`add_to_folder`."""
+    if slots is not None and slots < 0:
+        raise NewItemsError(f"slots must be 0 or more, got {slots}")
     new = read_new_items(items_file, id_column, text_column)  # the file first: a bad one costs no download
     if fs.exists(fs.join(str(model), fmt.MANIFEST)):
         return add_to_folder(model, new, out or tempfile.mkdtemp(prefix="eimf-items-"), items_file, id_column,
-                             threads)
+                             threads, slots)
     if out:
         _check_out(out, model)
     uri = tracking_uri or tracking.default_tracking_uri()
     with tempfile.TemporaryDirectory(prefix="eimf-items-") as tmp:
         folder, run_id, registered = _fetch(model, uri, tmp)
-        added = add_to_folder(folder, new, out or os.path.join(tmp, "model"), items_file, id_column, threads)
+        added = add_to_folder(folder, new, out or os.path.join(tmp, "model"), items_file, id_column, threads, slots)
         client = tracking.client(uri)
         source_run = client.get_run(run_id)
         run = client.create_run(source_run.info.experiment_id, run_name=f"items-add-{len(new)}", tags={

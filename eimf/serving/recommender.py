@@ -10,6 +10,11 @@ interest retrieved each item), ``titles`` (the item text), ``interest_labels`` (
 phrase per interest; empty otherwise), ``unknown_ids`` (history ids not in the catalogue, ignored) and
 ``history_used`` (known ids fed to the model: the last ``maxlen``).
 
+New items (``eimf items add``, eimf.serving.new_items) are ranked with the rest, by their text-mapped rows, and
+those rarely score into a whole-catalogue top list. ``new_item_slots`` (default: what the latest addition set, with
+``eimf items add --slots``) reserves that many places of each answer for the best new items the user has not seen
+(:func:`eimf.evaluation.retrieval.reserve_slots`), until a retraining learns them.
+
 A history that is empty, or whose ids are all unknown, is an error (:class:`RequestError`), not a popularity
 fallback: a caller that wants one for cold users knows better than a model which list to show them.
 """
@@ -23,6 +28,7 @@ import pandas as pd
 import torch
 
 from eimf.data.sampling import last_items
+from eimf.evaluation.retrieval import brute_force_topn, reserve_slots
 from eimf.serving.explain import label_interests
 from eimf.serving.folder import ModelFolder
 from eimf.serving.schema import DEFAULT_K, RequestError, validate_request
@@ -38,7 +44,8 @@ class Query:
 
 
 class Recommender:
-    def __init__(self, folder: ModelFolder, default_k: int = DEFAULT_K, exclude_seen: bool = True):
+    def __init__(self, folder: ModelFolder, default_k: int = DEFAULT_K, exclude_seen: bool = True,
+                 new_item_slots: Optional[int] = None):
         if folder.index is None:
             raise ValueError("a Recommender needs the model folder's retrieval index (ModelFolder.load(index=True))")
         self.folder = folder
@@ -51,6 +58,20 @@ class Recommender:
         self._titles = folder.items["text"].astype(str).to_numpy()
         self._lookup = pd.Index(self._raw)  # hash index: raw id -> position (item id - 1)
         self._table = self.model.item_embeddings().detach().float().cpu().numpy()
+        added = folder.added_items or []
+        self.is_new = np.zeros(self.n_items + 1, dtype=bool)
+        for record in added:
+            self.is_new[int(record["first_item"]):int(record["first_item"]) + int(record["items"])] = True
+        self.new_item_slots = int(added[-1].get("slots", 0) if added and new_item_slots is None
+                                  else new_item_slots or 0)
+        if self.new_item_slots < 0:
+            raise ValueError(f"new_item_slots must be 0 or more, got {self.new_item_slots}")
+        self._new_ids = np.flatnonzero(self.is_new)
+        # the new items as a catalogue of their own (row 0 padding), searched exactly beside the index
+        self._new_pos = np.zeros(self.n_items + 1, dtype=np.int64)
+        self._new_pos[self._new_ids] = np.arange(1, len(self._new_ids) + 1)
+        self._new_table = np.concatenate([np.zeros((1, self._table.shape[1]), np.float32),
+                                          self._table[self._new_ids]])
 
     @classmethod
     def load(cls, path: str, threads: Optional[int] = None, **kw) -> "Recommender":
@@ -85,6 +106,8 @@ class Recommender:
         any_exclude = any(q.exclude_seen for q in queries)
         ids, scores = self.folder.index.search_multi(x, max(q.k for q in queries),
                                                      exclude=exclude if any_exclude else None)
+        if self.new_item_slots and len(self._new_ids):
+            ids, scores = self._with_new_items(x, ids, scores, exclude, queries)
         labels = self._labels(interests)
         out = []
         for i, q in enumerate(queries):
@@ -100,6 +123,20 @@ class Recommender:
                 "history_used": int(min(len(q.ids), self.maxlen)),
             })
         return out
+
+    def _with_new_items(self, x, ids, scores, exclude, queries):
+        """Each row's top list with its reserved places for new items: an exact search over the new items alone
+        (they are few next to the catalogue), merged per row at that row's ``k``."""
+        slots = min(self.new_item_slots, len(self._new_ids))
+        seen = [self._new_pos[e[self.is_new[e]]] for e in exclude]
+        top, top_scores = brute_force_topn(self._new_table, x, slots, exclude=seen)
+        top = np.where(top > 0, self._new_ids[np.maximum(top, 1) - 1], 0)
+        out_ids, out_scores = ids.copy(), scores.copy()
+        for i, q in enumerate(queries):  # rows have their own k: the reserve counts within each
+            row_ids, row_scores = reserve_slots(ids[i:i + 1, :q.k], scores[i:i + 1, :q.k], top[i:i + 1],
+                                                top_scores[i:i + 1], self.is_new, slots)
+            out_ids[i, :q.k], out_scores[i, :q.k] = row_ids[0], row_scores[0]
+        return out_ids, out_scores
 
     def recommend(self, requests: Sequence[Any]) -> List[Dict[str, Any]]:
         """Parse and answer a batch; the first bad request raises :class:`RequestError` naming its position."""
