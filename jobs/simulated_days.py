@@ -1,8 +1,8 @@
 """Simulated days (docs/cold_start.md, "Warm start against retraining"): each day the log grows by a slice; one arm
-retrains from scratch on everything, the other warm-starts from yesterday's model on the new slice and a replayed
-share of the old log. Both are scored on the slice after.
+retrains from scratch on everything, the other warm-starts from yesterday's model, on the same data (``--replay 1``)
+or on the new slice and a replayed share of the older log. Both are scored on the slice after.
 
-    python jobs/simulated_days.py --dataset amazon-beauty --shares 0.55 0.70 0.85 --replay 0.5 --seeds 1 2 3 \\
+    python jobs/simulated_days.py --dataset amazon-beauty --shares 0.55 0.70 0.85 --replay 1 --seeds 1 2 3 \\
         --work /tmp/eimf-days --out docs/cold_start -- model.backbone=comirec_sa train.patience=4 \\
         train.eval_every=500 train.max_steps=40000
 
@@ -72,7 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--shares", type=float, nargs="+", default=[0.55, 0.70, 0.85],
                    help="the cutoffs as shares of the log's interactions: day 0 trains up to the first; each later "
                         "one adds a day, scored on the slice after it")
-    p.add_argument("--replay", type=float, default=0.5, help="warm arm: the share of the older log replayed")
+    p.add_argument("--replay", type=float, default=1.0,
+                   help="warm arm: the share of the older log replayed beside the new slice; 1 (default): all of it, "
+                        "the scratch arm's own prepared data")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--work", default="/tmp/eimf-days")
     p.add_argument("--out", default="docs/cold_start")
@@ -131,9 +133,13 @@ def main(argv=None) -> int:
             record(day, "scratch", seed, export, name, f"< {until}")
             name = f"{tag}-d{day}-warm-r{args.replay:g}-s{seed}"
             warm_cfg = apply_overrides(cfg, [f"pipeline.from_model={previous}"])
-            previous = train_or_reuse(warm_cfg, data_of(since=cuts[day - 1], until=cuts[day], replay=args.replay),
-                                      name, work, seed)
-            record(day, "warm", seed, previous, name, f"[{since}, {until}) + {args.replay:g} of the rest")
+            if args.replay >= 1:  # everything: the very data of the scratch arm, so only the start differs
+                data, trained_on = data_of(until=cuts[day]), f"< {until}"
+            else:
+                data = data_of(since=cuts[day - 1], until=cuts[day], replay=args.replay)
+                trained_on = f"[{since}, {until}) + {args.replay:g} of the rest"
+            previous = train_or_reuse(warm_cfg, data, name, work, seed)
+            record(day, "warm", seed, previous, name, trained_on)
             record(day, "stale", seed, day0, None, f"< {sd.date_of(cuts[0])}")
         with open(out / f"{tag}.jsonl", "w") as f:  # rewritten after each seed: a cut run keeps what it had
             f.writelines(json.dumps(r, default=float) + "\n" for r in rows)

@@ -8,8 +8,9 @@ The protocol, as ``jobs/simulated_days.py`` runs it (docs/cold_start.md, "Retrai
 3. **Day d** (d = 1, 2, ...): the log grows by slice d + 1. Each arm trains on it:
 
    * ``scratch``: everything up to the new cutoff, from random weights;
-   * ``warm``: ``pipeline.from_model`` = the previous day's warm model (day 1: day 0's), on the new slice only
-     (``data.since``/``data.until``) plus a replayed share of the older log (``data.replay``);
+   * ``warm``: ``pipeline.from_model`` = the previous day's warm model (day 1: day 0's), on the scratch arm's data
+     (``--replay 1``), or on the new slice (``data.since``/``data.until``) plus a replayed share of the older log
+     (``data.replay``);
    * ``stale``: day 0's model, not retrained: the floor.
 
 4. **Quality on the next slice** (:func:`next_slice_frame`, :func:`score_folder`): the users active in the slice
