@@ -161,6 +161,28 @@ def test_warm_start_carries_rows_by_raw_id_and_maps_new_items_on_the_whole_table
             assert torch.equal(v, src[k]), k
 
 
+
+def test_a_warm_start_that_loses_the_sources_items_says_so(two_logs, monkeypatch, caplog):
+    import logging
+
+    from eimf.training import warm_start
+    from eimf.training.warm_start import plan_warm_start
+
+    tmp, cfg_old, d_old, cfg, d_new, _ = two_logs
+    bigger = _source_folder(cfg, d_new, tmp / "bigger")  # a source that knows items the old data lacks
+    gone = d_new.n_items - d_old.n_items
+    with caplog.at_level(logging.WARNING, logger="eimf.training.warm_start"):
+        plan = plan_warm_start(str(bigger), cfg_old, str(d_old.path), str(bigger))
+    assert plan.counts["source_items_gone"] == gone
+    loud = gone > warm_start.GONE_WARNING_SHARE * d_new.n_items
+    assert any("data.replay" in r.message for r in caplog.records) == loud
+    monkeypatch.setattr(warm_start, "GONE_WARNING_SHARE", gone / d_new.n_items / 2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="eimf.training.warm_start"):
+        plan_warm_start(str(bigger), cfg_old, str(d_old.path), str(bigger))
+    assert any(f"{gone} of the source's {d_new.n_items} items are not in this data" in r.message
+               for r in caplog.records)
+
 @pytest.mark.e2e
 def test_a_source_of_another_shape_or_a_missing_one_is_refused(two_logs, tmp_path):
     from eimf.steps.registry import resolve_source

@@ -37,6 +37,10 @@ from eimf.models.text_map import TextMap
 from eimf.semantic.encoder import SemanticEncoder
 
 log = logging.getLogger(__name__)
+#: A warm start that loses more than this share of the source's catalogue says so (plan_warm_start): on Beauty a
+#: 15 % window with a tenth of the older log replayed kept 46 items after the 5-core, where the whole log up to the
+#: same day keeps 5,926 (docs/cold_start.md).
+GONE_WARNING_SHARE = 0.2
 
 #: Rows of the old table per block handed to the workers (a worker holds one block at a time while it fills).
 ROW_BLOCK = 1 << 16
@@ -157,6 +161,11 @@ def plan_warm_start(folder_path: str, cfg: Config, data_path: str, source: str, 
               "source_items_gone": int(len(old_items)) - matched, "new_items_with_text": int(len(with_text))}
     log.info("warm start from %s: %d of %d rows matched by raw id, %d from the text map, %d the usual init%s",
              where, matched, n, counts["rows_text_map"], counts["rows_random"], f" ({note})" if note else "")
+    if counts["source_items_gone"] > GONE_WARNING_SHARE * len(old_items):
+        log.warning("warm start from %s: %d of the source's %d items are not in this data, so this model cannot "
+                    "retrieve them: a training window (data.since) with a k-core (data.min_count=%d) keeps only the "
+                    "items and users dense within it. Raise data.replay, or lower data.min_count, to keep the "
+                    "catalogue", where, counts["source_items_gone"], len(old_items), cfg.data.min_count)
     return WarmStart(source=source, resolved=where, dense=dense, old_of_new=put(old_of_new), old_blocks=blocks,
                      mapped_ids=mapped_ids, mapped_rows=mapped_rows, counts=counts, note=note)
 
