@@ -76,3 +76,35 @@ def test_a_model_is_scored_over_its_own_catalogue_with_unknown_truth_as_misses()
     assert got.to_dict() == {0: 1.0, 1: 0.5}  # user 1: the unknown item counts in its truth and is never found
     assert scored == {"users": 2, "users_without_known_history": 1, "catalogue": 3,
                       "truth_known_share": pytest.approx(2 / 3)}
+
+
+def test_the_report_has_a_row_per_day_and_arm_and_pairs_warm_with_scratch_and_stale():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "days_job", Path(__file__).resolve().parents[1] / "jobs" / "simulated_days.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    rng = np.random.default_rng(0)
+    arms, rows = {}, []
+    for seed in (1, 2):
+        for day, arm in ((0, "day0"), (1, "warm"), (1, "scratch"), (1, "stale")):
+            users = np.arange(50)
+            lift = 0.2 if arm == "warm" else 0.0
+            df = pd.DataFrame({"user": users, "recall@20": rng.random(50) * 0.1,
+                               "recall@50": np.clip(rng.random(50) * 0.5 + lift, 0, 1), "ndcg@50": rng.random(50) * 0.1})
+            arms.setdefault((day, arm), {})[seed] = df
+            trained = arm != "stale"
+            rows.append({"day": day, "arm": arm, "seed": seed, "trained_on": "x", "users": 50, "catalogue": 10,
+                         "truth_known_share": 0.5, "metrics": {k: float(df[k].mean()) for k in df if "@" in k},
+                         "steps": 100 if trained else None, "best_step": 50 if trained else None,
+                         "train_seconds": 60.0 if trained else None})
+    lines = job.report_tables(rows, arms)
+    table = [line for line in lines if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    assert [line.split(" | ")[2] for line in table[:4]] == ["day0", "warm", "scratch", "stale"]
+    assert "100 (50)" in table[1] and "1.0 ± 0.0" in table[1] and table[3].endswith("| — | — |")
+    verdicts = {(line.split(" | ")[1], line.split(" | ")[2]): line.split(" | ")[-1] for line in lines
+                if " − " in line}
+    assert verdicts[("recall@50", "warm − scratch")].startswith("gain")
+    assert ("recall@50", "scratch − stale") in verdicts
