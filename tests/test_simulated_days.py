@@ -92,8 +92,8 @@ def test_the_report_has_a_row_per_day_and_arm_and_pairs_warm_with_scratch_and_st
         for day, arm in ((0, "day0"), (1, "warm"), (1, "scratch"), (1, "stale")):
             users = np.arange(50)
             lift = 0.2 if arm == "warm" else 0.0
-            df = pd.DataFrame({"user": users, "recall@20": rng.random(50) * 0.1,
-                               "recall@50": np.clip(rng.random(50) * 0.5 + lift, 0, 1), "ndcg@50": rng.random(50) * 0.1})
+            df = pd.DataFrame({"user": users, "recall@20": rng.random(50) * 0.1, "ndcg@50": rng.random(50) * 0.1,
+                               "recall@50": np.clip(rng.random(50) * 0.5 + lift, 0, 1)})
             arms.setdefault((day, arm), {})[seed] = df
             trained = arm != "stale"
             rows.append({"day": day, "arm": arm, "seed": seed, "trained_on": "x", "users": 50, "catalogue": 10,
