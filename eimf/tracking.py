@@ -7,6 +7,7 @@ artifacts at the end. Metric names are the same in every run so runs compare sid
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import re
@@ -16,9 +17,11 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
+import mlflow
 import requests
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service import utils
 
 from eimf.config import Config, eimf_home, flatten, to_dict
 
@@ -235,3 +238,20 @@ def log_artifacts(uri: str, run_id: Optional[str], folder: str, artifact_path: O
 def end_run(uri: str, run_id: Optional[str], status: str = "FINISHED") -> None:
     if run_id:
         client(uri).set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str):
+    """MLflow's fluent API (log_model needs it) pointed at ``uri``, then exactly the state before. set_tracking_uri
+    also writes $MLFLOW_TRACKING_URI, so restoring with set_tracking_uri(get_tracking_uri()) would pin MLflow's
+    default store (./mlflow.db) for every later run of this process: it did, and a pipeline lost its runs."""
+    env, previous = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = previous
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env

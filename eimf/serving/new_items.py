@@ -40,7 +40,7 @@ from eimf.formats import model_folder as fmt
 from eimf.models.text_map import TextMap
 from eimf.semantic.encoder import SemanticEncoder
 from eimf.serving.folder import load_index
-from eimf.serving.pyfunc import ARTIFACT, _tracking_uri, log_recommender
+from eimf.serving.pyfunc import ARTIFACT, log_recommender
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _fetch(model: str, uri: str, dest: str) -> Tuple[str, str, Optional[str]]:
     """An MLflow model's folder downloaded under ``dest``: ``(model folder, source run id, registered model name or
     None)``."""
     registered = None
-    with _tracking_uri(uri):  # models:/ URIs resolve against the process's registry
+    with tracking.fluent_tracking_uri(uri):  # models:/ URIs resolve against the process's registry
         if str(model).startswith("models:/"):
             name_version = get_model_name_and_version(MlflowClient(tracking_uri=uri), model)
             registered = name_version[0] if len(name_version) == 2 else None

@@ -11,7 +11,6 @@ that names the row and the field.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -25,11 +24,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.tracking._tracking_service import utils
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
 import eimf
-from eimf import fs
+from eimf import fs, tracking
 from eimf.formats.model_folder import ITEMS, MANIFEST
 from eimf.serving.recommender import Recommender
 from eimf.serving.schema import RecommendRequest, RecommendResponse, RequestError
@@ -97,7 +95,7 @@ def log_recommender(model_folder: str, tracking_uri: str, run_id: str, registere
     """Log ``model_folder`` (local or ``s3://``) as the pyfunc model ``recommender`` of run ``run_id``, registered as
     ``registered_model`` unless that is empty. Returns the model URI (``models:/name/version`` when registered)."""
 
-    with _tracking_uri(tracking_uri), fs.local_dir(str(model_folder)) as local, \
+    with tracking.fluent_tracking_uri(tracking_uri), fs.local_dir(str(model_folder)) as local, \
             tempfile.TemporaryDirectory(prefix="eimf-code-") as code:
         # the input example is checked at logging time: the model must answer it, or logging fails
         example = pd.DataFrame({"history": [pd.read_parquet(Path(local) / ITEMS)["raw_id"].head(5).tolist()],
@@ -116,22 +114,6 @@ def log_recommender(model_folder: str, tracking_uri: str, run_id: str, registere
     return info.model_uri
 
 
-@contextlib.contextmanager
-def _tracking_uri(uri: str):
-    """MLflow's fluent API (log_model needs it) pointed at ``uri``, then exactly the state before. set_tracking_uri
-    also writes $MLFLOW_TRACKING_URI, so restoring with set_tracking_uri(get_tracking_uri()) would pin MLflow's
-    default store (./mlflow.db) for every later run of this process: it did, and a pipeline lost its runs."""
-
-    env, previous = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        utils._tracking_uri = previous
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def load_recommender(uri_or_folder: str):
