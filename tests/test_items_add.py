@@ -430,6 +430,15 @@ def test_the_cli_adds_items_and_exits_2_on_a_bad_file(exported, tmp_path, capsys
     assert err.startswith("eimf: error: ") and "bad.csv" in err and "line 2" in err
     assert "already in the catalogue" in err
     assert not (tmp_path / "o").exists()
+    more = _csv(tmp_path / "more.csv", [("cli-2", "another text")])
+    assert main(["items", "add", str(tmp_path / "grown"), "--items", str(more), "--slots", "-1",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "slots must be 0 or more" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["items", "add", str(tmp_path / "grown"), "--items", str(more), "--slots", "3",
+                 "--out", str(tmp_path / "o")]) == 0
+    from eimf.serving.folder import ModelFolder
+
+    assert ModelFolder.load(str(tmp_path / "o")).added_items[-1]["slots"] == 3
 
 
 # ------------------------------------------------------------------------------------------------ end to end
