@@ -123,6 +123,7 @@ def report_tables(arms: dict) -> list:
                   "|---:|---:|---|---:|---:|---|"]
         base = {"": arms[("text_map", "whole")], "_cold": arms[("text_map", "whole_cold")],
                 "_warm": arms[("text_map", "whole_warm")]}
+
         def mean(arm):
             return np.mean([df["recall@50"].mean() for df in arm.values()])
 
