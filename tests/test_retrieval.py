@@ -368,3 +368,18 @@ def test_reserved_slots_give_the_lowest_places_to_the_best_new_items_a_row_lacks
     assert same.tolist() == ids.tolist()
     wide, _ = reserve_slots(ids, scores, new_ids, new_scores, is_new, slots=9)  # never more than the list
     assert wide[0].tolist() == [1, 2, 9, 8]
+
+
+def test_subset_search_ranks_only_the_subset_in_catalogue_ids_and_excludes_by_them():
+    from eimf.evaluation.retrieval import subset_topn
+
+    table = np.random.default_rng(0).standard_normal((11, 4)).astype(np.float32)
+    sub_ids = np.array([2, 5, 9])
+    sub_table = np.concatenate([np.zeros((1, 4), np.float32), table[sub_ids]])
+    x = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
+    got, got_s = subset_topn(sub_table, sub_ids, x, 2)
+    ref, ref_s = brute_force_topn(sub_table, x, 2)  # the same ranking, in positions 1..3 of the subset
+    assert got.tolist() == sub_ids[ref - 1].tolist() and np.allclose(got_s, ref_s)
+    # a catalogue id of the subset is excluded; one outside it (7) is ignored; a row lacking items pads with 0
+    kept, _ = subset_topn(sub_table, sub_ids, x, 3, exclude=[[got[0, 0], 7], []])
+    assert got[0, 0] not in kept[0] and kept[0, 2] == 0 and sorted(kept[1]) == sorted(sub_ids)

@@ -123,7 +123,6 @@ def merge_candidates(
     return out_ids, out_scores
 
 
-
 def reserve_slots(ids: np.ndarray, scores: np.ndarray, new_ids: np.ndarray, new_scores: np.ndarray,
                   is_new: np.ndarray, slots: int) -> Tuple[np.ndarray, np.ndarray]:
     """Top lists ``[B, n]`` in which at least ``slots`` places go to new items, where there are that many.
@@ -150,15 +149,28 @@ def reserve_slots(ids: np.ndarray, scores: np.ndarray, new_ids: np.ndarray, new_
         keep = [(int(i), float(s)) for i, s, v in zip(row, row_s, valid) if v]
         room = n - len(keep)
         drop = len(take) - room
-        if drop > 0:  # the lowest-scored items that are not new give their places
-            old = [j for j in range(len(keep) - 1, -1, -1) if not is_new[keep[j][0]]][:drop]
-            keep = [x for j, x in enumerate(keep) if j not in set(old)]
-            take = take[:len(take) - max(0, drop - len(old))]
+        if drop > 0:  # the lowest-scored items that are not new give their places (a row has enough of them:
+            # it lacks at least len(take) new items of its n places)
+            given = set([j for j in range(len(keep) - 1, -1, -1) if not is_new[keep[j][0]]][:drop])
+            keep = [x for j, x in enumerate(keep) if j not in given]
         merged = sorted(keep + take, key=lambda x: -x[1])[:n]
         out_ids[r], out_scores[r] = 0, -np.inf
         out_ids[r, :len(merged)] = [i for i, _ in merged]
         out_scores[r, :len(merged)] = [s for _, s in merged]
     return out_ids, out_scores
+
+
+def subset_topn(sub_table: np.ndarray, sub_ids: np.ndarray, interests: np.ndarray, n: int,
+                exclude: ExcludeLike = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact top-``n`` among a few items only (e.g. the new ones for :func:`reserve_slots`), in catalogue ids.
+    ``sub_ids``: their ids, sorted; ``sub_table``: ``[len(sub_ids) + 1, d]``, their rows after a zero padding row;
+    ``exclude``: catalogue ids per user (ids outside the subset are ignored). 0-padded like
+    :func:`brute_force_topn`."""
+    if exclude is not None:
+        exclude = [np.searchsorted(sub_ids, e[np.isin(e, sub_ids)]) + 1 for e in map(np.asarray, exclude)]
+    top, scores = brute_force_topn(sub_table, interests, n, exclude=exclude)
+    return np.where(top > 0, sub_ids[np.maximum(top, 1) - 1], 0), scores
+
 
 #: Rows added to a faiss index at a time (bounds the MIPS lift's copy).
 _ADD_BLOCK = 1_000_000

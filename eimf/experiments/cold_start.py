@@ -39,7 +39,7 @@ from eimf import fs
 from eimf.data.ingest import ingest
 from eimf.data.inputs import resolve_inputs
 from eimf.evaluation.evaluate import evaluate, history_batch
-from eimf.evaluation.retrieval import ItemIndex, brute_force_topn, reserve_slots
+from eimf.evaluation.retrieval import ItemIndex, reserve_slots, subset_topn
 from eimf.evaluation.metrics import MetricAccumulator
 from eimf.formats.prepared import list_array, read_manifest, read_split, write_manifest, write_table
 from eimf.models.text_map import fit_text_map, table_blocks
@@ -264,7 +264,6 @@ def score_views(interest_fn: InterestFn, table: np.ndarray, frame: pd.DataFrame,
             "whole_warm": view(everything, warm), "warm_only": view(warm, warm)}
 
 
-
 def slot_views(interest_fn: InterestFn, table: np.ndarray, frame: pd.DataFrame, cold: np.ndarray, maxlen: int,
                slots: int, topk: Sequence[int] = TOPK, batch: int = 1024) -> Dict[str, pd.DataFrame]:
     """Serving with ``slots`` places of each top list reserved for the cold items (eimf.serving.recommender's
@@ -282,8 +281,7 @@ def slot_views(interest_fn: InterestFn, table: np.ndarray, frame: pd.DataFrame, 
         with torch.no_grad():
             x = np.asarray(interest_fn(torch.from_numpy(hist), torch.from_numpy(mask)), dtype=np.float32)
         ids, scores = index.search_multi(x, top)
-        new, new_scores = brute_force_topn(cold_table, x, slots)
-        new = np.where(new > 0, cold[np.maximum(new, 1) - 1], 0)
+        new, new_scores = subset_topn(cold_table, cold, x, slots)
         recs, _ = reserve_slots(ids, scores, new, new_scores, is_cold, slots)
         users = part["user"].to_numpy()
         truths = [np.asarray(t, dtype=np.int64) for t in part["truth"]]
@@ -291,6 +289,7 @@ def slot_views(interest_fn: InterestFn, table: np.ndarray, frame: pd.DataFrame, 
         accs["_cold"].add(recs, [t[is_cold[t]] for t in truths], users=users)
         accs["_warm"].add(recs, [t[~is_cold[t]] for t in truths], users=users)
     return {f"whole_s{slots}{part}": acc.per_user() for part, acc in accs.items()}
+
 
 def fixed_ranking_views(order: np.ndarray, frame: pd.DataFrame, cold: np.ndarray,
                         topk: Sequence[int] = TOPK) -> Dict[str, pd.DataFrame]:

@@ -23,8 +23,9 @@ A model folder is everything serving needs, with no reference back to the data o
 =================  ===========================================================================================
 
 Items added after training (``eimf items add``, eimf.serving.new_items) have rows from the text map, not from
-training: ``folder.json``'s ``added_items`` lists each addition (``first_item``, ``items``, ``source``, ``utc``), so
-that what was trained and what was mapped stays known. Files beside the listed ones (the pipeline's
+training: ``folder.json``'s ``added_items`` lists each addition (``first_item``, ``items``, ``source``, ``utc``, and
+``slots``: the places of each answer reserved for added items, :func:`reserved_slots`), so that what was trained and
+what was mapped stays known. Files beside the listed ones (the pipeline's
 ``evaluation.json``, ``pipeline.json``) are kept by such an addition (``FolderParts.extra_files``).
 
 Here the contents are plain values (state dicts, frames, arrays): :class:`FolderParts` to write, :class:`LocalFolder`
@@ -65,6 +66,12 @@ TABLE_PART = "item_table.{:05d}-of-{:05d}.npy"
 
 class ModelFolderError(ValueError):
     """A folder that is not a (complete, readable) model folder; the message names the folder and the file."""
+
+
+def reserved_slots(added_items: List[dict]) -> int:
+    """The places of each answer reserved for added items: what the latest addition set (``eimf items add
+    --slots``), else 0."""
+    return int(added_items[-1].get("slots", 0)) if added_items else 0
 
 
 @dataclass

@@ -134,8 +134,7 @@ def add_to_folder(source: str, new: pd.DataFrame, out: str, items_file: str = "n
     """Add the checked items ``new`` (:func:`read_new_items`, from ``items_file``) to the model folder ``source``
     and write the result to ``out`` (both local or ``s3://``); ``source`` is left as it is. ``slots``: the places
     of each answer reserved for the added items (eimf.serving.recommender; None: as the last addition set, else 0)."""
-    if slots is not None and slots < 0:
-        raise NewItemsError(f"slots must be 0 or more, got {slots}")
+    _check_slots(slots)
     _check_out(out, source)
     with fmt.open_local(str(source)) as folder:
         mapped = folder.text_map()
@@ -177,10 +176,9 @@ def add_to_folder(source: str, new: pd.DataFrame, out: str, items_file: str = "n
             added = pd.DataFrame({"item": np.arange(n + 1, n + m + 1, dtype=np.int64), "raw_id": new["raw_id"],
                                   "text": new["text"], "count": np.zeros(m, dtype=np.int64)})
             phrases = folder.phrases()
-            earlier = folder.added_items
             record = {"first_item": n + 1, "items": m, "source": str(source), "file": str(items_file),
-                      "index": done, "slots": int(slots if slots is not None else
-                                                  (earlier[-1].get("slots", 0) if earlier else 0)),
+                      "index": done,
+                      "slots": int(slots) if slots is not None else fmt.reserved_slots(folder.added_items),
                       "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
             fmt.write(str(out), fmt.FolderParts(
                 state=state, cfg=folder.config(), items=pd.concat([items, added], ignore_index=True),
@@ -210,6 +208,11 @@ def _rows(text_map: TextMap, texts: List[str], source) -> np.ndarray:
     return rows
 
 
+def _check_slots(slots: Optional[int]) -> None:
+    if slots is not None and slots < 0:
+        raise NewItemsError(f"slots must be 0 or more, got {slots}")
+
+
 def _check_out(out: str, source: str) -> None:
     """``out`` is a new folder: never the source, never a folder with something in it."""
     if not out:
@@ -231,8 +234,7 @@ def add_items(model: str, items_file: str, out: Optional[str] = None, id_column:
     ``out``, default a new temporary folder) or an MLflow model URI (the result is logged as the next version of
     the same registered model, see the module doc; ``out`` keeps a copy of its folder). ``tracking_uri``: the
     MLflow store (default: ``$MLFLOW_TRACKING_URI``, else eimf's own). ``slots``: see :func:`add_to_folder`."""
-    if slots is not None and slots < 0:
-        raise NewItemsError(f"slots must be 0 or more, got {slots}")
+    _check_slots(slots)
     new = read_new_items(items_file, id_column, text_column)  # the file first: a bad one costs no download
     if fs.exists(fs.join(str(model), fmt.MANIFEST)):
         return add_to_folder(model, new, out or tempfile.mkdtemp(prefix="eimf-items-"), items_file, id_column,

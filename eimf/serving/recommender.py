@@ -28,7 +28,8 @@ import pandas as pd
 import torch
 
 from eimf.data.sampling import last_items
-from eimf.evaluation.retrieval import brute_force_topn, reserve_slots
+from eimf.evaluation.retrieval import reserve_slots, subset_topn
+from eimf.formats.model_folder import reserved_slots
 from eimf.serving.explain import label_interests
 from eimf.serving.folder import ModelFolder
 from eimf.serving.schema import DEFAULT_K, RequestError, validate_request
@@ -62,14 +63,11 @@ class Recommender:
         self.is_new = np.zeros(self.n_items + 1, dtype=bool)
         for record in added:
             self.is_new[int(record["first_item"]):int(record["first_item"]) + int(record["items"])] = True
-        self.new_item_slots = int(added[-1].get("slots", 0) if added and new_item_slots is None
-                                  else new_item_slots or 0)
+        self.new_item_slots = reserved_slots(added) if new_item_slots is None else int(new_item_slots)
         if self.new_item_slots < 0:
             raise ValueError(f"new_item_slots must be 0 or more, got {self.new_item_slots}")
-        self._new_ids = np.flatnonzero(self.is_new)
         # the new items as a catalogue of their own (row 0 padding), searched exactly beside the index
-        self._new_pos = np.zeros(self.n_items + 1, dtype=np.int64)
-        self._new_pos[self._new_ids] = np.arange(1, len(self._new_ids) + 1)
+        self._new_ids = np.flatnonzero(self.is_new)
         self._new_table = np.concatenate([np.zeros((1, self._table.shape[1]), np.float32),
                                           self._table[self._new_ids]])
 
@@ -128,9 +126,7 @@ class Recommender:
         """Each row's top list with its reserved places for new items: an exact search over the new items alone
         (they are few next to the catalogue), merged per row at that row's ``k``."""
         slots = min(self.new_item_slots, len(self._new_ids))
-        seen = [self._new_pos[e[self.is_new[e]]] for e in exclude]
-        top, top_scores = brute_force_topn(self._new_table, x, slots, exclude=seen)
-        top = np.where(top > 0, self._new_ids[np.maximum(top, 1) - 1], 0)
+        top, top_scores = subset_topn(self._new_table, self._new_ids, x, slots, exclude=exclude)
         out_ids, out_scores = ids.copy(), scores.copy()
         for i, q in enumerate(queries):  # rows have their own k: the reserve counts within each
             row_ids, row_scores = reserve_slots(ids[i:i + 1, :q.k], scores[i:i + 1, :q.k], top[i:i + 1],
