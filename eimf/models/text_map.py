@@ -93,8 +93,9 @@ def fit_text_map(blocks: Blocks, encoder: str, alphas: Sequence[float] = ALPHAS,
                  norm_percentile: Optional[int] = DEFAULT_NORM_PERCENTILE) -> TextMap:
     """Fit the ridge map from ``blocks`` (called three times; see :data:`Blocks`): a first pass gathers the
     normal equations of the fit items, a second scores every alpha on the held-out items (a fixed-seed ``heldout``
-    share of the items, by id), and a third refits the kept alpha on every item and reads the rows' norms. ``norm_percentile``:
-    the stretch :meth:`TextMap.apply` gives by default (None: none). Memory: ``D x D`` and one norm per item."""
+    share of the items, by id), and a third refits the kept alpha on every item and reads the rows' norms.
+    ``norm_percentile``: the stretch :meth:`TextMap.apply` gives by default (None: none). Memory: ``D x D`` and
+    one norm per item."""
     if norm_percentile is not None and norm_percentile not in NORM_PERCENTILES:
         raise ValueError(f"text map: norm_percentile {norm_percentile}, expected one of {NORM_PERCENTILES} or None")
     if weighting not in WEIGHTINGS:

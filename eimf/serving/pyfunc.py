@@ -114,8 +114,6 @@ def log_recommender(model_folder: str, tracking_uri: str, run_id: str, registere
     return info.model_uri
 
 
-
-
 def load_recommender(uri_or_folder: str):
     """A :class:`~eimf.serving.recommender.Recommender` from a model folder (local or ``s3://``) or an MLflow model
     URI (``models:/eimf-ml-1m/3``, ``runs:/<id>/recommender``, a local pyfunc folder)."""
