@@ -49,7 +49,7 @@ def _assert_trained_in_fp32(losses, model, optimizer):
 def test_precision_and_compile_are_checked_naming_the_field():
     from eimf.config.train import TrainConfig
 
-    assert (_cfg().train.precision, _cfg().train.compile) == ("fp32", False)
+    assert (_cfg().train.precision, _cfg().train.compile) == ("auto", False)
     assert _cfg("train.precision=bf16", "train.compile=true").train.compile is True
     with pytest.raises(ConfigError, match="train.precision"):
         _cfg("train.precision=fp16")
@@ -57,6 +57,49 @@ def test_precision_and_compile_are_checked_naming_the_field():
         TrainConfig(precision="fp16")
     with pytest.raises(ConfigError, match="train.compile"):
         _cfg("train.compile=sometimes")
+
+
+def _cpu_flags() -> set:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+def test_auto_precision_is_bf16_where_the_cpu_has_it_natively_and_explicit_settings_stay(monkeypatch):
+    from eimf.training import hardware
+    from eimf.training.components import build_components
+
+    # The answer from the kernel's own list of CPU features, not from torch's
+    native = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    assert hardware.native_bf16(torch.device("cpu")) is native
+    assert hardware.resolve_precision("auto") == ("bf16" if native else "fp32")
+    assert build_components(_cfg(), N_ITEMS)[2].precision == ("bf16" if native else "fp32")
+    for setting in ("fp32", "bf16"):
+        assert hardware.resolve_precision(setting) == setting
+        assert build_components(_cfg(f"train.precision={setting}"), N_ITEMS)[2].precision == setting
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: False)
+    assert hardware.resolve_precision("auto") == "fp32"
+    assert build_components(_cfg(), N_ITEMS)[2].precision == "fp32"
+
+
+def _agree(rank: int, port: int, natives: list, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from eimf.training import hardware
+
+    hardware.native_bf16 = lambda device: natives[rank]  # this rank's device, as told
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        with open(f"{out_dir}/{rank}", "w") as f:
+            f.write(hardware.agreed_precision("auto", torch.device("cpu")))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("natives, agreed", [([True, True], "bf16"), ([True, False], "fp32")])
+def test_auto_precision_is_bf16_only_if_every_worker_has_it(natives, agreed, tmp_path, free_port):
+    """Two gloo ranks, one process each: a worker without native bf16 keeps the whole group in fp32."""
+    torch.multiprocessing.spawn(_agree, args=(free_port(), natives, str(tmp_path)), nprocs=2)
+    assert [(tmp_path / str(r)).read_text() for r in (0, 1)] == [agreed, agreed]
 
 
 def test_the_old_deepspeed_precision_loads_as_train_precision_and_a_disagreement_stops(tmp_path):

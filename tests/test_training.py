@@ -106,6 +106,10 @@ def test_ray_train_end_to_end_export_and_mlflow(ml100k, tmp_path, ray_session, m
     m = result.metrics
     assert m["step"] == 200 and m["best_step"] in (100, 200)
     assert m["examples_per_s"] > 0 and 0 <= m["input_share"] < 1 and m["peak_rss_mb"] > 0
+    # train.precision=auto as the worker resolved it: bf16 where this CPU has it natively
+    from eimf.training.hardware import native_bf16
+
+    assert m["bf16"] == float(native_bf16(torch.device("cpu")))
 
     export = Path(result.export_dir)
     assert {"model.pt", "config.yaml", "metrics.json", "folder.json", "items.parquet", "index.faiss"} <= {

@@ -140,11 +140,12 @@ class TrainConfig(Section):
     #: the random cut happens in that pipeline; ``memory``: each worker samples from its shard in memory
     #: (users drawn with replacement, as ComiRec does).
     input: Literal["memory", "ray_data"] = "memory"
-    #: ``fp32`` | ``bf16``: bf16 runs the forward and the loss under ``torch.autocast`` (bf16 matmuls: AMX on CPU)
-    #: while parameters and optimizer state stay fp32, and the sampled-softmax logits, log-Q and log-softmax are
-    #: computed in fp32. Every strategy (DeepSpeed: its ``torch_autocast`` section; the sharded table's rows stay
-    #: fp32). Evaluation always runs in fp32.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    #: ``auto`` | ``fp32`` | ``bf16``: bf16 runs the forward and the loss under ``torch.autocast`` while parameters
+    #: and optimizer state stay fp32, and the sampled-softmax logits, log-Q and log-softmax are computed in fp32.
+    #: Every strategy (DeepSpeed: its ``torch_autocast`` section; the sharded table's rows stay fp32). ``auto``: bf16
+    #: where every worker's device has native bf16 (AVX-512 BF16 or AMX; CUDA 8.0+), else fp32
+    #: (eimf.training.hardware); the run's ``bf16`` metric says which. Evaluation always runs in fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     #: ``torch.compile`` (inductor, static shapes) of the backbone's extractor and of the sampled softmax; a
     #: failure to compile falls back to eager with a warning. Off until its accuracy parity is measured (issue 31).
     compile: bool = False

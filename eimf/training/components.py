@@ -15,7 +15,7 @@ from eimf.config import Config
 from eimf.models import build_model
 from eimf.models.negatives import build_loss
 from eimf.training.compiled import compile_step
-from eimf.training.hardware import adam
+from eimf.training.hardware import adam, resolve_precision
 from eimf.training.loop import StepRunner
 
 
@@ -30,7 +30,7 @@ def build_components(cfg: Config, n_items: int, micro_batch: Optional[int] = Non
     loss_fn = build_loss(cfg.negatives, n_items, micro_batch or cfg.train.batch_size, cfg.model)
     lr = cfg.train.lr if cfg.train.lr is not None else model.default_lr
     optimizer = adam(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
-    runner = StepRunner(model, optimizer, precision=cfg.train.precision)
+    runner = StepRunner(model, optimizer, precision=resolve_precision(cfg.train.precision))
     if cfg.train.compile:
         runner.compiled = compile_step(model, loss_fn)
     return model, loss_fn, runner, lr
@@ -42,7 +42,7 @@ def deepspeed_runner(cfg: Config, plain: StepRunner, micro_batch: int):
     from eimf.training.deepspeed_step import DeepSpeedStepRunner, deepspeed_config  # DeepSpeed: heavy, optional
 
     runner = DeepSpeedStepRunner(plain.model, plain.optimizer,
-                                 deepspeed_config(micro_batch, cfg.train.deepspeed.zero_stage, cfg.train.precision))
+                                 deepspeed_config(micro_batch, cfg.train.deepspeed.zero_stage, plain.precision))
     runner.compiled = plain.compiled
     return runner
 
@@ -62,7 +62,8 @@ def build_sharded_components(cfg: Config, n_items: int, micro_batch: int, device
     gpu, opt = t.scaling.use_gpu, t.sharded.optimizer
     sparse_lr = t.sharded.lr if t.sharded.lr is not None else default_sparse_lr(opt, lr, gpu)
     sparse = sparse_optimizer_params(opt, sparse_lr, gpu)
-    runner = ShardedStepRunner(model, lr, t.weight_decay, sparse, device, init_seed=t.seed, precision=t.precision)
+    runner = ShardedStepRunner(model, lr, t.weight_decay, sparse, device, init_seed=t.seed,
+                                precision=resolve_precision(t.precision, device))
     loss_fn = build_loss(cfg.negatives, n_items, micro_batch, cfg.model)
     if t.compile:
         runner.compiled = compile_step(runner.model, loss_fn)

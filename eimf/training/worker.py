@@ -33,7 +33,7 @@ from eimf.training.components import (
     per_worker_batch,
     use_deepspeed,
 )
-from eimf.training.hardware import set_threads
+from eimf.training.hardware import agreed_precision, set_threads
 from eimf.training.host_stats import WorkerPlacement, as_dicts, link_bytes, placement_metrics, placement_tags
 from eimf.training.loop import (
     LoopState,
@@ -200,6 +200,10 @@ def train_worker(loop_config: dict) -> None:
     micro_batch = per_worker_batch(cfg)
     # This worker's GPU under use_gpu (NCCL), else the CPU; batches and negatives follow the model.
     device = ray.train.torch.get_device() if cfg.train.scaling.use_gpu else torch.device("cpu")
+    # train.precision=auto: bf16 where every worker's device has it natively, decided once for all of them
+    cfg.train.precision = agreed_precision(cfg.train.precision, device)
+    if is_chief:
+        log.info("precision: %s (train.precision=%s)", cfg.train.precision, loop_config["config"]["train"]["precision"])
     model, loss_fn, step_runner, lr, semantics = _build(cfg, loop_config, n_items, micro_batch, device)
 
     state, best_state, best_head_state = _resume(step_runner, is_chief)
@@ -244,6 +248,7 @@ def train_worker(loop_config: dict) -> None:
             "resumes": len(state.resumes),
             "first_resume_step": state.resumes[0] if state.resumes else -1,
             "world_size": ctx.get_world_size(),
+            "bf16": float(cfg.train.precision == "bf16"),  # what train.precision=auto resolved to
             **placement_metrics(placement),
             **input_stats,
             # train.compile: the seconds its first steps took to build the graphs (inside train_seconds), and
