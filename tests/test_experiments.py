@@ -428,3 +428,26 @@ def test_summary_pairs_eimf_with_each_reference_a_grid_has(tmp_path):
     assert [c.strip() for c in lines[2].strip("| ").split(" | ")][10] == "no difference"
     # rows without per-user tables give no interval, so no line
     assert not any(line.startswith("| old") for line in lines)
+
+
+def test_a_grid_resumed_with_other_settings_stops_before_running_anything(tmp_path, monkeypatch):
+    """A resumed grid skips the cells in its .jsonl: one there from other overrides would be silently kept."""
+    from eimf.config import ConfigError
+    from eimf.experiments import grid
+    from eimf.experiments.tables import append_row
+
+    monkeypatch.setattr(grid, "run_cell", lambda *a, **k: pytest.fail("a cell ran"))
+    monkeypatch.setattr(grid, "Pipeline", lambda *a, **k: pytest.fail("a pipeline ran"))
+    raw = tmp_path / "grid.jsonl"
+    append_row(raw, {"dataset": "ml-1m", "model": "mostpop", "seed": 0, "metrics": {}})
+    append_row(raw, {"dataset": "ml-1m", "model": "remi", "seed": 1, "metrics": {},
+                     "overrides": ["train.precision=bf16"]})
+    base = load_config(None, [])
+    with pytest.raises(ConfigError, match=r"grid.jsonl: ml-1m remi seed 1 .*train.precision=bf16.*model.beta=1"):
+        grid.run_grid(base, ["ml-1m"], ["remi"], [1, 2], raw, overrides=["train.precision=bf16", "model.beta=1"])
+    # The same overrides resume as before: seed 1 is skipped, seed 2 runs
+    ran = []
+    monkeypatch.setattr(grid, "run_cell", lambda cfg, *a, **k: ran.append(cfg.train.seed) or {"metrics": {}})
+    monkeypatch.setattr(grid, "backbone_stages", lambda cfg: [])
+    grid.run_grid(base, ["ml-1m"], ["remi"], [1, 2], raw, overrides=["train.precision=bf16"])
+    assert ran == [2]

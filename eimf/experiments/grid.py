@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from eimf import fs, tracking
-from eimf.config import Config, eimf_home
+from eimf.config import Config, ConfigError, eimf_home
 from eimf.evaluation import most_popular
 from eimf.experiments.tables import TABLE_METRICS, append_row, read_rows
 from eimf.experiments.variants import Variant, resolve_variant, with_overrides
@@ -113,6 +113,19 @@ def run_cell(cfg: Config, stages: List[Stage], tags: Dict[str, str], per_user_di
     return row
 
 
+def _check_same_overrides(raw_path: Path, rows: List[dict], datasets, models, seeds, overrides: list) -> None:
+    """A grid resumes by skipping the cells already in its ``.jsonl``: a cell there from other settings would be
+    skipped silently and mix two settings in one table, so that stops before anything runs."""
+    wanted = {(d, m, s) for d in datasets for m in models for s in seeds}
+    for r in rows:
+        key = (r["dataset"], r["model"], r["seed"])
+        if key in wanted and r.get("overrides") is not None and sorted(r["overrides"]) != sorted(overrides):
+            raise ConfigError(f"{raw_path}: {key[0]} {key[1]} seed {key[2]} is there from a grid run with "
+                              f"{' '.join(r['overrides']) or 'no overrides'}, not this grid's "
+                              f"{' '.join(overrides) or 'no overrides'}: write to another --output, or remove "
+                              "those rows to run them again")
+
+
 def run_grid(base: Config, datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int],
              raw_path: Path, overrides: Optional[list] = None, per_user_dir: Optional[Path] = None,
              grid_name: str = "backbones", out_dir: Optional[str] = None) -> List[dict]:
@@ -124,6 +137,7 @@ def run_grid(base: Config, datasets: Iterable[str], models: Iterable[str], seeds
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     rows = read_rows(raw_path)
     have = {(r["dataset"], r["model"], r["seed"]) for r in rows}
+    _check_same_overrides(raw_path, rows, datasets, models, seeds, overrides or [])
     for dataset in datasets:
         if (dataset, "mostpop", 0) not in have and base.eval.score_test:
             cfg = cell_config(base, dataset, models[0], seeds[0], seeds[0], f"{grid_name}-{dataset}-prepare", out_dir)
