@@ -16,7 +16,7 @@ stages live in the pipelines' stage store (``--work-dir``, default ``pipeline.st
 prepare stage, the first seed's backbone run is the warm-up that picks the typical users (``train.max_steps``
 steps), and each annotation set is computed once; ``jobs/pipeline.py`` with the same settings reuses them. Runs
 already in the ``.jsonl`` next to the output are skipped, so a grid cut short resumes (and its interrupted
-pipeline resumes its stage).
+pipeline resumes its stage); a backbone grid whose ``.jsonl`` has runs from other overrides stops instead.
 """
 from __future__ import annotations
 
