@@ -201,9 +201,10 @@ def train_worker(loop_config: dict) -> None:
     # This worker's GPU under use_gpu (NCCL), else the CPU; batches and negatives follow the model.
     device = ray.train.torch.get_device() if cfg.train.scaling.use_gpu else torch.device("cpu")
     # train.precision=auto: bf16 where every worker's device has it natively, decided once for all of them
-    cfg.train.precision = agreed_precision(cfg.train.precision, device)
+    setting = cfg.train.precision
+    cfg.train.precision = agreed_precision(setting, device)
     if is_chief:
-        log.info("precision: %s (train.precision=%s)", cfg.train.precision, loop_config["config"]["train"]["precision"])
+        log.info("precision: %s (train.precision=%s)", cfg.train.precision, setting)
     model, loss_fn, step_runner, lr, semantics = _build(cfg, loop_config, n_items, micro_batch, device)
 
     state, best_state, best_head_state = _resume(step_runner, is_chief)
