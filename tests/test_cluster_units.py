@@ -6,7 +6,7 @@ import pytest
 
 from eimf.config import ConfigError, load_config
 from eimf.training.host_stats import WorkerPlacement, link_bytes, placement_metrics, placement_tags
-from eimf.training.runner import restart_attempts
+from eimf.training.runner import check_cpu_reservation, restart_attempts
 
 
 def test_restart_attempts_spend_about_the_timeout(monkeypatch):
@@ -41,3 +41,13 @@ def test_cluster_settings_are_checked(override, field):
     with pytest.raises(ConfigError, match=field):
         load_config(None, [override])
     assert load_config(None, ["train.scaling.placement_strategy=STRICT_SPREAD"]).train.scaling.placement_strategy == "STRICT_SPREAD"
+
+
+def test_an_explicit_cpu_reservation_that_leaves_ray_data_no_cpu_is_refused():
+    check_cpu_reservation(1, 1, 2.0)  # one worker of one CPU on a 2-core laptop: one left for Ray Data
+    check_cpu_reservation(2, 3, 8.0)
+    with pytest.raises(ConfigError, match=r"cpus_per_worker=1 x train.scaling.num_workers=2 reserves 2 of the "
+                                          r"cluster's 2 CPUs.*would hang"):
+        check_cpu_reservation(2, 1, 2.0)  # the hang this guards against: both CPUs held, Ray Data waits forever
+    with pytest.raises(ConfigError, match="reserves 4 of the cluster's 4 CPUs"):
+        check_cpu_reservation(1, 4, 4.0)

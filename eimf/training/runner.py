@@ -87,8 +87,23 @@ def storage_of(cfg: Config) -> str:
     return cfg.train.storage_path or os.path.abspath(os.path.join(eimf_home(), "runs"))
 
 
+def check_cpu_reservation(n_workers: int, cpus_per_worker: int, cluster_cpus: float) -> None:
+    """An explicit ``train.scaling.cpus_per_worker`` must leave one CPU of the cluster free: the workers' Ray Data
+    tasks (reading and splitting the training users) wait for one, and a run whose workers hold every CPU waits
+    forever without an error."""
+    if n_workers * cpus_per_worker > cluster_cpus - 1:
+        raise ConfigError(
+            f"train.scaling.cpus_per_worker={cpus_per_worker} x train.scaling.num_workers={n_workers} reserves "
+            f"{n_workers * cpus_per_worker} of the cluster's {cluster_cpus:g} CPUs, and Ray Data's tasks need one "
+            f"free, so the run would hang; leave cpus_per_worker unset (each worker then reserves a share and uses "
+            f"the node's cores / its workers as threads) or lower it")
+
+
 def _scaling(cfg: Config) -> ScalingConfig:
     n_workers = cfg.train.scaling.num_workers
+    if cfg.train.scaling.cpus_per_worker:
+        check_cpu_reservation(n_workers, cfg.train.scaling.cpus_per_worker,
+                              float(ray.cluster_resources().get("CPU", 1.0)))
     cpus_per_worker = cfg.train.scaling.cpus_per_worker or default_cpus_per_worker(n_workers)
     return ScalingConfig(num_workers=n_workers, use_gpu=cfg.train.scaling.use_gpu,
                          resources_per_worker={"CPU": cpus_per_worker},
