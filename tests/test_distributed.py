@@ -113,9 +113,12 @@ def test_same_run_name_resumes_instead_of_starting_over(prepared, tmp_path, ray_
     assert sorted(steps) == [10, 20, 30]
 
 
-def test_eimf_on_two_zero2_workers_trains_and_exports_the_head(prepared, tmp_path, ray_session, monkeypatch):
-    """EIMF under DeepSpeed ZeRO-2 on 2 Ray Train workers: each worker samples typical users of its own shard,
-    the replicated head trains (auxiliary losses logged), the export holds the backbone and g beside it."""
+@pytest.mark.parametrize("strategy", [["train.deepspeed.zero_stage=2"], ["train.strategy=torch"]],
+                         ids=["zero2", "torch"])
+def test_eimf_on_two_workers_trains_and_exports_the_head(strategy, prepared, tmp_path, ray_session, monkeypatch):
+    """EIMF on 2 Ray Train workers, under DeepSpeed ZeRO-2 and under plain data parallelism: each worker samples
+    typical users of its own shard, the head trains (auxiliary losses logged), evaluation's verdict reaches both
+    workers, the export holds the backbone and g beside it."""
     import numpy as np
 
     from eimf import tracking
@@ -130,8 +133,8 @@ def test_eimf_on_two_zero2_workers_trains_and_exports_the_head(prepared, tmp_pat
     annotate_users(prepared, users, MetadataAnnotator(embed=encoder), None, encoder, K=4, token_budget=512,
                    out_dir=str(tmp_path / "ann"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = _cfg(prepared, tmp_path, "train.scaling.num_workers=2", "train.deepspeed.zero_stage=2", "train.max_steps=100",
-               "eimf.enabled=true", f"eimf.annotations={tmp_path / 'ann'}", f"tracking.tracking_uri={uri}",
+    cfg = _cfg(prepared, tmp_path, "train.scaling.num_workers=2", *strategy, "train.max_steps=100",
+               "train.eval_every=50", "eimf.enabled=true", f"eimf.annotations={tmp_path / 'ann'}", f"tracking.tracking_uri={uri}",
                "train.log_every=20")
     result = train(cfg, data_path=str(prepared.path))
     assert result.metrics["world_size"] == 2 and result.metrics["step"] == 100

@@ -47,6 +47,14 @@ def deepspeed_runner(cfg: Config, plain: StepRunner, micro_batch: int):
     return runner
 
 
+def data_parallel_runner(plain: StepRunner):
+    """``train.strategy=torch`` over several workers: the plain runner replicated, gradients averaged each step
+    (call inside the workers' process group)."""
+    from eimf.training.data_parallel import DataParallelStepRunner
+
+    return DataParallelStepRunner(plain)
+
+
 STRATEGIES = ("auto", "torch", "deepspeed", "sharded")
 
 

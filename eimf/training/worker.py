@@ -27,6 +27,7 @@ from eimf.formats.prepared import read_manifest, read_split
 from eimf.training.components import (
     build_components,
     build_sharded_components,
+    data_parallel_runner,
     deepspeed_runner,
     load_item_init,
     peak_rss_mb,
@@ -156,6 +157,8 @@ def _build(cfg: Config, loop_config: dict, n_items: int, micro_batch: int, devic
     loss_fn.to(device)
     if use_deepspeed(cfg):
         step_runner = deepspeed_runner(cfg, step_runner, micro_batch)
+    elif not sharded and cfg.train.scaling.num_workers > 1:
+        step_runner = data_parallel_runner(step_runner)
     semantics = None
     if cfg.eimf.enabled:
         # Before the checkpoint load: the head's parameters are in the optimizer state restored there.
