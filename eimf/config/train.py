@@ -66,7 +66,8 @@ class ScalingConfig(Section):
     #: Training workers; ``train.batch_size`` is split equally among them, so it must divide by this.
     num_workers: int = 1
     use_gpu: bool = False
-    #: CPUs each worker reserves (and torch threads it uses); None: the node's CPUs / num_workers.
+    #: CPUs each worker reserves (and torch threads it uses); together they must leave one CPU of the cluster free
+    #: for Ray Data's tasks. None: a share that leaves one free, and the node's cores / its workers as threads.
     cpus_per_worker: Optional[int] = None
     #: How Ray places the workers on nodes: PACK (fewest nodes: fast collectives within a node) | SPREAD |
     #: STRICT_SPREAD (one worker per node: a lost node costs one worker) | STRICT_PACK (all on one node).
@@ -133,7 +134,8 @@ class TrainConfig(Section):
     seed: int = 2026
     min_cut: int = 4
     log_every: int = operational(200)
-    #: ``auto`` (DeepSpeed when num_workers > 1 or zero_stage > 0, else plain torch) | torch | deepspeed |
+    #: ``auto`` (DeepSpeed when num_workers > 1 or zero_stage > 0, else plain torch) | torch (several workers: data
+    #: parallel, whole replicas, gradients averaged each step) | deepspeed |
     #: ``sharded`` (the item table split by rows across workers with TorchRec; docs/scaling.md says when it wins)
     strategy: Literal["auto", "torch", "deepspeed", "sharded"] = "auto"
     #: ``ray_data``: each worker streams its shard of training users from the Parquet through Ray Data and

@@ -3,8 +3,8 @@
 Every rank holds the whole model and its own optimizer; after each backward the gradients are averaged with one
 ``all_reduce`` of one flat buffer, so the replicas take identical steps. Each parameter's ``.grad`` is a view into
 that buffer (as DDP's ``gradient_as_bucket_view``): backward accumulates straight into it and nothing is copied.
-It is DeepSpeed's ZeRO-0 without DeepSpeed's engine: on small CPU hosts the engine's own per-step work costs more
-than the collective (docs/benchmarks/train_throughput.md, "Data parallelism on one host").
+What it costs and gains on one host: docs/benchmarks/train_throughput.md, "Data parallelism on one host".
+``train.strategy=auto`` still picks DeepSpeed (ZeRO-0, the same averaging) for several workers.
 """
 from __future__ import annotations
 
