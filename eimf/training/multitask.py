@@ -106,9 +106,12 @@ class EIMFTrainer(Trainer):
         if head.lambda_item > 0:  # right after the forward: on the sharded path its gathered rows are the targets'
             ids = torch.unique(target[:n_rec])
             item_loss = head.item_alignment(self.runner.batch_item_rows(ids), ids)
-        # rows for the auxiliary losses only: interests, no recommendation loss (a collective runner makes the
-        # call on every rank, also with no such rows, so that their lookups stay in step)
-        if n_rec < len(target) or self.runner.collective_eval:
+        # rows for the auxiliary losses only (eimf.typical_sampling=extra): interests, no recommendation loss. A
+        # collective runner makes the call on every rank under extra, also on a shard with no typical user (no such
+        # rows), so that the lookups stay in step; under oversample no rank has such rows, and none makes the call
+        # (its lookups cost about a tenth of a sharded step in collectives alone).
+        extra = self.cfg.eimf.typical_sampling == "extra"
+        if n_rec < len(target) or (self.runner.collective_eval and extra):
             interests = torch.cat([interests, self.runner.forward(hist[n_rec:], mask[n_rec:])])
         grounding = None
         if head.needs_evidence:  # before the row check: on the sharded path the lookup is collective
