@@ -149,9 +149,9 @@ class TrainConfig(Section):
     #: (eimf.training.hardware); the run's ``bf16`` metric says which. Evaluation always runs in fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     #: ``torch.compile`` (inductor, static shapes) of the backbone's extractor and of the sampled softmax; a
-    #: failure to compile falls back to eager with a warning. Off by default: beside bf16 it gains 4-25 % a step
-    #: here for 3-26 s of compiling at each worker start (less from inductor's cache), and its parity is measured
-    #: on ML-1M only (docs/results.md).
+    #: failure to compile falls back to eager with a warning. Off by default: beside bf16 its gain on this
+    #: project's CPU hosts is within their run-to-run spread, for 3-26 s of compiling at each worker start (less
+    #: from inductor's cache); its accuracy matches fp32 eager on ML-1M and Beauty (docs/results.md).
     compile: bool = False
     #: Where runs and checkpoints go (local or ``s3://``); None: <EIMF_HOME>/runs.
     storage_path: Optional[str] = operational()
