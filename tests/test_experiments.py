@@ -245,6 +245,8 @@ def test_eimf_grid_runs_are_children_of_one_parent_run(tmp_path, monkeypatch, ra
     assert all(np.isfinite(r["metrics"]["test/recall@50"]) for r in rows)
     # how much of a typical row's history its prompt showed, measured on every EIMF run
     assert 0 < rows[1]["metrics"]["window_overlap_share"] <= 1 and "window_overlap_share" not in rows[0]["metrics"]
+    # how the step ran: the precision train.precision=auto resolved to; no compile, so no compile seconds
+    assert all(r["metrics"]["bf16"] in (0.0, 1.0) and "compile_seconds" not in r["metrics"] for r in rows)
     # each run's per-user tables (for the paired bootstrap) average to its logged test metrics
     from eimf.experiments import load_per_user
 

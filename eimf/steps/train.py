@@ -36,8 +36,10 @@ from eimf.training.warm_start import WarmStart, plan_warm_start
 
 log = logging.getLogger(__name__)
 
-#: Training metrics a step keeps (besides best_valid/* and test/*).
-KEYS = ("step", "best_step", "train_seconds", "examples_per_s", "resumes", "first_resume_step", "window_overlap_share")
+#: Training metrics a step keeps (besides best_valid/* and test/*); ``bf16`` and the compile's own say how the step
+#: ran, so an experiments table can tell its runs apart.
+KEYS = ("step", "best_step", "train_seconds", "examples_per_s", "resumes", "first_resume_step", "window_overlap_share",
+        "bf16", "compile_seconds", "compile_fell_back")
 
 
 @dataclass
