@@ -6,7 +6,37 @@ after the backbone's wrapper is built (it needs the annotations), so it cannot j
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
+
+
+class FlatGradients:
+    """The ``.grad`` of every trained parameter in ``params`` is a view into one fp32 buffer, so one ``all_reduce``
+    averages them all across ranks (as DDP's ``gradient_as_bucket_view``): backward accumulates straight into the
+    buffer and nothing is copied. Clear them with :meth:`zero`, never by setting them to None, or backward stops
+    writing into the buffer. A parameter outside a step's graph keeps zeros, so every rank joins alike."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter]):
+        params = [p for p in params if p.requires_grad]
+        for p in params:
+            if p.dtype != torch.float32:
+                raise TypeError(f"averaged gradients need fp32 parameters; got {p.dtype} for a {tuple(p.shape)} "
+                                f"parameter")
+        device = params[0].device if params else torch.device("cpu")
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)
+        offset = 0
+        for p in params:
+            p.grad = self.buffer[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def zero(self) -> None:
+        self.buffer.zero_()
+
+    def average(self) -> None:
+        """The mean over ranks, in place (a collective: every rank calls it)."""
+        torch.distributed.all_reduce(self.buffer)
+        self.buffer.div_(torch.distributed.get_world_size())
 
 
 class ReplicatedHead:
@@ -14,6 +44,8 @@ class ReplicatedHead:
 
     head = None
     head_optimizer = None
+    #: the head's gradients, averaged across ranks each step (None outside a process group)
+    _head_grads = None
 
     def attach_head(self, head: torch.nn.Module) -> None:
         if self.head is not None:
@@ -24,24 +56,18 @@ class ReplicatedHead:
         if distributed():
             for p in head.parameters():  # identical start on every rank, whatever each rank's RNG did
                 torch.distributed.broadcast(p.data, src=0)
+            self._head_grads = FlatGradients(head.parameters())
 
     def _head_step(self) -> None:
-        if distributed():
-            # Every rank joins the collective, also one whose batch had no typical row (the head was not in its
-            # graph: zero gradients), or the other ranks would wait for it forever.
-            params = list(self.head.parameters())
-            world = torch.distributed.get_world_size()
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                              for p in params])  # one collective for the whole head
-            torch.distributed.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for p in params:
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone()
-                offset += n
+        if self._head_grads is None:
+            self.head_optimizer.step()
+            self.head_optimizer.zero_grad(set_to_none=True)
+            return
+        # Every rank joins the collective, also one whose batch had no typical row (the head was not in its
+        # graph: zero gradients), or the other ranks would wait for it forever.
+        self._head_grads.average()
         self.head_optimizer.step()
-        self.head_optimizer.zero_grad(set_to_none=True)
+        self._head_grads.zero()
 
 
 def distributed() -> bool:
