@@ -47,12 +47,17 @@ def deepspeed_runner(cfg: Config, plain: StepRunner, micro_batch: int):
     return runner
 
 
-def data_parallel_runner(plain: StepRunner):
-    """``train.strategy=torch`` over several workers: the plain runner replicated, gradients averaged each step
-    (call inside the workers' process group)."""
-    from eimf.training.data_parallel import DataParallelStepRunner
+def replicated_runner(cfg: Config, plain: StepRunner, micro_batch: int) -> StepRunner:
+    """The runner of a strategy that replicates the whole model (all but ``sharded``): DeepSpeed where
+    :func:`use_deepspeed` says so, plain data parallelism for ``train.strategy=torch`` over several workers, else
+    ``plain`` itself (call inside the workers' process group)."""
+    if use_deepspeed(cfg):
+        return deepspeed_runner(cfg, plain, micro_batch)
+    if cfg.train.scaling.num_workers > 1:
+        from eimf.training.data_parallel import DataParallelStepRunner
 
-    return DataParallelStepRunner(plain)
+        return DataParallelStepRunner(plain)
+    return plain
 
 
 STRATEGIES = ("auto", "torch", "deepspeed", "sharded")

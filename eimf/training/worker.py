@@ -27,12 +27,10 @@ from eimf.formats.prepared import read_manifest, read_split
 from eimf.training.components import (
     build_components,
     build_sharded_components,
-    data_parallel_runner,
-    deepspeed_runner,
     load_item_init,
     peak_rss_mb,
     per_worker_batch,
-    use_deepspeed,
+    replicated_runner,
 )
 from eimf.training.hardware import agreed_precision, set_threads
 from eimf.training.host_stats import WorkerPlacement, as_dicts, link_bytes, placement_metrics, placement_tags
@@ -152,13 +150,10 @@ def _build(cfg: Config, loop_config: dict, n_items: int, micro_batch: int, devic
     if loop_config.get("warm_start") is not None:  # pipeline.from_model: over the init, under a resume's checkpoint
         written = apply_warm_start(step_runner.model, loop_config["warm_start"], fetch=_fetch)
         log.info("warm start: %d item rows from %s in this worker", written, loop_config["warm_start"].resolved)
+    loss_fn.to(device)
     if not sharded:
         model.to(device)
-    loss_fn.to(device)
-    if use_deepspeed(cfg):
-        step_runner = deepspeed_runner(cfg, step_runner, micro_batch)
-    elif not sharded and cfg.train.scaling.num_workers > 1:
-        step_runner = data_parallel_runner(step_runner)
+        step_runner = replicated_runner(cfg, step_runner, micro_batch)
     semantics = None
     if cfg.eimf.enabled:
         # Before the checkpoint load: the head's parameters are in the optimizer state restored there.
