@@ -134,8 +134,8 @@ def test_eimf_on_two_workers_trains_and_exports_the_head(strategy, prepared, tmp
                    out_dir=str(tmp_path / "ann"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = _cfg(prepared, tmp_path, "train.scaling.num_workers=2", *strategy, "train.max_steps=100",
-               "train.eval_every=50", "eimf.enabled=true", f"eimf.annotations={tmp_path / 'ann'}", f"tracking.tracking_uri={uri}",
-               "train.log_every=20")
+               "train.eval_every=50", "eimf.enabled=true", f"eimf.annotations={tmp_path / 'ann'}",
+               f"tracking.tracking_uri={uri}", "train.log_every=20")
     result = train(cfg, data_path=str(prepared.path))
     assert result.metrics["world_size"] == 2 and result.metrics["step"] == 100
     assert np.isfinite(result.metrics["test/recall@50"])

@@ -109,7 +109,7 @@ class EIMFTrainer(Trainer):
         # rows for the auxiliary losses only (eimf.typical_sampling=extra): interests, no recommendation loss. A
         # collective runner makes the call on every rank under extra, also on a shard with no typical user (no such
         # rows), so that the lookups stay in step; under oversample no rank has such rows, and none makes the call
-        # (its lookups cost about a tenth of a sharded step in collectives alone).
+        # (at 667K items that call was a fifth of the sharded EIMF step: docs/benchmarks/train_throughput.md).
         extra = self.cfg.eimf.typical_sampling == "extra"
         if n_rec < len(target) or (self.runner.collective_eval and extra):
             interests = torch.cat([interests, self.runner.forward(hist[n_rec:], mask[n_rec:])])

@@ -67,10 +67,9 @@ def _alive_nodes() -> Dict[str, str]:
     return {n["NodeID"]: f"{n['NodeManagerHostname']} ({n['NodeManagerAddress']})" for n in ray.nodes() if n["Alive"]}
 
 
-def default_cpus_per_worker(n_workers: int) -> float:
+def default_cpus_per_worker(n_workers: int, total: float) -> float:
     """One logical CPU per worker, but always leave one free: Ray Data's read and cut tasks run beside the
     workers, and on a 2-core laptop 2 workers holding both CPUs would starve them (the run would hang)."""
-    total = float(ray.cluster_resources().get("CPU", 1.0))
     if total >= n_workers + 1:
         return 1.0
     # Logical CPUs only (torch threads are set separately): a fraction keeps one whole CPU for Ray Data.
@@ -100,11 +99,12 @@ def check_cpu_reservation(n_workers: int, cpus_per_worker: int, cluster_cpus: fl
 
 
 def _scaling(cfg: Config) -> ScalingConfig:
-    n_workers = cfg.train.scaling.num_workers
-    if cfg.train.scaling.cpus_per_worker:
-        check_cpu_reservation(n_workers, cfg.train.scaling.cpus_per_worker,
-                              float(ray.cluster_resources().get("CPU", 1.0)))
-    cpus_per_worker = cfg.train.scaling.cpus_per_worker or default_cpus_per_worker(n_workers)
+    n_workers, cpus_per_worker = cfg.train.scaling.num_workers, cfg.train.scaling.cpus_per_worker
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    if cpus_per_worker:
+        check_cpu_reservation(n_workers, cpus_per_worker, total)
+    else:
+        cpus_per_worker = default_cpus_per_worker(n_workers, total)
     return ScalingConfig(num_workers=n_workers, use_gpu=cfg.train.scaling.use_gpu,
                          resources_per_worker={"CPU": cpus_per_worker},
                          placement_strategy=cfg.train.scaling.placement_strategy)
